@@ -1,0 +1,214 @@
+#!/usr/bin/env bash
+# One command that verifies pyformer on a GPU machine and writes a report under $OUT.
+#
+#   OUT=/tmp/out bench/gpu_report.sh            # every step
+#   STEPS="build test" bench/gpu_report.sh      # a subset of: build ptxas test sanitize check bench
+#                                               # (default: all but ptxas, the sm_90 spill report)
+#
+# Meant for the device machine (Python 3.12, torch + CUDA, nvcc, ninja, pytest, click; no package
+# registry): builds the package in place (pip -e, no deps, no build isolation, TORCH_CUDA_ARCH_LIST
+# 9.0 unless set), runs the whole pytest suite (CUDA tests run there), runs compute-sanitizer
+# memcheck and racecheck over bench/sanitize_driver.py, runs `pyformer check --device cuda` and
+# `pyformer bench --device cuda` when the command exists, and writes:
+#   $OUT/gpu_report.md   GPU, torch/CUDA versions, commit, each step's exit code and time, the test
+#                        summary line, the sanitizer verdicts, the check and bench tables
+#   $OUT/bench.json, $OUT/bench.png   pyformer bench's results (when it ran)
+#   $OUT/logs.tar.gz     every step's full log
+# (at most a handful of files: the device tool returns at most 8.)
+#
+# It never stops at a failing step: each step's exit code is recorded and the next one runs. The
+# script exits 0 when every step it ran passed, 1 otherwise.
+#
+# Environment: OUT (default /tmp/pyformer_gpu_report), STEPS, PYTHON (default python3), MAX_JOBS,
+# PYFORMER_COMMIT (the commit measured, when the tree has no .git), PYTEST_ARGS (default -q),
+# TEST_TIMEOUT / SANITIZE_TIMEOUT / BENCH_TIMEOUT (seconds), BENCH_ARGS (extra bench options).
+set -u
+set -o pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT" || exit 1
+OUT="${OUT:-${TMPDIR:-/tmp}/pyformer_gpu_report}"
+mkdir -p "$OUT"
+LOGS="$(mktemp -d)"
+PYTHON="${PYTHON:-python3}"
+STEPS="${STEPS:-build test sanitize check bench}"
+REPORT="$OUT/gpu_report.md"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 4)}"
+export PYTHONUNBUFFERED=1
+
+declare -A RC SECS
+ORDER=()
+
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+
+# run_step NAME TIMEOUT CMD...: runs CMD with its output in $LOGS/NAME.log, records rc and time.
+run_step() {
+  local name="$1" tmo="$2"
+  shift 2
+  local start=$SECONDS
+  echo "== [$name] $*" | tee -a "$LOGS/steps.log"
+  timeout --kill-after=30 "$tmo" "$@" >"$LOGS/$name.log" 2>&1
+  local rc=$?
+  RC[$name]=$rc
+  SECS[$name]=$((SECONDS - start))
+  ORDER+=("$name")
+  echo "== [$name] exit $rc after ${SECS[$name]}s" | tee -a "$LOGS/steps.log"
+  tail -5 "$LOGS/$name.log" | sed 's/^/   | /'
+  return 0
+}
+
+find_tool() {  # find_tool NAME: PATH first, then the CUDA toolkit's bin
+  local t
+  t="$(command -v "$1" 2>/dev/null)" && { echo "$t"; return 0; }
+  for d in "${CUDA_HOME:-}" /usr/local/cuda; do
+    [[ -n "$d" && -x "$d/bin/$1" ]] && { echo "$d/bin/$1"; return 0; }
+  done
+  return 1
+}
+
+# ---- environment --------------------------------------------------------------------------------
+COMMIT="$(git -C "$ROOT" rev-parse --verify -q HEAD 2>/dev/null || true)"
+[[ -z "$COMMIT" ]] && COMMIT="${PYFORMER_COMMIT:-unknown (no .git in the tree; set PYFORMER_COMMIT)}"
+DIRTY="$(git -C "$ROOT" status --porcelain 2>/dev/null | head -1)"
+[[ -n "$DIRTY" ]] && COMMIT="$COMMIT (with uncommitted changes)"
+GPU="$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)"
+[[ -z "$GPU" ]] && GPU="(nvidia-smi unavailable)"
+VERSIONS="$("$PYTHON" - 2>&1 <<'EOF'
+import sys, torch
+print(f"python {sys.version.split()[0]}; torch {torch.__version__}; torch CUDA {torch.version.cuda}; "
+      f"cuda available {torch.cuda.is_available()}"
+      + (f"; device {torch.cuda.get_device_name(0)} (sm_{''.join(map(str, torch.cuda.get_device_capability(0)))})"
+         if torch.cuda.is_available() else ""))
+EOF
+)"
+NVCC="$(find_tool nvcc || echo "")"
+NVCC_VERSION="$([[ -n "$NVCC" ]] && "$NVCC" --version | tail -1 || echo "nvcc not found")"
+echo "pyformer GPU report: $GPU | $VERSIONS | $NVCC_VERSION | commit $COMMIT"
+
+# ---- steps --------------------------------------------------------------------------------------
+if want build; then
+  run_step build 1200 "$PYTHON" -m pip install --no-build-isolation --no-deps -v -e .
+  run_step backends 120 "$PYTHON" -c "import pyformer; print(pyformer.__version__, pyformer.backends())"
+fi
+
+if want ptxas; then
+  run_step ptxas 900 env CUDA_CHECK_ARCHS=90 .ci/compile_cuda.sh
+fi
+
+if want test; then
+  # shellcheck disable=SC2086
+  run_step test "${TEST_TIMEOUT:-1500}" "$PYTHON" -m pytest ${PYTEST_ARGS:--q} -rfEs -p no:cacheprovider tests
+fi
+
+SAN_MEM="not run"
+SAN_RACE="not run"
+if want sanitize; then
+  SANITIZER="$(find_tool compute-sanitizer || echo "")"
+  if [[ -z "$SANITIZER" ]]; then
+    SAN_MEM="compute-sanitizer not found"
+    SAN_RACE="compute-sanitizer not found"
+  else
+    # No caching allocator under memcheck: an out-of-bounds access cannot land in a cached block.
+    run_step memcheck "${SANITIZE_TIMEOUT:-900}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      "$SANITIZER" --tool memcheck --leak-check no --error-exitcode 42 \
+      "$PYTHON" bench/sanitize_driver.py
+    run_step racecheck "${SANITIZE_TIMEOUT:-900}" "$SANITIZER" --tool racecheck \
+      --racecheck-report all --error-exitcode 42 "$PYTHON" bench/sanitize_driver.py --quick
+    verdict() {  # the sanitizer's summary line, and whether the driver finished
+      local log="$LOGS/$1.log" s
+      s="$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1)"
+      grep -q "sanitize_driver: ok" "$log" || s="$s; driver did not finish (exit ${RC[$1]})"
+      echo "${s:-no summary line (exit ${RC[$1]})}"
+    }
+    SAN_MEM="$(verdict memcheck)"
+    SAN_RACE="$(verdict racecheck)"
+  fi
+fi
+
+HAVE_CLI=0
+command -v pyformer >/dev/null 2>&1 && HAVE_CLI=1
+if want check; then
+  if [[ $HAVE_CLI -eq 1 ]]; then
+    run_step check "${BENCH_TIMEOUT:-900}" pyformer check --device cuda --json "$LOGS/check.json"
+  else
+    echo "== [check] skipped: no 'pyformer' command" | tee -a "$LOGS/steps.log"
+  fi
+fi
+if want bench; then
+  if [[ $HAVE_CLI -eq 1 ]]; then
+    # the issue-3 sweep when the CLI knows it, else its default CUDA sweep
+    SIZES=()
+    pyformer bench --help 2>/dev/null | grep -q "issue3" && SIZES=(--sizes issue3)
+    # shellcheck disable=SC2086
+    run_step bench "${BENCH_TIMEOUT:-900}" pyformer bench --device cuda "${SIZES[@]}" \
+      --json "$OUT/bench.json" --plot "$OUT/bench.png" ${BENCH_ARGS:-}
+  else
+    echo "== [bench] skipped: no 'pyformer' command" | tee -a "$LOGS/steps.log"
+  fi
+fi
+
+# ---- report -------------------------------------------------------------------------------------
+TEST_SUMMARY="not run"
+if [[ -f "$LOGS/test.log" ]]; then
+  TEST_SUMMARY="$(grep -E "[0-9]+ (passed|failed|error|skipped)|no tests ran" "$LOGS/test.log" | tail -1)"
+  [[ -z "$TEST_SUMMARY" ]] && TEST_SUMMARY="(no summary line; exit ${RC[test]:-?})"
+fi
+
+status=0
+{
+  echo "# pyformer GPU report"
+  echo
+  echo "| | |"
+  echo "| --- | --- |"
+  echo "| date (UTC) | $(date -u '+%Y-%m-%d %H:%M') |"
+  echo "| GPU | $GPU |"
+  echo "| versions | $VERSIONS |"
+  echo "| nvcc | $NVCC_VERSION |"
+  echo "| commit | $COMMIT |"
+  echo "| TORCH_CUDA_ARCH_LIST | $TORCH_CUDA_ARCH_LIST |"
+  echo "| tests | $TEST_SUMMARY |"
+  echo "| memcheck | $SAN_MEM |"
+  echo "| racecheck | $SAN_RACE |"
+  echo
+  echo "## Steps"
+  echo
+  echo "| step | exit | seconds |"
+  echo "| --- | --- | --- |"
+  for s in "${ORDER[@]}"; do
+    echo "| $s | ${RC[$s]} | ${SECS[$s]} |"
+    [[ "${RC[$s]}" != 0 ]] && status=1
+  done
+  if [[ -f "$LOGS/test.log" ]]; then
+    echo
+    echo "## Test failures and skips (pytest -rfEs)"
+    echo
+    echo '```'
+    sed -n '/short test summary info/,$p' "$LOGS/test.log" | head -150
+    echo '```'
+  fi
+  for s in check bench; do
+    if [[ -f "$LOGS/$s.log" ]]; then
+      echo
+      echo "## pyformer $s --device cuda"
+      echo
+      echo '```'
+      tail -200 "$LOGS/$s.log"
+      echo '```'
+    fi
+  done
+  if [[ -f "$LOGS/ptxas.log" ]]; then
+    echo
+    echo "## ptxas register / spill report (.ci/compile_cuda.sh, this machine's nvcc)"
+    echo
+    echo '```'
+    grep -E "^===|kernel builds|SPILL" "$LOGS/ptxas.log" | head -80
+    echo '```'
+  fi
+} >"$REPORT"
+
+[[ -f "$LOGS/check.json" ]] && cp "$LOGS/check.json" "$OUT/check.json"
+tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
+rm -rf "$LOGS"
+echo "pyformer GPU report written to $REPORT (exit $status)"
+exit $status

@@ -1,0 +1,307 @@
+"""What ``pyformer bench`` times: one :class:`BenchConfig` per op and size, grouped in sweeps.
+
+Every config builds a :class:`Problem`: the same inputs fed to up to three *providers*:
+
+- ``pyformer``: ``pyformer.functional.<op>``;
+- ``textbook``: ``pyformer.reference.<op>`` with ``zero_masked_rows=False``, the composition people
+  write by hand (matmul, scale, ``masked_fill``, softmax, matmul; layer norm from mean and var),
+  given the equivalent bool mask where pyformer gets ``key_lengths``;
+- ``torch``: PyTorch's own fused op, where one exists:
+  ``masked_softmax`` -> ``F.softmax`` alone, on scores already scaled and masked *outside* the
+  timer (so it is a lower bound for any unfused composition);
+  ``layer_norm`` -> ``F.layer_norm``; ``add_layer_norm`` -> ``x + residual`` then ``F.layer_norm``;
+  ``attention`` -> ``F.scaled_dot_product_attention`` with the equivalent bool ``attn_mask``
+  (``is_causal=True`` for the causal variant). ``scaled_qk`` has none.
+
+Sizes (the x axis of a sweep) are the sequence length L (= Lq = Lk) for ``scaled_qk``,
+``masked_softmax`` and ``attention``, and the hidden size N for the two layer norms.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import click
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .common import shape_str
+
+OPS = ("scaled_qk", "masked_softmax", "layer_norm", "add_layer_norm", "attention")
+MODES = ("forward", "backward", "both")
+SEQ_OPS = ("scaled_qk", "masked_softmax", "attention")
+COMPUTE_OPS = ("scaled_qk", "attention")  # reported in TFLOP/s; the others in GB/s
+
+
+@dataclass
+class Provider:
+    """One implementation of the op: ``fn()`` runs it on ``leaves`` (the inputs that get
+    gradients in the backward modes)."""
+
+    fn: Callable[[], object]
+    leaves: List[Tensor]
+
+
+@dataclass
+class Problem:
+    """A config's inputs made concrete: the providers and the work, per mode.
+
+    ``bytes`` (memory-bound ops) counts each input read once and each output written once;
+    ``flops`` (matrix ops) counts the matrix products. Both are per mode.
+    """
+
+    providers: Dict[str, Provider]
+    bytes: Optional[Dict[str, int]] = None
+    flops: Optional[Dict[str, int]] = None
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One op at one size; ``make(dtype, device, generator)`` builds its :class:`Problem`."""
+
+    op: str
+    variant: str
+    shape: str
+    size: int
+    torch_label: str
+    make: Callable[[torch.dtype, str, torch.Generator], Problem] = field(compare=False)
+
+    @property
+    def key(self) -> str:
+        return f"{self.op}|{self.variant}|{self.shape}"
+
+
+def nbytes(*tensors: Tensor) -> int:
+    """Total size of the tensors in bytes."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _rand(g, shape, dtype, device, requires_grad=True):
+    """Normal values drawn on ``device`` (``g`` is a generator of that device) in ``dtype``."""
+    t = torch.randn(shape, generator=g, device=device).to(dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def _padding(g, b, lk, device):
+    """Key lengths drawn uniformly in [Lk/2, Lk] and the equivalent (B,1,1,Lk) bool mask."""
+    lens = torch.randint(lk // 2, lk + 1, (b,), generator=g, device=device)
+    mask = (torch.arange(lk, device=device) < lens.view(b, 1)).view(b, 1, 1, lk)
+    return lens, mask
+
+
+def _modes(fwd: int, bwd: int) -> Dict[str, int]:
+    return {"forward": fwd, "backward": bwd, "both": fwd + bwd}
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def scaled_qk_config(b: int, h: int, l: int, d: int) -> BenchConfig:
+    """``scaled_qk`` on q, k of shape (B,H,L,D), default scale 1/sqrt(D)."""
+
+    def make(dtype, device, g):
+        import pyformer.functional as pf
+        import pyformer.reference as ref
+        q, k = (_rand(g, (b, h, l, d), dtype, device) for _ in range(2))
+        flops = 2 * b * h * l * l * d
+        return Problem({"pyformer": Provider(lambda: pf.scaled_qk(q, k), [q, k]),
+                        "textbook": Provider(lambda: ref.scaled_qk(q, k), [q, k])},
+                       flops=_modes(flops, 2 * flops))
+
+    return BenchConfig("scaled_qk", "scale 1/sqrt(D)", f"q,k{shape_str((b, h, l, d))}", l,
+                       "-", make)
+
+
+def masked_softmax_config(b: int, h: int, l: int, scale: float = 0.125) -> BenchConfig:
+    """``masked_softmax`` on scores (B,H,L,L) with a (B,1,1,L) bool padding mask, scale fused."""
+
+    def make(dtype, device, g):
+        import pyformer.functional as pf
+        import pyformer.reference as ref
+        scores = _rand(g, (b, h, l, l), dtype, device)
+        _, mask = _padding(g, b, l, device)
+        pre = (scores.detach() * scale).masked_fill(~mask, -math.inf).requires_grad_()
+        n = nbytes(scores)
+        return Problem({
+            "pyformer": Provider(lambda: pf.masked_softmax(scores, mask, scale=scale), [scores]),
+            "textbook": Provider(lambda: ref.masked_softmax(scores, mask, scale=scale,
+                                                            zero_masked_rows=False), [scores]),
+            "torch": Provider(lambda: F.softmax(pre, dim=-1), [pre])},
+            bytes=_modes(2 * n + nbytes(mask), 3 * n))
+
+    return BenchConfig("masked_softmax", f"bool (B,1,1,Lk), scale {scale:.4g}",
+                       shape_str((b, h, l, l)), l, "F.softmax", make)
+
+
+def _norm_bytes(x, w, extra_in=(), extra_out=()):
+    """Fewest bytes of a (add_)layer_norm: forward reads x, w, b (+residual), writes y (+s);
+    backward reads dy (+ds), x, w, writes dx (+dresidual), dw, db. Saved mean/rstd excluded."""
+    fwd = nbytes(x, w, w, x, *extra_in, *extra_out)
+    bwd = nbytes(x, x, w, x, w, w, *extra_in, *extra_out)
+    return _modes(fwd, bwd)
+
+
+def layer_norm_config(m: int, n: int) -> BenchConfig:
+    """``layer_norm`` on x (M,N) with weight and bias."""
+
+    def make(dtype, device, g):
+        import pyformer.functional as pf
+        import pyformer.reference as ref
+        x = _rand(g, (m, n), dtype, device)
+        w, bias = _rand(g, (n,), dtype, device), _rand(g, (n,), dtype, device)
+        leaves = [x, w, bias]
+        return Problem({
+            "pyformer": Provider(lambda: pf.layer_norm(x, (n,), w, bias), leaves),
+            "textbook": Provider(lambda: ref.layer_norm(x, (n,), w, bias), leaves),
+            "torch": Provider(lambda: F.layer_norm(x, (n,), w, bias), leaves)},
+            bytes=_norm_bytes(x, w))
+
+    return BenchConfig("layer_norm", "weight+bias", shape_str((m, n)), n, "F.layer_norm", make)
+
+
+def add_layer_norm_config(m: int, n: int) -> BenchConfig:
+    """``add_layer_norm`` on x, residual (M,N) with weight and bias."""
+
+    def make(dtype, device, g):
+        import pyformer.functional as pf
+        import pyformer.reference as ref
+        x, r = _rand(g, (m, n), dtype, device), _rand(g, (m, n), dtype, device)
+        w, bias = _rand(g, (n,), dtype, device), _rand(g, (n,), dtype, device)
+        leaves = [x, r, w, bias]
+
+        def fused():
+            s = x + r
+            return F.layer_norm(s, (n,), w, bias), s
+
+        return Problem({
+            "pyformer": Provider(lambda: pf.add_layer_norm(x, r, (n,), w, bias), leaves),
+            "textbook": Provider(lambda: ref.add_layer_norm(x, r, (n,), w, bias), leaves),
+            "torch": Provider(fused, leaves)},
+            bytes=_norm_bytes(x, w, extra_in=(r,), extra_out=(x,)))
+
+    return BenchConfig("add_layer_norm", "weight+bias", shape_str((m, n)), n,
+                       "add+F.layer_norm", make)
+
+
+def attention_config(b: int, h: int, l: int, d: int, causal: bool = False) -> BenchConfig:
+    """``attention`` on q, k, v (B,H,L,D): with ``key_lengths`` drawn in [L/2, L] (the
+    baselines get the equivalent (B,1,1,L) bool mask), or causal."""
+
+    def make(dtype, device, g):
+        import pyformer.functional as pf
+        import pyformer.reference as ref
+        q, k, v = (_rand(g, (b, h, l, d), dtype, device) for _ in range(3))
+        lens, mask = _padding(g, b, l, device)
+        flops = 4 * b * h * l * l * d // (2 if causal else 1)
+        if causal:
+            providers = {
+                "pyformer": lambda: pf.attention(q, k, v, causal=True),
+                "textbook": lambda: ref.attention(q, k, v, causal=True, zero_masked_rows=False),
+                "torch": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
+        else:
+            providers = {
+                "pyformer": lambda: pf.attention(q, k, v, key_lengths=lens),
+                "textbook": lambda: ref.attention(q, k, v, mask, zero_masked_rows=False),
+                "torch": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)}
+        return Problem({name: Provider(fn, [q, k, v]) for name, fn in providers.items()},
+                       flops=_modes(flops, 2 * flops))
+
+    variant = "causal" if causal else "key_lengths in [L/2,L]"
+    return BenchConfig("attention", variant, f"q,k,v{shape_str((b, h, l, d))}", l, "F.sdpa", make)
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A named set of sizes, with how to shape each op at a size on each device."""
+
+    name: str
+    seq: Tuple[int, ...]
+    hidden: Tuple[int, ...]
+    modes: Tuple[str, ...] = MODES
+    causal: bool = False  # also time causal attention
+
+    def configs(self, device: str, ops: Sequence[str]) -> List[BenchConfig]:
+        shape = _QUICK_SHAPE if self.name == "quick" else _SHAPES[device]
+        out = []
+        for op in ops:
+            for size in (self.seq if op in SEQ_OPS else self.hidden):
+                out.extend(_config(op, size, shape, self.causal))
+        return out
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """How a device shapes the sweeps: heads, head dim, batch cap, layer-norm rows."""
+
+    heads: int
+    head_dim: int
+    max_batch: int
+    max_scores: int  # B*H*L*L at most (the batch shrinks for long sequences)
+    rows: int        # M of the (M, N) layer norms
+
+    def batch(self, l: int) -> int:
+        return max(1, min(self.max_batch, self.max_scores // (self.heads * l * l)))
+
+
+_SHAPES = {"cpu": _Shape(heads=12, head_dim=64, max_batch=8, max_scores=2 ** 25, rows=8192),
+           "cuda": _Shape(heads=16, head_dim=64, max_batch=16, max_scores=2 ** 28, rows=16384)}
+_QUICK_SHAPE = _Shape(heads=4, head_dim=32, max_batch=2, max_scores=2 ** 20, rows=512)
+
+
+def _config(op: str, size: int, s: _Shape, causal: bool) -> List[BenchConfig]:
+    b, h, d = s.batch(size), s.heads, s.head_dim
+    if op == "scaled_qk":
+        return [scaled_qk_config(b, h, size, d)]
+    if op == "masked_softmax":
+        return [masked_softmax_config(b, h, size, scale=1 / math.sqrt(d))]
+    if op == "attention":
+        return [attention_config(b, h, size, d)] + (
+            [attention_config(b, h, size, d, causal=True)] if causal else [])
+    if op == "layer_norm":
+        return [layer_norm_config(s.rows, size)]
+    return [add_layer_norm_config(s.rows, size)]
+
+
+class Issue2Sweep(Sweep):
+    """Issue 2's three CPU targets, exactly: float32, forward."""
+
+    def configs(self, device: str, ops: Sequence[str]) -> List[BenchConfig]:
+        targets = [masked_softmax_config(8, 12, 512, scale=1 / 8),
+                   layer_norm_config(8192, 1024),
+                   attention_config(8, 12, 512, 64)]
+        return [c for c in targets if c.op in ops]
+
+
+SWEEPS = {
+    "quick": Sweep("quick", seq=(64, 128), hidden=(256, 1024)),
+    "cpu": Sweep("cpu", seq=(128, 256, 512, 1024), hidden=(768, 1024, 2048, 4096)),
+    "gpu": Sweep("gpu", seq=(128, 256, 512, 1024, 2048, 4096, 8192),
+                 hidden=(768, 1024, 2048, 4096, 8192), causal=True),
+    "issue2": Issue2Sweep("issue2", seq=(512,), hidden=(1024,), modes=("forward",)),
+}
+
+
+def parse_sizes(value: Optional[str], quick: bool, device: str) -> Sweep:
+    """The sweep for ``--sizes``: a name in :data:`SWEEPS`, ``default`` (``gpu`` on CUDA,
+    ``cpu`` on the CPU, ``quick`` with ``--quick``), or a comma-separated list of sizes used as
+    both the sequence lengths and the hidden sizes (shaped like the device's sweep, or like the
+    quick sweep with ``--quick``)."""
+    if value in (None, "default"):
+        return SWEEPS["quick" if quick else ("gpu" if device == "cuda" else "cpu")]
+    if value in SWEEPS:
+        return SWEEPS[value]
+    try:
+        sizes = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(
+            f"expected one of {', '.join(['default', *SWEEPS])} or positive integers "
+            f"separated by commas, got {value!r}", param_hint="--sizes")
+    return Sweep("quick" if quick else "custom", seq=sizes, hidden=sizes)

@@ -1,0 +1,311 @@
+"""The cases of ``pyformer check``: which op, on which shape, with which mask.
+
+A :class:`CheckCase` is dtype- and device-free: it draws its inputs in float64 on the CPU and names
+two callables, the implementation under test and the pure-PyTorch reference, that take those
+inputs as keyword arguments. ``pyformer check`` casts the inputs to each dtype and device, runs
+both, differentiates both, and compares (see :mod:`pyformer.cli.check`).
+
+Cases come from *builders* registered per op with :func:`register`. To add an op or an nn layer::
+
+    from pyformer.cli.cases import CheckCase, register
+
+    @register("my_layer")
+    def _my_layer_cases(quick: bool):
+        yield CheckCase(
+            op="my_layer", shape="(2,7,64)", mask="-",
+            make_inputs=lambda g: {"x": torch.randn(2, 7, 64, generator=g, dtype=torch.float64)},
+            impl=lambda x: my_layer_under_test(x),
+            ref=lambda x: my_layer_reference(x))
+
+The op then shows up in ``pyformer check --op`` and in the default run. Built-in ops call
+``pyformer.functional.<op>`` and ``pyformer.reference.<op>`` looked up at call time, so a test
+may monkeypatch either.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .common import shape_str
+
+F64 = torch.float64
+Inputs = Dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class CheckCase:
+    """One op on one shape with one mask kind; ``pyformer check`` runs it in every dtype/device.
+
+    Args:
+        op: the name shown in the table and accepted by ``--op``.
+        shape: a short label for the shapes, e.g. ``"(2,3,7,97)"``.
+        mask: a short label for the mask kind or variant (``"-"`` when there is none).
+        make_inputs: draws the inputs from a seeded :class:`torch.Generator`, as float64 (floating
+            tensors) or int64/bool tensors on the CPU.
+        impl: the implementation under test, called with the inputs as keyword arguments;
+            returns a tensor or a tuple of tensors (``None`` entries are ignored).
+        ref: the reference, same calling convention; run in float64 as the truth and, for half
+            types, in the dtype under test as "the pure-PyTorch composition".
+        outputs: names of the returned tensors, for messages and the JSON.
+        constants: input names that are not differentiated (masks, lengths). All other floating
+            inputs get a gradient, which is checked.
+        quick: whether ``--quick`` runs this case.
+    """
+
+    op: str
+    shape: str
+    mask: str
+    make_inputs: Callable[[torch.Generator], Inputs]
+    impl: Callable[..., object]
+    ref: Callable[..., object]
+    outputs: Tuple[str, ...] = ("out",)
+    constants: Tuple[str, ...] = ("mask", "key_lengths")
+    quick: bool = False
+
+    @property
+    def key(self) -> str:
+        """A stable identifier, also used to seed the case's random inputs."""
+        return f"{self.op}|{self.shape}|{self.mask}"
+
+
+Builder = Callable[[bool], Iterator[CheckCase]]
+_BUILDERS: Dict[str, List[Builder]] = {}
+
+
+def register(op: str) -> Callable[[Builder], Builder]:
+    """Decorator: register a builder ``fn(quick) -> iterable of CheckCase`` for ``op``."""
+
+    def deco(fn: Builder) -> Builder:
+        _BUILDERS.setdefault(op, []).append(fn)
+        return fn
+
+    return deco
+
+
+def op_names() -> List[str]:
+    """The ops that have check cases, in registration order."""
+    return list(_BUILDERS)
+
+
+def cases(ops: Optional[Sequence[str]] = None, quick: bool = False) -> List[CheckCase]:
+    """Every registered case of ``ops`` (default: all ops); with ``quick``, the small matrix."""
+    out = []
+    for op in (ops or op_names()):
+        for build in _BUILDERS[op]:
+            out.extend(c for c in build(quick) if c.quick or not quick)
+    return out
+
+
+def op_pair(op: str, **static) -> Tuple[Callable[..., object], Callable[..., object]]:
+    """``(impl, ref)`` calling ``pyformer.functional.<op>`` / ``pyformer.reference.<op>``.
+
+    The functions are looked up at each call, so monkeypatching either module takes effect.
+    ``static`` holds the non-tensor arguments (``scale``, ``causal``, ``normalized_shape``...).
+    """
+    import pyformer.functional as functional
+    import pyformer.reference as reference
+
+    def impl(**inputs):
+        return getattr(functional, op)(**inputs, **static)
+
+    def ref(**inputs):
+        return getattr(reference, op)(**inputs, **static)
+
+    return impl, ref
+
+
+# ----------------------------------------------------------------------------- random inputs
+
+
+def randn(g: torch.Generator, *shape: int, scale: float = 1.0, shift: float = 0.0) -> Tensor:
+    """Standard normal float64 values (times ``scale``, plus ``shift``) on the CPU."""
+    return torch.randn(*shape, generator=g, dtype=F64) * scale + shift
+
+
+def lengths(g: torch.Generator, batch: int, lk: int, low: int = 1) -> Tensor:
+    """Random valid-key counts in ``[low, lk]``, int64, shape (batch,)."""
+    return torch.randint(low, lk + 1, (batch,), generator=g, dtype=torch.int64)
+
+
+def _at_least_one(ok: Tensor, g: torch.Generator) -> Tensor:
+    """``ok`` with one random position per row set True, so no row is fully masked."""
+    col = torch.randint(0, ok.shape[-1], ok.shape[:-1] + (1,), generator=g)
+    return ok.scatter(-1, col, True)
+
+
+# Each mask kind: (label, function(g, B, H, Lq, Lk) -> (tensor inputs, static kwargs)).
+def _mask_none(g, b, h, lq, lk):
+    return {}, {}
+
+
+def _mask_padding(g, b, h, lq, lk):
+    valid = torch.arange(lk) < lengths(g, b, lk).view(b, 1)
+    return {"mask": valid.view(b, 1, 1, lk)}, {}
+
+
+def _mask_bool_full(g, b, h, lq, lk):
+    ok = torch.rand(b, h, lq, lk, generator=g) < 0.7
+    return {"mask": _at_least_one(ok, g)}, {}
+
+
+def _mask_float(g, b, h, lq, lk):
+    add = randn(g, b, 1, lq, lk)
+    ok = _at_least_one(torch.rand(b, 1, lq, lk, generator=g) < 0.8, g)
+    return {"mask": add.masked_fill(~ok, -math.inf)}, {}
+
+
+def _mask_causal(g, b, h, lq, lk):
+    return {}, {"causal": True}
+
+
+def _mask_key_lengths(g, b, h, lq, lk):
+    return {"key_lengths": lengths(g, b, lk)}, {}
+
+
+def _mask_combined(g, b, h, lq, lk):
+    # Key 0 passes all three, so no row is fully masked.
+    pad, _ = _mask_padding(g, b, h, lq, lk)
+    return {**pad, "key_lengths": lengths(g, b, lk)}, {"causal": True}
+
+
+def _mask_fully_masked(g, b, h, lq, lk):
+    # Every third query row masked out entirely by the bool mask, and batch element 0 has no
+    # valid key at all (key_lengths 0): those rows must come out as zeros, not NaN.
+    ok = torch.rand(b, 1, lq, lk, generator=g) < 0.7
+    ok = _at_least_one(ok, g)
+    ok[:, :, ::3, :] = False
+    lens = lengths(g, b, lk)
+    lens[0] = 0
+    return {"mask": ok, "key_lengths": lens}, {}
+
+
+MASK_KINDS: Dict[str, Callable] = {
+    "none": _mask_none,
+    "bool (B,1,1,Lk)": _mask_padding,
+    "bool (B,H,Lq,Lk)": _mask_bool_full,
+    "float (B,1,Lq,Lk)": _mask_float,
+    "causal": _mask_causal,
+    "key_lengths": _mask_key_lengths,
+    "bool+causal+lengths": _mask_combined,
+    "fully masked rows": _mask_fully_masked,
+}
+
+
+# ----------------------------------------------------------------------------- built-in ops
+
+# (B, H, Lq, Lk, D): awkward lengths on purpose (7, 97, 1025 keys; head dims 1, 16, 64, 80, 128).
+QUICK_ATTN_SHAPE = (2, 3, 7, 97, 16)
+ATTN_SHAPES = [(2, 3, 7, 97, 16), (2, 2, 97, 97, 64), (1, 4, 33, 130, 80),
+               (1, 2, 16, 1025, 128), (3, 1, 5, 7, 1)]
+
+
+@register("scaled_qk")
+def _scaled_qk_cases(quick: bool):
+    # (q shape, k shape, scale); q (..., Lq, D), k (..., Lk, D).
+    shapes = [((2, 3, 7, 16), (2, 3, 97, 16), None, True),
+              ((2, 2, 97, 64), (2, 2, 33, 64), 0.3, False),
+              ((5, 33, 80), (5, 130, 80), None, False),
+              ((1, 1, 1, 1), (1, 1, 1, 1), None, False),
+              ((1, 2, 16, 128), (1, 2, 1025, 128), None, False)]
+    for qs, ks, scale, q in shapes:
+        impl, ref = op_pair("scaled_qk", scale=scale)
+        label = "-" if scale is None else f"scale={scale}"
+        yield CheckCase("scaled_qk", f"q{shape_str(qs)} k{shape_str(ks)}", label,
+                        lambda g, qs=qs, ks=ks: {"q": randn(g, *qs), "k": randn(g, *ks)},
+                        impl, ref, outputs=("scores",), quick=q)
+
+
+def _softmax_inputs(b, h, lq, lk, kind):
+    def make(g):
+        tensors, _ = MASK_KINDS[kind](g, b, h, lq, lk)
+        return {"scores": randn(g, b, h, lq, lk, scale=3.0), **tensors}
+    return make
+
+
+def _static(kind: str) -> dict:
+    """The non-tensor kwargs of a mask kind (``causal``); independent of the random draw."""
+    return MASK_KINDS[kind](torch.Generator().manual_seed(0), 1, 1, 1, 1)[1]
+
+
+@register("masked_softmax")
+def _masked_softmax_cases(quick: bool):
+    for shape in ATTN_SHAPES:
+        b, h, lq, lk, _ = shape
+        for kind in MASK_KINDS:
+            impl, ref = op_pair("masked_softmax", scale=0.125, **_static(kind))
+            yield CheckCase("masked_softmax", shape_str((b, h, lq, lk)), kind,
+                            _softmax_inputs(b, h, lq, lk, kind), impl, ref,
+                            outputs=("probs",), quick=shape == QUICK_ATTN_SHAPE)
+
+
+def _attention_inputs(b, h, lq, lk, d, kind):
+    def make(g):
+        tensors, _ = MASK_KINDS[kind](g, b, h, lq, lk)
+        return {"q": randn(g, b, h, lq, d), "k": randn(g, b, h, lk, d),
+                "v": randn(g, b, h, lk, d), **tensors}
+    return make
+
+
+@register("attention")
+def _attention_cases(quick: bool):
+    for shape in ATTN_SHAPES:
+        b, h, lq, lk, d = shape
+        for kind in MASK_KINDS:
+            impl, ref = op_pair("attention", **_static(kind))
+            yield CheckCase("attention", f"q{shape_str((b, h, lq, d))} Lk={lk}", kind,
+                            _attention_inputs(b, h, lq, lk, d, kind), impl, ref,
+                            outputs=("out", "weights"), quick=shape == QUICK_ATTN_SHAPE)
+    # need_weights: the probabilities are an output too, and their gradient flows back.
+    b, h, lq, lk, d = QUICK_ATTN_SHAPE
+    for kind in ("bool (B,1,1,Lk)", "fully masked rows"):
+        impl, ref = op_pair("attention", need_weights=True, **_static(kind))
+        yield CheckCase("attention", f"q{shape_str((b, h, lq, d))} Lk={lk}",
+                        f"{kind} +weights", _attention_inputs(b, h, lq, lk, d, kind),
+                        impl, ref, outputs=("out", "weights"), quick=True)
+
+
+# (x shape, normalized_shape, affine, quick). N = 1 or 2 is left out: there dx is zero in exact
+# arithmetic, so a relative error of the gradient measures only rounding noise.
+NORM_SHAPES = [((4, 7, 97), (97,), True, True),
+               ((3, 1024), (1024,), False, True),
+               ((2, 5, 7), (7,), True, False),
+               ((64, 768), (768,), True, False),
+               ((2, 3, 4, 5), (4, 5), True, False),
+               ((3, 4097), (4097,), True, False),
+               ((6, 3), (3,), True, False)]
+
+
+def _norm_inputs(xs, ns, affine, residual):
+    def make(g):
+        out = {"x": randn(g, *xs, scale=2.0, shift=0.5)}
+        if residual:
+            out["residual"] = randn(g, *xs)
+        if affine:
+            out["weight"] = randn(g, *ns, scale=0.5, shift=1.0)
+            out["bias"] = randn(g, *ns, scale=0.5)
+        return out
+    return make
+
+
+@register("layer_norm")
+def _layer_norm_cases(quick: bool):
+    for xs, ns, affine, q in NORM_SHAPES:
+        impl, ref = op_pair("layer_norm", normalized_shape=ns)
+        yield CheckCase("layer_norm", f"{shape_str(xs)} N={math.prod(ns)}",
+                        "weight+bias" if affine else "no affine",
+                        _norm_inputs(xs, ns, affine, False), impl, ref, outputs=("y",), quick=q)
+
+
+@register("add_layer_norm")
+def _add_layer_norm_cases(quick: bool):
+    for xs, ns, affine, q in NORM_SHAPES:
+        impl, ref = op_pair("add_layer_norm", normalized_shape=ns)
+        yield CheckCase("add_layer_norm", f"{shape_str(xs)} N={math.prod(ns)}",
+                        "weight+bias" if affine else "no affine",
+                        _norm_inputs(xs, ns, affine, True), impl, ref, outputs=("y", "s"),
+                        quick=q and affine)

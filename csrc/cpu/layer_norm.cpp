@@ -1,0 +1,248 @@
+// layer_norm and add_layer_norm on the CPU: forward and backward.
+//
+//   x (..., *normalized_shape) viewed as (R, N) rows; weight, bias (*normalized_shape) optional
+//   y = (x - mean) * rstd * weight + bias, mean and rstd (float32; float64 for float64 x) per row
+//   add_layer_norm: s = x + residual (written out, rounded to x's dtype) and y = layer_norm(s)
+//
+// Algorithm (forward): rows are split across threads; each row is read once from memory into a
+// float buffer (for float32 without a residual the row itself serves), then the mean and the
+// biased variance in two vectorized passes over the cached row (two-pass: exact where the
+// one-pass E[x^2] - E[x]^2 formula cancels), then y in a third. Napkin math: 4 bytes read + 4
+// written per float32 element (+ 4 + 4 for the residual and s), ~8 flops per element.
+// Backward: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * weight, per row;
+// dweight = sum_rows dy * xhat and dbias = sum_rows dy through per-block partial sums over a fixed
+// number of contiguous row blocks, then one reduction over the blocks in a fixed order:
+// deterministic run to run, whatever the thread count.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../pyformer.h"
+#include "softmax_row.h"  // acc_type, Vectorized
+
+namespace pyformer::cpu {
+
+namespace {
+
+template <typename acc_t>
+inline acc_t vsum(const acc_t* a, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  Vec s(0);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) s = s + Vec::loadu(a + j);
+  acc_t t[Vec::size()];
+  s.store(t);
+  acc_t r = 0;
+  for (int64_t i = 0; i < Vec::size(); ++i) r += t[i];
+  for (; j < n; ++j) r += a[j];
+  return r;
+}
+
+// sum (a - c)^2
+template <typename acc_t>
+inline acc_t vsum_sq_dev(const acc_t* a, int64_t n, acc_t c) {
+  using Vec = Vectorized<acc_t>;
+  const Vec vc(c);
+  Vec s(0);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    const Vec d = Vec::loadu(a + j) - vc;
+    s = at::vec::fmadd(d, d, s);
+  }
+  acc_t t[Vec::size()];
+  s.store(t);
+  acc_t r = 0;
+  for (int64_t i = 0; i < Vec::size(); ++i) r += t[i];
+  for (; j < n; ++j) r += (a[j] - c) * (a[j] - c);
+  return r;
+}
+
+// weight / bias as accumulator arrays (the tensor itself for float32/float64; a converted copy
+// of N elements otherwise), or an empty tensor when absent.
+at::Tensor as_acc(const std::optional<at::Tensor>& t, at::ScalarType acc) {
+  if (!t) return at::Tensor();
+  return t->to(acc).contiguous();
+}
+
+template <typename scalar_t>
+void layer_norm_forward_rows(const scalar_t* x, const scalar_t* res, scalar_t* s, scalar_t* y,
+                             const acc_type<scalar_t>* w, const acc_type<scalar_t>* b,
+                             acc_type<scalar_t>* mean, acc_type<scalar_t>* rstd, int64_t R,
+                             int64_t N, double eps) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1));
+  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf((direct && !res) ? 0 : N);
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* xr = x + r * N;
+      const acc_t* row;
+      if (res) {  // s = x + residual, rounded to scalar_t as the reference rounds it
+        const scalar_t* rr = res + r * N;
+        scalar_t* sr = s + r * N;
+        for (int64_t j = 0; j < N; ++j) {
+          sr[j] = static_cast<scalar_t>(xr[j] + rr[j]);
+          buf[j] = static_cast<acc_t>(sr[j]);
+        }
+        row = buf.data();
+      } else if constexpr (direct) {
+        row = reinterpret_cast<const acc_t*>(xr);
+      } else {
+        for (int64_t j = 0; j < N; ++j) buf[j] = static_cast<acc_t>(xr[j]);
+        row = buf.data();
+      }
+      const acc_t mu = vsum(row, N) / N;
+      const acc_t var = vsum_sq_dev(row, N, mu) / N;
+      const acc_t rs = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
+      mean[r] = mu;
+      rstd[r] = rs;
+      scalar_t* yr = y + r * N;
+      auto scalar = [&](int64_t j) {
+        acc_t t = (row[j] - mu) * rs;
+        if (w) t *= w[j];
+        if (b) t += b[j];
+        yr[j] = static_cast<scalar_t>(t);
+      };
+      int64_t j = 0;
+      if constexpr (direct) {
+        const Vec vmu(mu), vrs(rs);
+        auto vec = [&](int64_t j) {
+          Vec t = (Vec::loadu(row + j) - vmu) * vrs;
+          if (w) t = t * Vec::loadu(w + j);
+          if (b) t = t + Vec::loadu(b + j);
+          return t;
+        };
+        for (; j + Vec::size() <= N; j += Vec::size()) vec(j).store(yr + j);
+      }
+      for (; j < N; ++j) scalar(j);
+    }
+  });
+}
+
+// Shared by layer_norm and add_layer_norm: returns (y, mean, rstd), and writes s when residual.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_impl(
+    const at::Tensor& x_, const at::Tensor* residual, at::Tensor* s_out,
+    at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps) {
+  const at::Tensor x = x_.contiguous();
+  const int64_t N = layer_norm_cols(normalized_shape), R = layer_norm_rows(x, normalized_shape);
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto stat_shape = x.sizes().slice(0, x.dim() - normalized_shape.size());
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor mean = at::empty(stat_shape, x.options().dtype(acc));
+  at::Tensor rstd = at::empty(stat_shape, x.options().dtype(acc));
+  at::Tensor res, s;
+  if (residual) {
+    res = residual->contiguous();
+    s = at::empty_like(x, at::MemoryFormat::Contiguous);
+    *s_out = s;
+  }
+  if (N == 0) {  // empty rows: no statistics to speak of
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    rstd.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  if (R == 0 || N == 0) return {y, mean, rstd};
+  const at::Tensor w = as_acc(weight, acc), b = as_acc(bias, acc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    layer_norm_forward_rows<scalar_t>(
+        x.data_ptr<scalar_t>(), residual ? res.data_ptr<scalar_t>() : nullptr,
+        residual ? s.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
+        w.defined() ? w.data_ptr<acc_t>() : nullptr, b.defined() ? b.data_ptr<acc_t>() : nullptr,
+        mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), R, N, eps);
+  });
+  return {y, mean, rstd};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cpu(
+    const at::Tensor& x, at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps) {
+  check_layer_norm(x, normalized_shape, weight, bias, eps);
+  const BelowAutograd below_autograd;
+  return layer_norm_impl(x, nullptr, nullptr, normalized_shape, weight, bias, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_cpu(
+    const at::Tensor& x, const at::Tensor& residual, at::IntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps) {
+  check_add_layer_norm(x, residual, normalized_shape, weight, bias, eps);
+  const BelowAutograd below_autograd;
+  at::Tensor s;
+  auto [y, mean, rstd] = layer_norm_impl(x, &residual, &s, normalized_shape, weight, bias, eps);
+  return {y, s, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
+    const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& mean_,
+    const at::Tensor& rstd_, const std::optional<at::Tensor>& weight,
+    at::IntArrayRef normalized_shape) {
+  check_layer_norm_backward(grad_, x_, mean_, rstd_, weight, normalized_shape);
+  const BelowAutograd below_autograd;
+  const at::Tensor x = x_.contiguous(), grad = grad_.contiguous();
+  const at::Tensor mean = mean_.contiguous(), rstd = rstd_.contiguous();
+  const int64_t N = layer_norm_cols(normalized_shape), R = layer_norm_rows(x, normalized_shape);
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (R == 0 || N == 0) {
+    return {dx, at::zeros(normalized_shape, x.options()), at::zeros(normalized_shape, x.options())};
+  }
+  // Fixed block count (independent of the thread count), capped so the partials stay <= 256 MB.
+  const int64_t nblk = std::max<int64_t>(1, std::min<int64_t>({R, 32, (int64_t(32) << 20) / N}));
+  at::Tensor part = at::empty({2, nblk, N}, x.options().dtype(acc));
+  const at::Tensor w = as_acc(weight, acc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_backward_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* X = x.data_ptr<scalar_t>();
+    const scalar_t* G = grad.data_ptr<scalar_t>();
+    const acc_t* MU = mean.data_ptr<acc_t>();
+    const acc_t* RS = rstd.data_ptr<acc_t>();
+    const acc_t* W = w.defined() ? w.data_ptr<acc_t>() : nullptr;
+    scalar_t* DX = dx.data_ptr<scalar_t>();
+    acc_t* DW = part.data_ptr<acc_t>();
+    acc_t* DB = DW + nblk * N;
+    at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<acc_t> xh(N), g(N);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        acc_t* dw = DW + blk * N;
+        acc_t* db = DB + blk * N;
+        std::fill(dw, dw + N, acc_t(0));
+        std::fill(db, db + N, acc_t(0));
+        const int64_t r0 = R * blk / nblk, r1 = R * (blk + 1) / nblk;
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* xr = X + r * N;
+          const scalar_t* gr = G + r * N;
+          const acc_t mu = MU[r], rs = RS[r];
+          acc_t sg = 0, sgx = 0;
+          for (int64_t j = 0; j < N; ++j) {
+            const acc_t dy = static_cast<acc_t>(gr[j]);
+            xh[j] = (static_cast<acc_t>(xr[j]) - mu) * rs;
+            g[j] = W ? dy * W[j] : dy;
+            dw[j] += dy * xh[j];
+            db[j] += dy;
+          }
+          sg = vsum(g.data(), N);
+          for (int64_t j = 0; j < N; ++j) sgx += g[j] * xh[j];
+          const acc_t a = sg / N, c = sgx / N;
+          scalar_t* dxr = DX + r * N;
+          for (int64_t j = 0; j < N; ++j) dxr[j] = static_cast<scalar_t>(rs * (g[j] - a - xh[j] * c));
+        }
+      }
+    });
+  });
+  // a fixed-order reduction over the blocks
+  return {dx, part[0].sum(0).to(x.scalar_type()).view(normalized_shape),
+          part[1].sum(0).to(x.scalar_type()).view(normalized_shape)};
+}
+
+TORCH_LIBRARY_IMPL(pyformer, CPU, m) {
+  m.impl("layer_norm", &layer_norm_cpu);
+  m.impl("layer_norm_backward", &layer_norm_backward_cpu);
+  m.impl("add_layer_norm", &add_layer_norm_cpu);
+}
+
+}  // namespace pyformer::cpu

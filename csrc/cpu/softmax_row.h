@@ -1,0 +1,210 @@
+// Row kernels of the fused masked softmax on the CPU, shared by masked_softmax.cpp and
+// attention.cpp (which runs them on each head's scores while they are still in cache).
+//
+// One row of Lk scores: y[j] = exp(v_j - max) / sum_j' exp(v_j' - max), v_j = scale * x[j] + m[j],
+// over the unmasked keys j < end (end folds in causal and key_lengths: keys past it are not read,
+// their outputs are written as 0). Three passes over the row, two of them in a float (double for
+// float64) buffer of Lk that stays in L1/L2: (1) scale + mask into the buffer, counting the
+// unmasked keys; (2) max; (3) exp and sum into the buffer, then normalize into y. Memory traffic is
+// the minimum: one read of the row (less where end < Lk) and one write.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+namespace pyformer::cpu {
+
+using at::vec::Vectorized;
+
+// Accumulation type: float for float32/float16/bfloat16, double for float64.
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Offsets of each row of a (..., Lq, Lk) tensor into a mask broadcast to it by strides, and the
+// batch index (dim 0) and query index (dim -2) of the row: broadcasting by index arithmetic, so a
+// (B, 1, 1, Lk) mask is read in place and never expanded in memory.
+struct RowIndex {
+  int64_t nlead = 0;         // number of leading dims (all but the last)
+  int64_t sizes[16] = {};    // their sizes
+  int64_t mstrides[16] = {}; // the mask's strides in them (0 where broadcast)
+  int64_t rows_per_batch = 1;
+  int64_t lq = 1;
+
+  RowIndex(const at::Tensor& scores, const at::Tensor* mask_expanded) {
+    nlead = scores.dim() - 1;
+    TORCH_CHECK_VALUE(nlead <= 16, "pyformer: tensors of more than 17 dims are not supported");
+    for (int64_t d = 0; d < nlead; ++d) {
+      sizes[d] = scores.size(d);
+      mstrides[d] = mask_expanded ? mask_expanded->stride(d) : 0;
+    }
+    lq = nlead >= 1 ? sizes[nlead - 1] : 1;
+    rows_per_batch = 1;
+    for (int64_t d = 1; d < nlead; ++d) rows_per_batch *= sizes[d];
+  }
+  int64_t mask_offset(int64_t r) const {
+    int64_t off = 0;
+    for (int64_t d = nlead - 1; d >= 0; --d) {
+      off += (r % sizes[d]) * mstrides[d];
+      r /= sizes[d];
+    }
+    return off;
+  }
+  int64_t batch(int64_t r) const { return r / rows_per_batch; }
+  int64_t query(int64_t r) const { return r % lq; }
+};
+
+// The mask of one row: none, bool (true = may attend) or additive (-inf = masked), with a stride
+// along the keys (1, or 0 for a mask broadcast along the keys).
+template <typename scalar_t>
+struct RowMask {
+  const bool* b = nullptr;
+  const scalar_t* f = nullptr;
+  int64_t stride = 1;
+};
+
+// Stage 1: buf[j] = scale * x[j] (+ mask), -inf where masked, for j < end. Returns the number of
+// unmasked keys. KIND: 0 none, 1 bool, 2 additive; UNIT: the mask's key stride is 1.
+template <int KIND, bool UNIT, typename scalar_t, typename in_t, typename acc_t>
+inline int64_t scale_mask_row(const in_t* x, acc_t* buf, int64_t end, acc_t scale,
+                              const RowMask<scalar_t>& m) {
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t ms = UNIT ? 1 : m.stride;
+  int64_t count = 0;
+  if constexpr (KIND == 0) {
+    for (int64_t j = 0; j < end; ++j) buf[j] = scale * static_cast<acc_t>(x[j]);
+    count = end;
+  } else if constexpr (KIND == 1) {
+    for (int64_t j = 0; j < end; ++j) {
+      const bool ok = m.b[j * ms];
+      buf[j] = ok ? scale * static_cast<acc_t>(x[j]) : ninf;
+      count += ok;
+    }
+  } else {
+    for (int64_t j = 0; j < end; ++j) {
+      const acc_t a = static_cast<acc_t>(m.f[j * ms]);
+      const bool ok = a != ninf;
+      buf[j] = ok ? scale * static_cast<acc_t>(x[j]) + a : ninf;
+      count += ok;
+    }
+  }
+  return count;
+}
+
+// NaN-propagating max of buf[0:n].
+template <typename acc_t>
+inline acc_t row_max(const acc_t* buf, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  acc_t mx = -std::numeric_limits<acc_t>::infinity();
+  int64_t j = 0;
+  if (n >= Vec::size()) {
+    Vec vm(mx);
+    for (; j + Vec::size() <= n; j += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(buf + j));
+    acc_t tmp[Vec::size()];
+    vm.store(tmp);
+    for (int64_t t = 0; t < Vec::size(); ++t) mx = (std::isnan(tmp[t]) || tmp[t] > mx) ? tmp[t] : mx;
+  }
+  for (; j < n; ++j) mx = (std::isnan(buf[j]) || buf[j] > mx) ? buf[j] : mx;
+  return mx;
+}
+
+// buf[j] = exp(buf[j] - mx) in place; returns the sum.
+template <typename acc_t>
+inline acc_t exp_sum_row(acc_t* buf, int64_t n, acc_t mx) {
+  using Vec = Vectorized<acc_t>;
+  const Vec vmx(mx);
+  Vec vs(0);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    const Vec e = (Vec::loadu(buf + j) - vmx).exp_u20();
+    e.store(buf + j);
+    vs = vs + e;
+  }
+  acc_t tmp[Vec::size()];
+  vs.store(tmp);
+  acc_t s = 0;
+  for (int64_t t = 0; t < Vec::size(); ++t) s += tmp[t];
+  for (; j < n; ++j) {
+    buf[j] = std::exp(buf[j] - mx);
+    s += buf[j];
+  }
+  return s;
+}
+
+// y[0:n] = buf[0:n] * c (converted to scalar_t), then y[n:lk] = 0.
+template <typename scalar_t, typename acc_t>
+inline void store_scaled(scalar_t* y, const acc_t* buf, int64_t n, int64_t lk, acc_t c) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    using Vec = Vectorized<acc_t>;
+    const Vec vc(c);
+    for (; j + Vec::size() <= n; j += Vec::size()) (Vec::loadu(buf + j) * vc).store(y + j);
+  }
+  for (; j < n; ++j) y[j] = static_cast<scalar_t>(buf[j] * c);
+  std::fill(y + n, y + lk, scalar_t(0));
+}
+
+// The whole row. `buf` holds at least `end` accumulators; x may be the scores in scalar_t or, in
+// attention, the float scores straight out of the GEMM (in_t = acc_t); x and y may alias.
+template <typename scalar_t, typename in_t = scalar_t, typename acc_t = acc_type<scalar_t>>
+inline void masked_softmax_row(const in_t* x, scalar_t* y, int64_t lk, int64_t end,
+                               acc_t scale, const RowMask<scalar_t>& m, acc_t* buf) {
+  int64_t count;
+  const bool unit = m.stride == 1;
+  if (m.b) {
+    count = unit ? scale_mask_row<1, true, scalar_t>(x, buf, end, scale, m)
+                 : scale_mask_row<1, false, scalar_t>(x, buf, end, scale, m);
+  } else if (m.f) {
+    count = unit ? scale_mask_row<2, true, scalar_t>(x, buf, end, scale, m)
+                 : scale_mask_row<2, false, scalar_t>(x, buf, end, scale, m);
+  } else {
+    count = scale_mask_row<0, true, scalar_t>(x, buf, end, scale, m);
+  }
+  if (count == 0) {  // every key masked: a defined answer, zeros
+    std::fill(y, y + lk, scalar_t(0));
+    return;
+  }
+  const acc_t mx = row_max(buf, end);
+  if (!std::isfinite(mx)) {  // NaN or +-inf among the unmasked scores: NaN, as torch.softmax
+    std::fill(y, y + lk, scalar_t(std::numeric_limits<acc_t>::quiet_NaN()));
+    return;
+  }
+  const acc_t sum = exp_sum_row(buf, end, mx);
+  store_scaled(y, buf, end, lk, acc_t(1) / sum);
+}
+
+// Backward of one row: dx[j] = scale * y[j] * (dy[j] - sum_j' dy[j'] y[j']).
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+inline void masked_softmax_backward_row(const scalar_t* dy, const scalar_t* y, scalar_t* dx,
+                                        int64_t n, acc_t scale) {
+  acc_t dot = 0;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    using Vec = Vectorized<acc_t>;
+    Vec vd(0);
+    int64_t j = 0;
+    for (; j + Vec::size() <= n; j += Vec::size()) vd = at::vec::fmadd(Vec::loadu(dy + j), Vec::loadu(y + j), vd);
+    acc_t tmp[Vec::size()];
+    vd.store(tmp);
+    for (int64_t t = 0; t < Vec::size(); ++t) dot += tmp[t];
+    for (; j < n; ++j) dot += dy[j] * y[j];
+    const Vec vdot(dot), vs(scale);
+    j = 0;
+    for (; j + Vec::size() <= n; j += Vec::size())
+      (vs * Vec::loadu(y + j) * (Vec::loadu(dy + j) - vdot)).store(dx + j);
+    for (; j < n; ++j) dx[j] = scale * y[j] * (dy[j] - dot);
+  } else {
+    for (int64_t j = 0; j < n; ++j) dot += static_cast<acc_t>(dy[j]) * static_cast<acc_t>(y[j]);
+    for (int64_t j = 0; j < n; ++j)
+      dx[j] = static_cast<scalar_t>(scale * static_cast<acc_t>(y[j]) * (static_cast<acc_t>(dy[j]) - dot));
+  }
+}
+
+// Every row of contiguous `scores` (..., Lq, Lk) into `out` (masked_softmax.cpp).
+template <typename scalar_t>
+void masked_softmax_rows(const at::Tensor& scores, const at::Tensor& out, const at::Tensor* mask,
+                         double scale, bool causal, const at::Tensor* key_lengths);
+
+}  // namespace pyformer::cpu

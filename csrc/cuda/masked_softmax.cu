@@ -1,0 +1,607 @@
+// pyformer CUDA: masked_softmax forward and backward (fused scale + mask + causal + key_lengths).
+//
+// What it computes (ops.md):
+//   probs = softmax(scale * scores + M, dim=-1)                                      forward
+//   dscores = scale * probs * (grad - sum(grad * probs, -1))                         backward
+// where M is 0 or -inf per element, from (all combined):
+//   mask         bool (True = may attend) or additive float, broadcast to scores by strides (a
+//                stride-0 expand() view and a last dim of 1 are fine; never materialized);
+//                a -inf entry of an additive mask counts as masked;
+//   causal       key j allowed only where j <= i, i = index in the second-to-last dim;
+//   key_lengths  (B,) int, B = scores.size(0): keys j >= key_lengths[b] masked.
+// A row with no allowed position is all zeros. NaN/inf among allowed scores propagate as
+// torch.softmax's would (the whole row becomes NaN).
+//
+// Shapes: scores (..., Lq, Lk) of any rank >= 1, viewed as (rows, L) with L = Lk; the mask has
+// scores' rank or less; key_lengths (B,). Output: scores' shape and dtype, contiguous.
+//
+// Algorithm: each row is reduced by one warp (L <= 512) or by one block of at most 512 threads
+// (L <= 8192) that holds the row in registers: one read of the scores, max-reduce, exp and
+// sum-reduce on registers, one write. Longer rows (no cap) go to an online-softmax kernel, one
+// 1024-thread block per row: pass 1 reads the row once, keeping a running (max, sum) and a copy
+// of the raw row in shared memory when it fits (2-byte types up to ~110K keys on sm_90, ~80K on
+// sm_80; float32 half that), pass 2 writes from that copy (or re-reads the row, normally an L2
+// hit, when it does not fit). Each thread touches only its own slots of the copy, so the copy
+// needs no barrier. Loads and stores are 16 bytes wide when the row length and the pointers
+// allow, scalar otherwise. Causal and key_lengths shorten a row to `limit = min(i + 1,
+// key_lengths[b])` keys: elements at or past `limit` are not read (at the granularity of one
+// vector) and zeros are written there.
+//
+// Special values: e_j = allowed_j ? exp(x_j - max) : 0, sum = sum(e_j), y_j = e_j * inv with
+// inv = (sum == 0 ? 0 : 1 / sum). sum == 0 exactly when nothing is allowed (otherwise the max
+// contributes exp(0) = 1, or NaN when the max is +-inf or a score is NaN), so fully masked rows
+// give zeros, and a NaN row is NaN everywhere (0 * NaN), as torch's is. The long path's online
+// sums reach the same outputs (see rel_exp / finalize_inv).
+//
+// Napkin math (the issue's benchmark, scores (8,16,2048,2048) bf16 with a padding mask):
+// 2^29 elements * 2 bytes read + 2 bytes written = 2 GiB of traffic; the padding mask is
+// (8,1,1,2048) bool = 16 KiB, L1/L2-resident. At ~3 TB/s of H100 copy bandwidth that is ~0.7 ms
+// per call if the kernel streams at copy speed; the textbook composition (div, masked_fill,
+// softmax) moves >= 3x the bytes. Each thread of the 128-thread block owning a 2048-key row
+// issues two 16-byte loads, all before the first reduction: 4 KiB per block, and with ~8 blocks
+// resident per SM ~32 KiB in flight, above the ~25 KiB per SM that Little's law asks for (3 TB/s
+// x ~1 us latency / 132 SMs). Unmeasured: no GPU was lent to the session that wrote this.
+//
+// Register/spill report: .ci/compile_cuda.sh prints it. The register kernels hold 16 row values
+// per thread (2 x 16 in the backward); their __launch_bounds__ carry an explicit minimum of blocks
+// per SM (common.cuh, row_min_blocks) because without it ptxas 13 for sm_90 squeezed them to 32-80
+// registers and spilled a few bytes. With it no kernel spills on sm_80 or sm_90.
+//
+// Sections: device helpers, forward kernels, backward kernels, launchers, ops + registration.
+#include "common.cuh"
+
+namespace pyformer {
+namespace cuda {
+namespace {
+
+constexpr int kMaxLeadDims = 8;   // scores of rank <= 9
+constexpr int kRowItems = 16;     // row values per thread on the register paths
+constexpr int kWarpRowsPerBlock = 4;
+constexpr int kMaxRowThreads = 512;  // block path: 512 threads x 16 values = rows up to 8192
+constexpr int kLongThreads = 1024;
+
+// ---- device helpers -----------------------------------------------------------------------------
+
+// Everything that decides which keys of a row are allowed, passed by value to the kernels.
+struct MaskParams {
+  const void* data = nullptr;       // bool mask, or additive mask in the scores' dtype
+  int kind = 0;                     // 0 none, 1 bool, 2 additive
+  int nlead = 0;                    // scores.dim() - 1
+  int64_t size[kMaxLeadDims] = {};  // scores' leading sizes
+  int64_t mstride[kMaxLeadDims] = {};  // the mask's strides over them (0 where broadcast)
+  int64_t mlast = 0;                // the mask's stride over keys (0 when its last dim is 1)
+  bool causal = false;
+  int64_t lq = 1;                   // scores.size(-2): row -> query index for causal
+  const int64_t* klen = nullptr;    // key_lengths as int64, or null
+  int64_t rows_per_batch = 1;       // rows / scores.size(0): row -> batch index
+};
+
+struct RowInfo {
+  int64_t moff;   // offset of this row in the mask
+  int64_t limit;  // keys >= limit are masked by causal / key_lengths and never read
+};
+
+__device__ __forceinline__ RowInfo row_info(const MaskParams& p, int64_t row, int64_t L) {
+  RowInfo r{0, L};
+  if (p.causal) r.limit = min(r.limit, row % p.lq + 1);
+  if (p.klen != nullptr) r.limit = min(r.limit, p.klen[row / p.rows_per_batch]);
+  if (r.limit < 0) r.limit = 0;
+  if (p.kind != 0) {
+    int64_t rem = row;
+    for (int d = p.nlead - 1; d >= 0; --d) {
+      const int64_t idx = rem % p.size[d];
+      rem /= p.size[d];
+      r.moff += idx * p.mstride[d];
+    }
+  }
+  return r;
+}
+
+// scale * score + additive mask; `ok` is false where the mask forbids key j.
+template <typename T, typename A>
+__device__ __forceinline__ A masked_value(T score, A scale, const MaskParams& p, int64_t moff,
+                                          int64_t j, bool& ok) {
+  A x = scale * static_cast<A>(score);
+  ok = true;
+  if (p.kind == 1) {
+    ok = static_cast<const bool*>(p.data)[moff + j * p.mlast];
+  } else if (p.kind == 2) {
+    const A m = static_cast<A>(static_cast<const T*>(p.data)[moff + j * p.mlast]);
+    ok = !(m == neg_inf<A>());
+    x += m;
+  }
+  return x;
+}
+
+// exp(a - m), but 1 where a == m: keeps a running sum finite while the max is still -inf (an
+// allowed -inf score); the +-inf maxima that this hides are caught by `finalize_inv`.
+template <typename A>
+__device__ __forceinline__ A rel_exp(A a, A m) {
+  return a == m ? A(1) : acc_exp(a - m);
+}
+
+// For the online (max, sum) of the long path: 0 when nothing was allowed, NaN when the max is not
+// finite (torch's exp(x - max) would be NaN there), else 1 / sum (NaN if a score was NaN).
+template <typename A>
+__device__ __forceinline__ A finalize_inv(A m, A s) {
+  if (s == A(0)) return A(0);
+  if (!isfinite(m)) return quiet_nan<A>();
+  return A(1) / s;
+}
+
+// Combine two online-softmax partials (m, s) into (m, s).
+template <typename A>
+__device__ __forceinline__ void online_combine(A& m, A& s, A m2, A s2) {
+  const A mn = acc_max(m, m2);
+  const A f1 = (m == mn) ? A(1) : acc_exp(m - mn);
+  const A f2 = (m2 == mn) ? A(1) : acc_exp(m2 - mn);
+  s = s * f1 + s2 * f2;
+  m = mn;
+}
+
+// Row -> thread mapping of the register kernels: WARP = one warp per row (4 rows per 128-thread
+// block), else one block per row.
+template <bool WARP>
+struct RowMap {
+  __device__ __forceinline__ static int64_t first_row() {
+    return WARP ? int64_t(blockIdx.x) * kWarpRowsPerBlock + (threadIdx.x >> 5) : blockIdx.x;
+  }
+  __device__ __forceinline__ static int64_t row_step() {
+    return WARP ? int64_t(gridDim.x) * kWarpRowsPerBlock : gridDim.x;
+  }
+  __device__ __forceinline__ static int tid() { return WARP ? (threadIdx.x & 31) : threadIdx.x; }
+  __device__ __forceinline__ static int nthreads() { return WARP ? 32 : blockDim.x; }
+  template <typename A>
+  __device__ __forceinline__ static A max(A v, A* smem) {
+    if constexpr (WARP) {
+      return warp_allreduce(v, MaxOp{});
+    } else {
+      return block_allreduce_max(v, smem);
+    }
+  }
+  template <typename A>
+  __device__ __forceinline__ static A sum(A v, A* smem) {
+    if constexpr (WARP) {
+      return warp_allreduce(v, SumOp{});
+    } else {
+      return block_allreduce_sum(v, smem);
+    }
+  }
+};
+
+// ---- forward kernels ----------------------------------------------------------------------------
+
+// Register-resident row: thread t holds keys (c * nthreads + t) * VEC + e, c < CHUNKS, e < VEC.
+// Requires L <= nthreads * VEC * CHUNKS and, for VEC > 1, L % VEC == 0 and aligned rows.
+// Rows loop grid-stride; in the block variant all threads of a block share a row, so the loop
+// condition is uniform and the reductions' __syncthreads() are safe.
+template <typename T, int VEC, int CHUNKS, bool WARP>
+__global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads,
+                                      row_min_blocks<T, WARP, VEC>())
+    softmax_fwd_regs_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int64_t L,
+                            acc_t<T> scale, MaskParams p) {
+  using A = acc_t<T>;
+  using V = Vec<T, VEC>;
+  static_assert(CHUNKS * VEC <= 32, "one bit per item");
+  __shared__ A smem[33];
+  const int tid = RowMap<WARP>::tid();
+  const int nt = RowMap<WARP>::nthreads();
+  for (int64_t row = RowMap<WARP>::first_row(); row < rows; row += RowMap<WARP>::row_step()) {
+    const RowInfo ri = row_info(p, row, L);
+    const T* xr = x + row * L;
+    T* yr = y + row * L;
+
+    A v[CHUNKS * VEC];
+    uint32_t ok_bits = 0;
+    A m = neg_inf<A>();
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c) {
+      const int j0 = (c * nt + tid) * VEC;  // < 8192: 32-bit in-row offsets
+      if (j0 < ri.limit) {  // skip what causal / key_lengths mask
+        const V in = *reinterpret_cast<const V*>(xr + j0);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          bool ok;
+          v[c * VEC + e] = masked_value<T, A>(in.v[e], scale, p, ri.moff, j0 + e, ok);
+          ok = ok && (j0 + e < ri.limit);
+          if (ok) {
+            ok_bits |= 1u << (c * VEC + e);
+            m = acc_max(m, v[c * VEC + e]);
+          }
+        }
+      }
+    }
+    m = RowMap<WARP>::max(m, smem);
+
+    A s = A(0);
+#pragma unroll
+    for (int i = 0; i < CHUNKS * VEC; ++i) {
+      v[i] = ((ok_bits >> i) & 1u) ? acc_exp(v[i] - m) : A(0);
+      s += v[i];
+    }
+    s = RowMap<WARP>::sum(s, smem);
+    const A inv = (s == A(0)) ? A(0) : A(1) / s;
+
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c) {
+      const int j0 = (c * nt + tid) * VEC;  // < 8192: 32-bit in-row offsets
+      if (j0 < L) {
+        V out;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) out.v[e] = static_cast<T>(v[c * VEC + e] * inv);
+        *reinterpret_cast<V*>(yr + j0) = out;
+      }
+    }
+  }
+}
+
+// Any row length: one block of kLongThreads per row, online (max, sum) in pass 1, write in pass 2.
+// With `cache` the raw row is kept in dynamic shared memory between the passes (one global read).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kLongThreads, 1)
+    softmax_fwd_long_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int64_t L,
+                            acc_t<T> scale, MaskParams p, bool cache) {
+  using A = acc_t<T>;
+  using V = Vec<T, VEC>;
+  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  T* row_cache = reinterpret_cast<T*>(dyn_smem);
+  __shared__ A red_m[32], red_s[32];
+  __shared__ A fin_m, fin_s;
+  const int64_t step = int64_t(blockDim.x) * VEC;
+
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const RowInfo ri = row_info(p, row, L);
+    const T* xr = x + row * L;
+    T* yr = y + row * L;
+
+    // pass 1: running max and sum of this thread's keys
+    A m = neg_inf<A>(), s = A(0);
+    for (int64_t j0 = int64_t(threadIdx.x) * VEC; j0 < ri.limit; j0 += step) {
+      const V in = *reinterpret_cast<const V*>(xr + j0);
+      if (cache) *reinterpret_cast<V*>(row_cache + j0) = in;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        bool ok;
+        const A xv = masked_value<T, A>(in.v[e], scale, p, ri.moff, j0 + e, ok);
+        if (ok && j0 + e < ri.limit) {
+          const A mn = acc_max(m, xv);
+          s = s * ((m == mn) ? A(1) : acc_exp(m - mn)) + rel_exp(xv, mn);
+          m = mn;
+        }
+      }
+    }
+    // block combine of (m, s)
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const A m2 = __shfl_xor_sync(0xffffffffu, m, off);
+      const A s2 = __shfl_xor_sync(0xffffffffu, s, off);
+      online_combine(m, s, m2, s2);
+    }
+    __syncthreads();  // previous row's readers of fin_m/fin_s and row_cache are done
+    if ((threadIdx.x & 31) == 0) {
+      red_m[threadIdx.x >> 5] = m;
+      red_s[threadIdx.x >> 5] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      const int nw = blockDim.x >> 5;
+      A mw = threadIdx.x < nw ? red_m[threadIdx.x] : neg_inf<A>();
+      A sw = threadIdx.x < nw ? red_s[threadIdx.x] : A(0);
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        const A m2 = __shfl_xor_sync(0xffffffffu, mw, off);
+        const A s2 = __shfl_xor_sync(0xffffffffu, sw, off);
+        online_combine(mw, sw, m2, s2);
+      }
+      if (threadIdx.x == 0) {
+        fin_m = mw;
+        fin_s = sw;
+      }
+    }
+    __syncthreads();
+    m = fin_m;
+    const A inv = finalize_inv(m, fin_s);
+
+    // pass 2: write every key; keys at or past `limit` are zero (0 * inv) and not read
+    for (int64_t j0 = int64_t(threadIdx.x) * VEC; j0 < L; j0 += step) {
+      V out;
+      if (j0 < ri.limit) {
+        const V in = cache ? *reinterpret_cast<const V*>(row_cache + j0)
+                           : *reinterpret_cast<const V*>(xr + j0);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          bool ok;
+          const A xv = masked_value<T, A>(in.v[e], scale, p, ri.moff, j0 + e, ok);
+          const A ev = (ok && j0 + e < ri.limit) ? acc_exp(xv - m) : A(0);
+          out.v[e] = static_cast<T>(ev * inv);
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) out.v[e] = static_cast<T>(A(0) * inv);
+      }
+      *reinterpret_cast<V*>(yr + j0) = out;
+    }
+  }
+}
+
+// ---- backward kernels ---------------------------------------------------------------------------
+
+// dx = scale * y * (dy - sum(dy * y)), register-resident rows (same mapping as the forward).
+template <typename T, int VEC, int CHUNKS, bool WARP>
+__global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads,
+                                      row_min_blocks<T, WARP, VEC>())
+    softmax_bwd_regs_kernel(const T* __restrict__ dy, const T* __restrict__ y,
+                            T* __restrict__ dx, int64_t rows, int64_t L, acc_t<T> scale) {
+  using A = acc_t<T>;
+  using V = Vec<T, VEC>;
+  __shared__ A smem[33];
+  const int tid = RowMap<WARP>::tid();
+  const int nt = RowMap<WARP>::nthreads();
+  for (int64_t row = RowMap<WARP>::first_row(); row < rows; row += RowMap<WARP>::row_step()) {
+    const T* dyr = dy + row * L;
+    const T* yr = y + row * L;
+    T* dxr = dx + row * L;
+    A g[CHUNKS * VEC], o[CHUNKS * VEC];
+    A dot = A(0);
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c) {
+      const int j0 = (c * nt + tid) * VEC;  // < 8192: 32-bit in-row offsets
+      if (j0 < L) {
+        const V a = *reinterpret_cast<const V*>(dyr + j0);
+        const V b = *reinterpret_cast<const V*>(yr + j0);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          g[c * VEC + e] = static_cast<A>(a.v[e]);
+          o[c * VEC + e] = static_cast<A>(b.v[e]);
+          dot += g[c * VEC + e] * o[c * VEC + e];
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) g[c * VEC + e] = o[c * VEC + e] = A(0);
+      }
+    }
+    dot = RowMap<WARP>::sum(dot, smem);
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c) {
+      const int j0 = (c * nt + tid) * VEC;  // < 8192: 32-bit in-row offsets
+      if (j0 < L) {
+        V out;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e)
+          out.v[e] = static_cast<T>(scale * o[c * VEC + e] * (g[c * VEC + e] - dot));
+        *reinterpret_cast<V*>(dxr + j0) = out;
+      }
+    }
+  }
+}
+
+// Any row length: pass 1 reduces the dot product, pass 2 re-reads (L2) and writes.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kLongThreads, 1)
+    softmax_bwd_long_kernel(const T* __restrict__ dy, const T* __restrict__ y,
+                            T* __restrict__ dx, int64_t rows, int64_t L, acc_t<T> scale) {
+  using A = acc_t<T>;
+  using V = Vec<T, VEC>;
+  __shared__ A smem[33];
+  const int64_t step = int64_t(blockDim.x) * VEC;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const T* dyr = dy + row * L;
+    const T* yr = y + row * L;
+    T* dxr = dx + row * L;
+    A dot = A(0);
+    for (int64_t j0 = int64_t(threadIdx.x) * VEC; j0 < L; j0 += step) {
+      const V a = *reinterpret_cast<const V*>(dyr + j0);
+      const V b = *reinterpret_cast<const V*>(yr + j0);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) dot += static_cast<A>(a.v[e]) * static_cast<A>(b.v[e]);
+    }
+    dot = block_allreduce_sum(dot, smem);
+    for (int64_t j0 = int64_t(threadIdx.x) * VEC; j0 < L; j0 += step) {
+      const V a = *reinterpret_cast<const V*>(dyr + j0);
+      const V b = *reinterpret_cast<const V*>(yr + j0);
+      V out;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e)
+        out.v[e] = static_cast<T>(scale * static_cast<A>(b.v[e]) * (static_cast<A>(a.v[e]) - dot));
+      *reinterpret_cast<V*>(dxr + j0) = out;
+    }
+  }
+}
+
+// ---- launchers ----------------------------------------------------------------------------------
+
+// Chunk counts of the register paths for a vector width: a small warp variant (L <= 128, or 256
+// for VEC 8), a large warp variant (L <= 512) and the block variant (L <= 8192).
+template <int VEC> constexpr int small_chunks() { return VEC >= 4 ? 1 : 4 / VEC; }
+template <int VEC> constexpr int row_chunks() { return kRowItems / VEC; }
+
+inline int block_threads_for(int64_t L, int items) {
+  int64_t t = ceil_div(L, items);
+  t = ceil_div(t, 32) * 32;
+  return static_cast<int>(t < 32 ? 32 : t);
+}
+
+template <typename T, int VEC>
+void launch_softmax_fwd(const T* x, T* y, int64_t rows, int64_t L, double scale,
+                        const MaskParams& p) {
+  using A = acc_t<T>;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const A sc = static_cast<A>(scale);
+  constexpr int CS = small_chunks<VEC>();
+  constexpr int CR = row_chunks<VEC>();
+  const unsigned warp_grid = grid_for(rows, kWarpRowsPerBlock);
+  if (L <= int64_t(32) * VEC * CS) {
+    softmax_fwd_regs_kernel<T, VEC, CS, true>
+        <<<warp_grid, 32 * kWarpRowsPerBlock, 0, stream>>>(x, y, rows, L, sc, p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else if (L <= int64_t(32) * VEC * CR) {
+    softmax_fwd_regs_kernel<T, VEC, CR, true>
+        <<<warp_grid, 32 * kWarpRowsPerBlock, 0, stream>>>(x, y, rows, L, sc, p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else if (L <= int64_t(kMaxRowThreads) * VEC * CR) {
+    softmax_fwd_regs_kernel<T, VEC, CR, false>
+        <<<grid_for(rows, 1), block_threads_for(L, VEC * CR), 0, stream>>>(x, y, rows, L, sc, p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    // Cache the row in shared memory when it fits in what one block may opt in to, keeping
+    // ~8 KiB for the static reduction buffers.
+    const int64_t bytes = L * int64_t(sizeof(T));
+    const bool cache = bytes + 8192 <= int64_t(max_smem_optin());
+    const int dyn = cache ? static_cast<int>(bytes) : 0;
+    auto kernel = softmax_fwd_long_kernel<T, VEC>;
+    if (dyn > 48 * 1024) {
+      C10_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dyn));
+    }
+    kernel<<<grid_for(rows, 1), kLongThreads, dyn, stream>>>(x, y, rows, L, sc, p, cache);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename T, int VEC>
+void launch_softmax_bwd(const T* dy, const T* y, T* dx, int64_t rows, int64_t L, double scale) {
+  using A = acc_t<T>;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const A sc = static_cast<A>(scale);
+  constexpr int CS = small_chunks<VEC>();
+  constexpr int CR = row_chunks<VEC>();
+  const unsigned warp_grid = grid_for(rows, kWarpRowsPerBlock);
+  if (L <= int64_t(32) * VEC * CS) {
+    softmax_bwd_regs_kernel<T, VEC, CS, true>
+        <<<warp_grid, 32 * kWarpRowsPerBlock, 0, stream>>>(dy, y, dx, rows, L, sc);
+  } else if (L <= int64_t(32) * VEC * CR) {
+    softmax_bwd_regs_kernel<T, VEC, CR, true>
+        <<<warp_grid, 32 * kWarpRowsPerBlock, 0, stream>>>(dy, y, dx, rows, L, sc);
+  } else if (L <= int64_t(kMaxRowThreads) * VEC * CR) {
+    softmax_bwd_regs_kernel<T, VEC, CR, false>
+        <<<grid_for(rows, 1), block_threads_for(L, VEC * CR), 0, stream>>>(dy, y, dx, rows, L, sc);
+  } else {
+    softmax_bwd_long_kernel<T, VEC>
+        <<<grid_for(rows, 1), kLongThreads, 0, stream>>>(dy, y, dx, rows, L, sc);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+MaskParams make_mask_params(const at::Tensor& x, const at::Tensor* mask, bool causal,
+                            const at::Tensor* klen_long, int64_t rows) {
+  MaskParams p;
+  const int64_t sdim = x.dim();
+  TORCH_CHECK(sdim - 1 <= kMaxLeadDims, "masked_softmax (CUDA): expected 'scores' of rank at most ",
+              kMaxLeadDims + 1, ", got rank ", sdim);
+  p.nlead = static_cast<int>(sdim > 0 ? sdim - 1 : 0);
+  for (int d = 0; d < p.nlead; ++d) p.size[d] = x.size(d);
+  if (mask != nullptr) {
+    p.data = mask->data_ptr();
+    p.kind = mask->scalar_type() == at::kBool ? 1 : 2;
+    const int64_t mdim = mask->dim();
+    // Align the mask's dims with the scores' from the right; size-1 dims broadcast (stride 0).
+    for (int64_t md = 0; md < mdim; ++md) {
+      const int64_t sd = md + (sdim - mdim);
+      const int64_t st = mask->size(md) == 1 ? 0 : mask->stride(md);
+      if (sd < 0) continue;  // an extra leading dim of size 1
+      if (sd == sdim - 1) {
+        p.mlast = st;
+      } else {
+        p.mstride[sd] = st;
+      }
+    }
+  }
+  p.causal = causal;
+  p.lq = sdim >= 2 ? x.size(-2) : 1;
+  if (p.lq < 1) p.lq = 1;
+  if (klen_long != nullptr) {
+    p.klen = klen_long->data_ptr<int64_t>();
+    const int64_t b = sdim >= 1 ? x.size(0) : 1;
+    p.rows_per_batch = b > 0 ? rows / b : 1;
+    if (p.rows_per_batch < 1) p.rows_per_batch = 1;
+  }
+  return p;
+}
+
+}  // namespace
+
+// Forward on already-checked arguments (also called by attention.cu).
+at::Tensor masked_softmax_forward_launch(const at::Tensor& scores,
+                                         const std::optional<at::Tensor>& mask, double scale,
+                                         bool causal,
+                                         const std::optional<at::Tensor>& key_lengths) {
+  c10::cuda::CUDAGuard guard(scores.device());
+  const at::Tensor x = scores.contiguous();
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (x.numel() == 0) return y;
+  const int64_t L = x.dim() == 0 ? 1 : x.size(-1);
+  const int64_t rows = x.numel() / L;
+
+  // Kept alive until the end of this function; the caching allocator orders their reuse after
+  // the kernel on this stream.
+  at::Tensor m;
+  if (const at::Tensor* mp = opt_ptr(mask)) m = mask_for_kernel(*mp, x);
+  at::Tensor kl;
+  if (const at::Tensor* kp = opt_ptr(key_lengths)) kl = kp->to(at::kLong).contiguous();
+  const MaskParams p =
+      make_mask_params(x, m.defined() ? &m : nullptr, causal, kl.defined() ? &kl : nullptr, rows);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "masked_softmax_cuda", [&] {
+    constexpr int V = vec16<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    if (L % V == 0 && is_aligned(xp, 16) && is_aligned(yp, 16)) {
+      launch_softmax_fwd<scalar_t, V>(xp, yp, rows, L, scale, p);
+    } else {
+      launch_softmax_fwd<scalar_t, 1>(xp, yp, rows, L, scale, p);
+    }
+  });
+  return y;
+}
+
+at::Tensor masked_softmax_backward_launch(const at::Tensor& grad, const at::Tensor& out,
+                                          double scale) {
+  c10::cuda::CUDAGuard guard(out.device());
+  const at::Tensor dy = grad.contiguous();
+  const at::Tensor y = out.contiguous();
+  at::Tensor dx = at::empty_like(y, at::MemoryFormat::Contiguous);
+  if (y.numel() == 0) return dx;
+  const int64_t L = y.dim() == 0 ? 1 : y.size(-1);
+  const int64_t rows = y.numel() / L;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(),
+                                  "masked_softmax_backward_cuda", [&] {
+    constexpr int V = vec16<scalar_t>();
+    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+    if (L % V == 0 && is_aligned(dyp, 16) && is_aligned(yp, 16) && is_aligned(dxp, 16)) {
+      launch_softmax_bwd<scalar_t, V>(dyp, yp, dxp, rows, L, scale);
+    } else {
+      launch_softmax_bwd<scalar_t, 1>(dyp, yp, dxp, rows, L, scale);
+    }
+  });
+  return dx;
+}
+
+// ---- ops ----------------------------------------------------------------------------------------
+
+at::Tensor masked_softmax_cuda(const at::Tensor& scores, const std::optional<at::Tensor>& mask,
+                               double scale, bool causal,
+                               const std::optional<at::Tensor>& key_lengths) {
+  check_masked_softmax(scores, mask, scale, causal, key_lengths);
+  check_same_cuda_device("masked_softmax", {{"scores", &scores},
+                                            {"mask", opt_ptr(mask)},
+                                            {"key_lengths", opt_ptr(key_lengths)}});
+  return masked_softmax_forward_launch(scores, mask, scale, causal, key_lengths);
+}
+
+at::Tensor masked_softmax_backward_cuda(const at::Tensor& grad, const at::Tensor& out,
+                                        double scale) {
+  check_masked_softmax_backward(grad, out);
+  check_same_cuda_device("masked_softmax_backward", {{"grad", &grad}, {"out", &out}});
+  return masked_softmax_backward_launch(grad, out, scale);
+}
+
+}  // namespace cuda
+}  // namespace pyformer
+
+TORCH_LIBRARY_IMPL(pyformer, CUDA, m) {
+  m.impl("masked_softmax", &pyformer::cuda::masked_softmax_cuda);
+  m.impl("masked_softmax_backward", &pyformer::cuda::masked_softmax_backward_cuda);
+}

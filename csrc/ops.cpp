@@ -1,0 +1,76 @@
+// pyformer: the schema of every op, in one TORCH_LIBRARY block, and the `pyformer._C` module.
+//
+// Semantics: ../shared/design/ops.md. The kernels live in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu;
+// fake kernels and autograd in pyformer/ops/<op>.py. Backward passes are ops of their own so that
+// torch.compile sees (and can trace) every piece of the graph.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "pyformer.h"
+
+TORCH_LIBRARY(pyformer, m) {
+  // scores = scale * q @ k^T.  q (..., Lq, D), k (..., Lk, D) -> (..., Lq, Lk)
+  m.def("scaled_qk(Tensor q, Tensor k, float scale) -> Tensor");
+  // (dq, dk) = (scale * grad @ k, scale * grad^T @ q)
+  m.def("scaled_qk_backward(Tensor grad, Tensor q, Tensor k, float scale) -> (Tensor, Tensor)");
+
+  // probs = softmax(scale * scores + M) over the last dim; M from mask / causal / key_lengths.
+  m.def(
+      "masked_softmax(Tensor scores, Tensor? mask, float scale, bool causal, Tensor? key_lengths)"
+      " -> Tensor");
+  // dscores = scale * out * (grad - sum(grad * out, -1))
+  m.def("masked_softmax_backward(Tensor grad, Tensor out, float scale) -> Tensor");
+
+  // (y, mean, rstd); mean and rstd are float32 (float64 for float64 x), one per row.
+  m.def(
+      "layer_norm(Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps)"
+      " -> (Tensor, Tensor, Tensor)");
+  // (dx, dweight, dbias); dweight and dbias have normalized_shape and are always computed.
+  m.def(
+      "layer_norm_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor? weight,"
+      " int[] normalized_shape) -> (Tensor, Tensor, Tensor)");
+  // (y, s, mean, rstd) with s = x + residual and y = layer_norm(s).
+  m.def(
+      "add_layer_norm(Tensor x, Tensor residual, int[] normalized_shape, Tensor? weight,"
+      " Tensor? bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // (out, probs, keep): out = dropout(probs) @ v, probs = masked_softmax(scaled_qk(q, k, scale)).
+  // keep is the bool dropout mask (shape of probs), or an empty bool tensor when dropout_p == 0.
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal,"
+      " Tensor? key_lengths, float dropout_p) -> (Tensor, Tensor, Tensor)");
+  // (dq, dk, dv, dlogits); grad_probs is the gradient flowing into the returned probs
+  // (need_weights); dlogits is the gradient w.r.t. the logits scale * q @ k^T + M, which the
+  // Python wrapper sums to the shape of a floating mask that requires grad (and otherwise drops).
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor? grad_probs, Tensor q, Tensor k, Tensor v,"
+      " Tensor probs, Tensor keep, float scale, float dropout_p) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+// ---- the Python module -------------------------------------------------------------------------
+// `import pyformer._C` loads this library (and with it the registrations above); no pybind11.
+#ifndef PYFORMER_CUDA_ARCHS
+#define PYFORMER_CUDA_ARCHS ""
+#endif
+#ifndef PYFORMER_CPU_VEC
+#define PYFORMER_CPU_VEC "default"
+#endif
+
+static PyObject* build_info(PyObject*, PyObject*) {
+#ifdef PYFORMER_WITH_CUDA
+  PyObject* cuda = Py_True;
+#else
+  PyObject* cuda = Py_False;
+#endif
+  return Py_BuildValue("{s:O,s:O,s:s,s:s}", "cpu", Py_True, "cuda", cuda, "cuda_archs",
+                       PYFORMER_CUDA_ARCHS, "cpu_vec", PYFORMER_CPU_VEC);
+}
+
+static PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS,
+     "What this build of pyformer._C holds: {'cpu', 'cuda', 'cuda_archs', 'cpu_vec'}."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }

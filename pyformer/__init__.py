@@ -1,0 +1,32 @@
+"""pyformer: hand-written C++/CUDA kernels for the core of the Transformer, as PyTorch ops.
+
+``pyformer.functional`` holds the ops (scaled_qk, masked_softmax, layer_norm, add_layer_norm,
+attention); ``pyformer.reference`` their pure-PyTorch textbook versions, the truth for the tests,
+``pyformer check`` and ``pyformer bench``; ``pyformer.nn`` the layers, up to a full Transformer;
+``pyformer.convert(model)`` swaps torch.nn.LayerNorm / MultiheadAttention for pyformer's in place;
+``pyformer.integrations.transformers.register()`` plugs the kernels into Hugging Face models.
+"""
+
+__version__ = "0.1.0"
+
+from . import ops  # noqa: E402,F401  (loads pyformer._C and registers fake kernels and autograd)
+from . import functional, reference  # noqa: E402,F401
+from . import nn  # noqa: E402,F401
+from .convert import convert  # noqa: E402,F401
+
+
+def backends() -> dict:
+    """What this build of pyformer holds.
+
+    Returns a dict: ``cpu`` (always True), ``cuda`` (the CUDA kernels were compiled in),
+    ``cuda_archs`` (the architectures they were compiled for, e.g. ``"8.0;9.0"``), ``cpu_vec``
+    (the CPU kernels' vector instruction set: ``"avx2"`` or ``"none"``) and ``cuda_available``
+    (compiled in and a GPU is visible now).
+    """
+    import torch
+
+    from . import _C
+
+    info = dict(_C.build_info())
+    info["cuda_available"] = bool(info["cuda"] and torch.cuda.is_available())
+    return info

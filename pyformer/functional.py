@@ -1,0 +1,185 @@
+"""pyformer's ops, the public entry points: torch.ops.pyformer.* with PyTorch-style signatures.
+
+Every function here runs on the CPU and CUDA kernels compiled into ``pyformer._C``, is
+differentiable (autograd everywhere; backward passes are ops of their own) and traces under
+``torch.compile(fullgraph=True)``. Semantics: ``shared/design/ops.md``; the pure-PyTorch
+equivalents are in :mod:`pyformer.reference`.
+
+Masks follow :func:`torch.nn.functional.scaled_dot_product_attention`: a bool ``mask`` is True
+where a query **may** attend a key, a floating ``mask`` is added to the scaled scores (``-inf``
+masks). ``causal=True`` lets query ``i`` attend keys ``j <= i``; ``key_lengths`` (an int tensor of
+shape ``(B,)``) masks keys ``j >= key_lengths[b]`` without any mask tensor. All given masks
+combine. A query row with every key masked gets all-zero probabilities (and output), never NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import ops as _ops  # noqa: F401  (registers the ops)
+
+__all__ = ["scaled_qk", "masked_softmax", "layer_norm", "add_layer_norm", "attention"]
+
+_P = torch.ops.pyformer
+
+
+def _default_scale(q: Tensor, scale: Optional[float]) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def _shape(normalized_shape: Union[int, Sequence[int], torch.Size]) -> List[int]:
+    if isinstance(normalized_shape, int):
+        return [normalized_shape]
+    return [int(s) for s in normalized_shape]
+
+
+def scaled_qk(q: Tensor, k: Tensor, scale: Optional[float] = None) -> Tensor:
+    r"""Scaled attention scores :math:`\text{scale} \cdot q k^\top`, the scale fused into the product.
+
+    Args:
+        q: queries, shape ``(..., Lq, D)``.
+        k: keys, shape ``(..., Lk, D)`` with the same leading dims as ``q``.
+        scale: the factor; ``1 / sqrt(D)`` when None.
+
+    Shape:
+        Output ``(..., Lq, Lk)``, the dtype of ``q``.
+
+    Example::
+
+        >>> q, k = torch.randn(2, 4, 7, 64), torch.randn(2, 4, 9, 64)
+        >>> pyformer.functional.scaled_qk(q, k).shape
+        torch.Size([2, 4, 7, 9])
+    """
+    return _P.scaled_qk(q, k, _default_scale(q, scale))
+
+
+def masked_softmax(
+    scores: Tensor,
+    mask: Optional[Tensor] = None,
+    *,
+    scale: float = 1.0,
+    causal: bool = False,
+    key_lengths: Optional[Tensor] = None,
+) -> Tensor:
+    r"""Softmax over the last dim of :math:`\text{scale} \cdot \text{scores} + M`, in one pass.
+
+    :math:`M` is 0 or :math:`-\infty` per element, from the masks given (all combine):
+
+    Args:
+        scores: shape ``(..., Lq, Lk)`` (or ``(..., Lk)`` without ``causal``/``key_lengths``).
+        mask: bool (True = may attend) or floating (added) tensor broadcastable to ``scores``,
+            e.g. ``(B, 1, 1, Lk)`` padding or ``(1, 1, Lq, Lk)``; read through its broadcast
+            strides, never expanded in memory. A floating mask may require grad.
+        scale: multiplies the scores before the mask is added.
+        causal: query row ``i`` (dim -2) may attend key ``j`` only where ``j <= i``.
+        key_lengths: int tensor ``(B,)`` with ``B = scores.shape[0]``; keys
+            ``j >= key_lengths[b]`` are masked (right padding). Values must lie in ``[0, Lk]``.
+
+    Returns:
+        Probabilities of the shape and dtype of ``scores``; all zeros in fully masked rows.
+
+    Example::
+
+        >>> s = torch.randn(2, 8, 5, 5)
+        >>> p = pyformer.functional.masked_softmax(s, causal=True, key_lengths=torch.tensor([5, 3]))
+        >>> p[1, 0, 4]  # keys 3 and 4 are padding
+        tensor([..., ..., ..., 0., 0.])
+    """
+    return _P.masked_softmax(scores, mask, float(scale), bool(causal), key_lengths)
+
+
+def layer_norm(
+    x: Tensor,
+    normalized_shape: Union[int, Sequence[int], torch.Size],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""Layer normalization, the function and signature of :func:`torch.nn.functional.layer_norm`.
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot w + b
+
+    over the trailing ``normalized_shape`` dims (flattened to one row), biased variance,
+    statistics in float32 (float64 for float64 input).
+
+    Args:
+        x: input ``(*, *normalized_shape)``.
+        normalized_shape: the trailing dims to normalize over (an int or a sequence).
+        weight, bias: optional, of shape ``normalized_shape`` and ``x``'s dtype.
+        eps: added to the variance.
+
+    Example::
+
+        >>> x = torch.randn(4, 10, 768)
+        >>> pyformer.functional.layer_norm(x, (768,)).shape
+        torch.Size([4, 10, 768])
+    """
+    y, _, _ = _P.layer_norm(x, _shape(normalized_shape), weight, bias, float(eps))
+    return y
+
+
+def add_layer_norm(
+    x: Tensor,
+    residual: Tensor,
+    normalized_shape: Union[int, Sequence[int], torch.Size],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tuple[Tensor, Tensor]:
+    r"""A Transformer's "Add & Norm" in one pass: ``s = x + residual``, ``y = layer_norm(s)``.
+
+    Args:
+        x, residual: tensors of the same shape ``(*, *normalized_shape)``, dtype and device.
+        normalized_shape, weight, bias, eps: as for :func:`layer_norm`.
+
+    Returns:
+        ``(y, s)``: the normalized sum and the sum itself (the next residual, for pre-norm
+        stacks). Both are differentiable.
+    """
+    y, s, _, _ = _P.add_layer_norm(x, residual, _shape(normalized_shape), weight, bias, float(eps))
+    return y, s
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[Tensor] = None,
+    *,
+    scale: Optional[float] = None,
+    causal: bool = False,
+    key_lengths: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    r"""Multi-head scaled dot-product attention, bmm-based.
+
+    ``probs = masked_softmax(scaled_qk(q, k, scale), mask, causal=causal, key_lengths=key_lengths)``,
+    dropout on ``probs`` when ``dropout_p > 0``, then ``out = probs @ v`` as a batched product.
+    Matches :func:`torch.nn.functional.scaled_dot_product_attention` with the equivalent bool
+    mask, except that a query row with every key masked gives a zero output row.
+
+    Args:
+        q: ``(B, H, Lq, D)``; k: ``(B, H, Lk, D)``; v: ``(B, H, Lk, Dv)``.
+        mask, causal, key_lengths: as for :func:`masked_softmax`, on scores ``(B, H, Lq, Lk)``.
+        scale: ``1 / sqrt(D)`` when None.
+        dropout_p: dropout probability on the attention probabilities (pass 0 in eval).
+        need_weights: also return the probabilities (before dropout).
+
+    Returns:
+        ``(out, weights)``: ``out`` ``(B, H, Lq, Dv)`` and the probabilities
+        ``(B, H, Lq, Lk)`` when ``need_weights``, else None. Both are differentiable.
+
+    Example::
+
+        >>> q = k = v = torch.randn(2, 8, 16, 64)
+        >>> out, _ = pyformer.functional.attention(q, k, v, key_lengths=torch.tensor([16, 9]))
+    """
+    out, probs, _ = _P.attention(
+        q, k, v, mask, _default_scale(q, scale), bool(causal), key_lengths, float(dropout_p)
+    )
+    return out, (probs if need_weights else None)

@@ -1,0 +1,173 @@
+"""Pure-PyTorch reference implementations of every pyformer op: the textbook compositions.
+
+This one module is the truth for the tests, ``pyformer check`` and ``pyformer bench``: it uses
+nothing but plain PyTorch ops (matmul, divide by sqrt(d), masked_fill, softmax, matmul; layer norm
+from mean and var), runs in any dtype including float64 and on any device, and follows
+``shared/design/ops.md`` to the letter, fully masked rows included.
+
+For benchmarks, ``zero_masked_rows=False`` gives the plain textbook composition (no extra pass for
+fully masked rows), which is what people write by hand and what pyformer is timed against.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "allowed",
+    "scaled_qk",
+    "masked_softmax",
+    "layer_norm",
+    "add_layer_norm",
+    "attention",
+    "upcast",
+]
+
+
+def upcast(*tensors, dtype=torch.float64):
+    """Floating tensors converted to ``dtype`` (detached, requires_grad kept); others unchanged."""
+    out = []
+    for t in tensors:
+        if isinstance(t, Tensor) and t.is_floating_point():
+            u = t.detach().to(dtype)
+            u.requires_grad_(t.requires_grad)
+            out.append(u)
+        else:
+            out.append(t)
+    return out if len(out) != 1 else out[0]
+
+
+def allowed(
+    scores: Union[Tensor, Sequence[int]],
+    mask: Optional[Tensor] = None,
+    causal: bool = False,
+    key_lengths: Optional[Tensor] = None,
+    device=None,
+) -> Optional[Tensor]:
+    """Bool tensor of the positions that may be attended (True = may attend), or None if all may.
+
+    ``scores`` is the scores tensor or its shape (..., Lq, Lk). Combines a bool mask (True = may
+    attend), a float mask (-inf = masked), ``causal`` (key j <= query i) and ``key_lengths`` (B,)
+    (key j < key_lengths[b], b indexing dim 0).
+    """
+    if isinstance(scores, Tensor):
+        shape, device = tuple(scores.shape), scores.device
+    else:
+        shape = tuple(scores)
+    lq, lk = (shape[-2] if len(shape) >= 2 else 1), shape[-1]
+    ok = None
+
+    def both(a, b):
+        return b if a is None else a & b
+
+    if mask is not None:
+        m = mask if mask.dtype == torch.bool else mask != float("-inf")
+        ok = both(ok, m.to(device))
+    if causal:
+        i = torch.arange(lq, device=device).unsqueeze(-1)
+        j = torch.arange(lk, device=device)
+        ok = both(ok, j <= i)
+    if key_lengths is not None:
+        j = torch.arange(lk, device=device)
+        lens = key_lengths.to(device).reshape((-1,) + (1,) * (len(shape) - 1))
+        ok = both(ok, j < lens)
+    if ok is not None:
+        ok = ok.expand(shape)
+    return ok
+
+
+def scaled_qk(q: Tensor, k: Tensor, scale: Optional[float] = None) -> Tensor:
+    """``q @ k^T`` then scaled: divided by sqrt(D) by default, else multiplied by ``scale``."""
+    s = torch.matmul(q, k.transpose(-2, -1))
+    if scale is None:
+        return s / math.sqrt(q.shape[-1])
+    return s * scale
+
+
+def masked_softmax(
+    scores: Tensor,
+    mask: Optional[Tensor] = None,
+    *,
+    scale: float = 1.0,
+    causal: bool = False,
+    key_lengths: Optional[Tensor] = None,
+    zero_masked_rows: bool = True,
+) -> Tensor:
+    """softmax(scale * scores + M, -1): masked_fill(-inf) then softmax; fully masked rows -> 0."""
+    x = scores * scale if scale != 1.0 else scores
+    if mask is not None and mask.dtype != torch.bool:
+        x = x + torch.where(mask == float("-inf"), torch.zeros((), dtype=x.dtype, device=x.device),
+                            mask.to(x.dtype))
+    ok = allowed(scores, mask, causal, key_lengths)
+    if ok is not None:
+        x = x.masked_fill(~ok, float("-inf"))
+    p = torch.softmax(x, dim=-1)
+    if ok is not None and zero_masked_rows:
+        p = p.masked_fill(~ok.any(dim=-1, keepdim=True), 0.0)
+    return p
+
+
+def layer_norm(
+    x: Tensor,
+    normalized_shape: Union[int, Sequence[int]],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias over the trailing dims (biased variance)."""
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    dims = tuple(range(-len(normalized_shape), 0))
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(acc)
+    mean = xf.mean(dim=dims, keepdim=True)
+    var = xf.var(dim=dims, keepdim=True, unbiased=False)
+    y = (xf - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype)
+
+
+def add_layer_norm(
+    x: Tensor,
+    residual: Tensor,
+    normalized_shape: Union[int, Sequence[int]],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tuple[Tensor, Tensor]:
+    """(layer_norm(x + residual), x + residual): a Transformer's Add & Norm."""
+    s = x + residual
+    return layer_norm(s, normalized_shape, weight, bias, eps), s
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[Tensor] = None,
+    *,
+    scale: Optional[float] = None,
+    causal: bool = False,
+    key_lengths: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    zero_masked_rows: bool = True,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """softmax(q k^T / sqrt(d) + M) @ v, the textbook way; returns (out, probs or None).
+
+    Shapes: q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv) -> out (B, H, Lq, Dv),
+    probs (B, H, Lq, Lk). Dropout (when ``dropout_p > 0``) is torch's, so not bit-comparable.
+    """
+    s = scaled_qk(q, k, scale)
+    p = masked_softmax(s, mask, causal=causal, key_lengths=key_lengths,
+                       zero_masked_rows=zero_masked_rows)
+    pd = torch.nn.functional.dropout(p, dropout_p) if dropout_p > 0 else p
+    out = torch.matmul(pd, v)
+    return out, (p if need_weights else None)

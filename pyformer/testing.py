@@ -1,0 +1,72 @@
+"""Accuracy criteria shared by the tests, ``pyformer check`` and the benchmarks' sanity checks.
+
+The rule of ``shared/design/ops.md``: compare against the reference computed in float64 from the
+same inputs by the relative error ``||out - ref|| / ||ref||``, within a bound per dtype and, for
+half types, within twice the error of the pure-PyTorch composition run in the same dtype, plus
+1e-5. NaN (or inf) where the reference has none always fails.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["BOUNDS", "rel_err", "bound", "mismatch_report"]
+
+BOUNDS = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+}
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def rel_err(out: Optional[Tensor], ref: Optional[Tensor]) -> float:
+    """``||out - ref|| / ||ref||`` in float64 over the entries where ``ref`` is finite.
+
+    Returns ``inf`` when shapes differ, when ``out`` is NaN/inf where ``ref`` is finite, or when
+    ``ref`` is non-finite where ``out`` is not (NaN must propagate where the reference has it).
+    An all-zero reference gives the absolute error ``||out||``.
+    """
+    if out is None or ref is None:
+        return 0.0 if out is None and ref is None else math.inf
+    if tuple(out.shape) != tuple(ref.shape):
+        return math.inf
+    o = out.detach().to("cpu", torch.float64)
+    r = ref.detach().to("cpu", torch.float64)
+    rf = torch.isfinite(r)
+    if not torch.equal(torch.isfinite(o), rf) or not torch.equal(torch.isnan(o), torch.isnan(r)):
+        return math.inf
+    o, r = o[rf], r[rf]
+    den = r.norm().item()
+    num = (o - r).norm().item()
+    return num / den if den > 0 else num
+
+
+def bound(dtype: torch.dtype, composed_err: Optional[float] = None) -> float:
+    """The accuracy bound for ``dtype``; for half types also ``<= 2 * composed_err + 1e-5``."""
+    b = BOUNDS[dtype]
+    if dtype in HALF and composed_err is not None:
+        b = min(b, 2.0 * composed_err + 1e-5)
+    return b
+
+
+def mismatch_report(out: Tensor, ref: Tensor, tol: float, first: int = 3) -> str:
+    """Where ``out`` and ``ref`` disagree: mismatch count, first indices, NaN/inf counts."""
+    o = out.detach().to("cpu", torch.float64)
+    r = ref.detach().to("cpu", torch.float64)
+    if o.shape != r.shape:
+        return f"shape {tuple(o.shape)} != reference {tuple(r.shape)}"
+    scale = r[torch.isfinite(r)].abs().max().item() if torch.isfinite(r).any() else 1.0
+    bad = ~torch.isclose(o, r, rtol=tol, atol=tol * max(scale, 1e-30), equal_nan=True)
+    idx = [tuple(i) for i in bad.nonzero()[:first].tolist()]
+    return (
+        f"{int(bad.sum())} of {o.numel()} mismatch (first at {idx}); "
+        f"NaN {int(torch.isnan(o).sum())} (ref {int(torch.isnan(r).sum())}), "
+        f"inf {int(torch.isinf(o).sum())} (ref {int(torch.isinf(r).sum())})"
+    )

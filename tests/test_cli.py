@@ -1,0 +1,278 @@
+"""The ``pyformer`` command line (click's CliRunner): check, bench and info.
+
+Everything runs on tiny sizes (``--quick``, one op or dtype) so the file stays fast on 2 cores.
+"""
+
+import csv
+import json
+import math
+import re
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import pyformer.functional
+import pyformer.reference
+from pyformer.cli import main
+from pyformer.cli import cases as case_registry
+from pyformer.cli.accuracy import relative_error, where_off
+from pyformer.cli.benchcases import OPS, SWEEPS, parse_sizes
+from pyformer.cli.check import run_case
+from pyformer.cli.common import cuda_unavailable_reason
+
+FINAL = re.compile(r"^(\d+) passed, (\d+) failed$")
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def table_rows(stdout):
+    """The result rows of a check table (lines ending in PASS, FAIL or SKIP)."""
+    return [l for l in stdout.splitlines() if re.search(r"\s(PASS|FAIL|SKIP)$", l)]
+
+
+def final_counts(stdout):
+    m = FINAL.match(stdout.strip().splitlines()[-1])
+    assert m, f"last line is not 'N passed, M failed': {stdout.strip().splitlines()[-1]!r}"
+    return int(m.group(1)), int(m.group(2))
+
+
+# ----------------------------------------------------------------------------- top level / info
+
+
+def test_help_lists_every_command():
+    res = invoke("--help")
+    assert res.exit_code == 0
+    for cmd in ("check", "bench", "info"):
+        assert cmd in res.stdout
+
+
+def test_info(tmp_path):
+    path = tmp_path / "info.json"
+    res = invoke("info", "--json", str(path))
+    assert res.exit_code == 0, res.output
+    assert torch.__version__ in res.stdout
+    assert pyformer.__version__ in res.stdout
+    for label in ("backends compiled in", "CUDA archs compiled for", "GPU"):
+        assert label in res.stdout
+    data = json.loads(path.read_text())
+    assert data["torch"] == torch.__version__
+    assert data["backends"]["cpu"] is True
+
+
+# ----------------------------------------------------------------------------- check
+
+
+def test_check_passes_with_table_and_json(tmp_path):
+    path = tmp_path / "check.json"
+    res = invoke("check", "--device", "cpu", "--quick", "--op", "layer_norm",
+                 "--op", "masked_softmax", "--dtype", "float32", "--dtype", "bfloat16",
+                 "--seed", "3", "--json", str(path))
+    assert res.exit_code == 0, res.output
+    header = res.stdout.splitlines()[0].split()
+    assert header[:5] == ["op", "device", "dtype", "shape", "mask"]
+    assert header[-2:] == ["bound", "result"]
+    rows = table_rows(res.stdout)
+    assert rows and all(r.endswith("PASS") for r in rows)
+    assert {r.split()[0] for r in rows} == {"layer_norm", "masked_softmax"}
+    assert {r.split()[2] for r in rows} == {"float32", "bfloat16"}
+    # every mask kind of the quick matrix shows up, the fully masked one included
+    assert any("fully masked rows" in r for r in rows)
+    assert final_counts(res.stdout) == (len(rows), 0)
+
+    data = json.loads(path.read_text())
+    assert data["passed"] == len(rows) and data["failed"] == 0 and data["seed"] == 3
+    first = data["results"][0]
+    for key in ("op", "device", "dtype", "shape", "mask", "fwd_err", "grad_err", "bound",
+                "status", "errors"):
+        assert key in first
+    assert all(r["status"] == "PASS" for r in data["results"])
+    # every gradient is compared: layer norm's dx, dweight, dbias
+    ln = next(r for r in data["results"] if r["op"] == "layer_norm" and r["mask"] == "weight+bias")
+    assert {"y", "dx", "dweight", "dbias"} <= set(ln["errors"])
+
+
+def test_check_reports_a_disagreeing_op(monkeypatch, tmp_path):
+    def off_by_one_percent(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+        y = pyformer.reference.layer_norm(x, normalized_shape, weight, bias, eps) * 1.01
+        return y
+
+    monkeypatch.setattr(pyformer.functional, "layer_norm", off_by_one_percent)
+    path = tmp_path / "check.json"
+    res = invoke("check", "--device", "cpu", "--quick", "--op", "layer_norm",
+                 "--dtype", "float32", "--json", str(path))
+    assert res.exit_code == 1, res.output
+    rows = table_rows(res.stdout)
+    assert rows and all(r.endswith("FAIL") for r in rows)
+    assert "elements off (first at (0, 0" in res.stdout
+    assert "0 NaN, 0 inf" in res.stdout
+    assert final_counts(res.stdout) == (0, len(rows))
+    assert json.loads(path.read_text())["failed"] == len(rows)
+
+
+def test_check_counts_nan(monkeypatch):
+    def with_nan(scores, mask=None, *, scale=1.0, causal=False, key_lengths=None):
+        y = pyformer.reference.masked_softmax(scores, mask, scale=scale, causal=causal,
+                                              key_lengths=key_lengths)
+        return y.clone().index_put_((torch.tensor([0]),) * 4, torch.tensor(float("nan"), dtype=y.dtype))
+
+    monkeypatch.setattr(pyformer.functional, "masked_softmax", with_nan)
+    res = invoke("check", "--device", "cpu", "--quick", "--op", "masked_softmax",
+                 "--dtype", "float64")
+    assert res.exit_code == 1
+    assert "probs: rel err inf" in res.stdout
+    assert "(first at (0, 0, 0, 0))" in res.stdout and "1 NaN, 0 inf" in res.stdout
+
+
+def test_check_skips_a_dtype_the_op_rejects(monkeypatch):
+    real = pyformer.functional.scaled_qk
+
+    def no_half(q, k, scale=None):
+        if q.dtype == torch.float16:
+            raise RuntimeError("pyformer.scaled_qk: dtype Half is not supported on CPU")
+        return real(q, k, scale)
+
+    monkeypatch.setattr(pyformer.functional, "scaled_qk", no_half)
+    res = invoke("check", "--device", "cpu", "--quick", "--op", "scaled_qk",
+                 "--dtype", "float16", "--dtype", "float32")
+    assert res.exit_code == 0, res.output
+    assert "SKIP" in res.stdout and "float16 not supported on cpu" in res.stdout
+    passed, failed = final_counts(res.stdout)
+    assert failed == 0 and passed == len([r for r in table_rows(res.stdout) if "PASS" in r])
+    assert "skipped" in res.stdout
+
+
+def test_check_reports_an_op_that_raises(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("something went wrong")
+
+    monkeypatch.setattr(pyformer.functional, "add_layer_norm", broken)
+    res = invoke("check", "--device", "cpu", "--quick", "--op", "add_layer_norm",
+                 "--dtype", "float32")
+    assert res.exit_code == 1
+    assert "raised RuntimeError: something went wrong" in res.stdout
+
+
+@pytest.mark.parametrize("args", [["check", "--op", "softmax"], ["check", "--dtype", "float8"],
+                                  ["check", "--device", "tpu"], ["bench", "--op", "nope"],
+                                  ["bench", "--sizes", "big"], ["bench", "--mode", "sideways"]])
+def test_usage_errors_exit_2(args):
+    res = invoke(*args)
+    assert res.exit_code == 2, res.output
+    assert "Usage:" in res.output or "Error" in res.output
+
+
+@pytest.mark.skipif(cuda_unavailable_reason() is None, reason="CUDA is available here")
+@pytest.mark.parametrize("cmd", ["check", "bench"])
+def test_missing_cuda_exits_3(cmd):
+    res = invoke(cmd, "--device", "cuda", "--quick")
+    assert res.exit_code == 3, res.output
+    assert "--device cuda was requested but is not available" in res.output
+
+
+def test_registry_accepts_new_cases():
+    case = case_registry.CheckCase(
+        op="double", shape="(3,5)", mask="-",
+        make_inputs=lambda g: {"x": torch.randn(3, 5, generator=g, dtype=torch.float64)},
+        impl=lambda x: x * 2, ref=lambda x: x + x, outputs=("y",), quick=True)
+    case_registry.register("double")(lambda quick: iter([case]))
+    try:
+        assert "double" in case_registry.op_names()
+        assert case_registry.cases(["double"], quick=True) == [case]
+        res = run_case(case, "cpu", torch.float32, seed=0)
+        assert res.status == "PASS" and set(res.errors) == {"y", "dx"}
+    finally:
+        case_registry._BUILDERS.pop("double")
+
+
+def test_quick_matrix_covers_every_op_and_mask_kind():
+    quick = case_registry.cases(quick=True)
+    assert {c.op for c in quick} == set(OPS)
+    masks = {c.mask for c in quick if c.op == "attention"}
+    assert set(case_registry.MASK_KINDS) <= masks
+
+
+# ----------------------------------------------------------------------------- accuracy helpers
+
+
+def test_relative_error():
+    ref = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    assert relative_error(ref, ref) == 0.0
+    assert math.isclose(relative_error(torch.tensor([3.0, 4.5]), ref), 0.5 / 5)
+    assert relative_error(torch.tensor([3.0, float("nan")]), ref) == math.inf
+    assert relative_error(torch.tensor([1.0]), ref) == math.inf  # shape mismatch
+    zero = torch.zeros(2, dtype=torch.float64)
+    assert relative_error(torch.tensor([0.0, 1e-3]), zero) == pytest.approx(1e-3)
+    both_nan = torch.tensor([float("nan"), 1.0])
+    assert relative_error(both_nan, both_nan.double()) == 0.0
+    line = where_off("y", torch.tensor([3.0, 9.0]), ref, 1e-5)
+    assert "1 of 2 elements off (first at (1))" in line
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+def test_bench_quick_writes_json_csv_and_plot(tmp_path):
+    j, c, p = tmp_path / "b.json", tmp_path / "b.csv", tmp_path / "b.png"
+    args = ["bench", "--device", "cpu", "--quick", "--sizes", "32", "--op", "layer_norm",
+            "--op", "attention", "--mode", "forward", "--json", str(j), "--csv", str(c)]
+    try:
+        import matplotlib  # noqa: F401
+        args += ["--plot", str(p)]
+    except ImportError:
+        p = None
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    out = res.stdout
+    assert "copy bandwidth:" in out and "matmul rate:" in out
+    assert "pyformer ms [p20-p80]" in out and "vs textbook" in out
+    rows = [l for l in out.splitlines() if l.startswith(("layer_norm ", "attention "))]
+    assert len(rows) == 2 and all(" forward " in r for r in rows)
+    assert "GB/s" in rows[0] and "TFLOP/s" in rows[1]
+
+    data = json.loads(j.read_text())
+    assert data["devices"][0]["copy_gb_per_s"] > 0
+    by_op = {r["op"]: r for r in data["rows"]}
+    assert set(by_op) == {"layer_norm", "attention"}
+    for r in by_op.values():
+        assert set(r["timings"]) == {"pyformer", "textbook", "torch"}
+        t = r["timings"]["pyformer"]
+        assert 0 < t["p20_ms"] <= t["median_ms"] <= t["p80_ms"]
+        assert r["speedup"]["textbook"] > 0
+    assert by_op["attention"]["fwd_err_vs_textbook"] < 1e-5
+
+    lines = list(csv.DictReader(c.open()))
+    assert len(lines) == 6  # 2 configs x 3 providers
+    assert {l["provider"] for l in lines} == {"pyformer", "textbook", "F.layer_norm", "F.sdpa"}
+    assert all(l["torch"] == torch.__version__ and l["timestamp"] for l in lines)
+    if p is not None:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --csv appends, with one header
+    res = invoke("bench", "--device", "cpu", "--quick", "--sizes", "32", "--op", "layer_norm",
+                 "--mode", "backward", "--csv", str(c))
+    assert res.exit_code == 0, res.output
+    text = c.read_text()
+    assert text.count("timestamp,") == 1 and len(list(csv.DictReader(c.open()))) == 9
+
+
+def test_bench_plot_needs_matplotlib(monkeypatch, tmp_path):
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    res = invoke("bench", "--device", "cpu", "--quick", "--plot", str(tmp_path / "x.png"))
+    assert res.exit_code == 2
+    assert "--plot needs matplotlib" in res.output
+
+
+def test_issue2_sweep_is_exactly_issue2s_cpu_targets():
+    sweep = parse_sizes("issue2", quick=False, device="cpu")
+    assert sweep is SWEEPS["issue2"] and sweep.modes == ("forward",)
+    got = {(c.op, c.shape, c.variant) for c in sweep.configs("cpu", OPS)}
+    assert got == {("masked_softmax", "(8,12,512,512)", "bool (B,1,1,Lk), scale 0.125"),
+                   ("layer_norm", "(8192,1024)", "weight+bias"),
+                   ("attention", "q,k,v(8,12,512,64)", "key_lengths in [L/2,L]")}
+    # and the CPU default sweep contains all three
+    default = {(c.op, c.shape, c.variant) for c in parse_sizes(None, False, "cpu").configs("cpu", OPS)}
+    assert got <= default

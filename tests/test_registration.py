@@ -1,0 +1,102 @@
+"""The ops as PyTorch sees them: gradcheck in float64, torch.library.opcheck on every op (schema,
+fake kernel, autograd registration, AOT dispatch), and torch.compile(fullgraph=True)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pyformer
+import pyformer.functional as F
+import pyformer.reference as ref
+from conftest import DEVICES
+
+P = torch.ops.pyformer
+
+
+def _d(*shape, device="cpu", grad=True):
+    return torch.randn(*shape, dtype=torch.float64, device=device, requires_grad=grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(device):
+    gc = lambda f, xs: torch.autograd.gradcheck(f, xs, eps=1e-6, atol=1e-7, rtol=1e-5)
+    q, k, v = _d(2, 2, 4, 3, device=device), _d(2, 2, 5, 3, device=device), _d(2, 2, 5, 2, device=device)
+    kl = torch.tensor([5, 3], device=device)
+    pad = (torch.arange(5, device=device) < torch.tensor([4, 5], device=device).view(2, 1, 1, 1))
+    fmask = _d(1, 2, 4, 5, device=device)
+    assert gc(lambda q, k: F.scaled_qk(q, k), (q, k))
+    assert gc(lambda s: F.masked_softmax(s, pad, scale=0.5, causal=True, key_lengths=kl), (_d(2, 2, 4, 5, device=device),))
+    assert gc(lambda s, m: F.masked_softmax(s, m, scale=1.5), (_d(2, 2, 4, 5, device=device), fmask))
+    x, w, b = _d(3, 4, 6, device=device), _d(6, device=device), _d(6, device=device)
+    assert gc(lambda x, w, b: F.layer_norm(x, (6,), w, b), (x, w, b))
+    assert gc(lambda x, w, b: F.layer_norm(x, (4, 6), w.repeat(4, 1), b.repeat(4, 1)), (x, w, b))
+    r = _d(3, 4, 6, device=device)
+    assert gc(lambda x, r, w, b: F.add_layer_norm(x, r, (6,), w, b), (x, r, w, b))
+    assert gc(lambda q, k, v: F.attention(q, k, v, pad, key_lengths=kl, need_weights=True), (q, k, v))
+    assert gc(lambda q, k, v, m: F.attention(q, k, v, m, causal=True, need_weights=True), (q, k, v, fmask))
+
+
+def _samples(device):
+    t = lambda *s, dtype=torch.float32: torch.randn(*s, device=device, dtype=dtype)
+    kl = torch.tensor([5, 2], device=device)
+    pad = torch.arange(5, device=device) < kl.view(2, 1, 1, 1)
+    q, k, v = t(2, 3, 4, 8), t(2, 3, 5, 8), t(2, 3, 5, 6)
+    probs = torch.softmax(t(2, 3, 4, 5), -1)
+    return [
+        (P.scaled_qk, (q, k, 0.3)),
+        (P.scaled_qk_backward, (t(2, 3, 4, 5), q, k, 0.3)),
+        (P.masked_softmax, (t(2, 3, 4, 5), pad, 0.5, True, kl)),
+        (P.masked_softmax, (t(2, 3, 4, 5), t(1, 3, 4, 5), 1.0, False, None)),
+        (P.masked_softmax_backward, (t(2, 3, 4, 5), probs, 0.5)),
+        (P.layer_norm, (t(4, 7, 16), [16], t(16), t(16), 1e-5)),
+        (P.layer_norm, (t(4, 7, 16), [7, 16], None, None, 1e-5)),
+        (P.layer_norm_backward, (t(4, 16), t(4, 16), t(4), t(4).abs() + 0.5, t(16), [16])),
+        (P.add_layer_norm, (t(4, 16), t(4, 16), [16], t(16), t(16), 1e-5)),
+        (P.attention, (q, k, v, pad, 0.35, False, kl, 0.0)),
+        (P.attention, (q, k, v, t(2, 1, 4, 5), 0.35, True, None, 0.0)),
+        (P.attention_backward, (t(2, 3, 4, 6), None, q, k, v, probs, torch.empty(0, dtype=torch.bool, device=device), 0.35, 0.0)),
+        (P.attention_backward, (t(2, 3, 4, 6), t(2, 3, 4, 5), q, k, v, probs, torch.empty(0, dtype=torch.bool, device=device), 0.35, 0.0)),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    forward = (P.scaled_qk, P.masked_softmax, P.layer_norm, P.add_layer_norm, P.attention)
+    for op, args in _samples(device):
+        # forward ops with differentiable inputs (their autograd is checked); backward ops plain
+        grad = op in forward
+        args = tuple(a.detach().clone().requires_grad_(grad and a.is_floating_point()) if isinstance(a, torch.Tensor) else a
+                     for a in args)
+        torch.library.opcheck(op, args)
+
+
+def _model(x, r, w, b, q, k, v, s, kl):
+    y, s2 = F.add_layer_norm(x, r, (x.shape[-1],), w, b)
+    z = F.layer_norm(s2, (x.shape[-1],))
+    out, probs = F.attention(q, k, v, causal=True, key_lengths=kl, need_weights=True)
+    p = F.masked_softmax(F.scaled_qk(q, k), scale=0.5, key_lengths=kl)
+    return y.sum() + z.square().sum() + out.square().sum() + probs.sum() + (p * s).sum()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    t = lambda *s: torch.randn(*s, device=device, requires_grad=True)
+    args = [t(3, 5, 16), t(3, 5, 16), t(16), t(16), t(2, 2, 6, 8), t(2, 2, 6, 8), t(2, 2, 6, 4), torch.randn(2, 2, 6, 6, device=device),
+            torch.tensor([6, 3], device=device)]
+    compiled = torch.compile(_model, fullgraph=True, backend="inductor")
+    want = _model(*args)
+    g_want = torch.autograd.grad(want, [a for a in args if a.requires_grad])
+    got = compiled(*args)
+    g_got = torch.autograd.grad(got, [a for a in args if a.requires_grad])
+    torch.testing.assert_close(got, want)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b)
+
+
+def test_backends_and_version():
+    info = pyformer.backends()
+    assert info["cpu"] is True and isinstance(info["cuda"], bool)
+    assert isinstance(pyformer.__version__, str) and pyformer.__version__.count(".") >= 1
+    assert hasattr(torch.ops.pyformer, "masked_softmax")
