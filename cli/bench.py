@@ -201,7 +201,7 @@ def _header_lines(device: str, rates: dict, sweep_name: str, budget: Budget) -> 
         n = budget.matmul_n[device]
         lines.append(f"matmul rate: {rate:.3g} TFLOP/s ({DTYPE_NAMES[dt]}, {n}x{n} @ {n}x{n})")
     timer = ("CUDA events after warm-up, L2 flushed before each repeat" if device == "cuda"
-             else f"torch.utils.benchmark blocked_autorange, {torch.get_num_threads()} threads")
+             else "torch.utils.benchmark blocked_autorange")
     lines.append(f"timing: {timer}; median [p20-p80] of per-call times")
     if device == "cpu" and rates.get("load") is not None:
         busy = rates["load"] >= 0.5 * (os.cpu_count() or 1)
@@ -217,8 +217,8 @@ notes: forward runs under torch.no_grad(); backward times autograd.grad alone on
   alone on scores already scaled and masked outside the timer; attention baselines get the
   (B,1,1,Lk) bool mask equivalent to pyformer's key_lengths (lengths drawn uniformly in
   [Lk/2, Lk]). vs X = X's time / pyformer's (higher is better for pyformer). GB/s counts each
-  input read once and each output written once; attention TFLOP/s counts 4*B*H*Lq*Lk*D
-  (halved when causal) forward, twice that backward."""
+  input read once and each output written once (over 100% of copy: the data fit in cache);
+  attention TFLOP/s counts 4*B*H*Lq*Lk*D (halved when causal) forward, twice that backward."""
 
 
 # ----------------------------------------------------------------------------- files
@@ -367,12 +367,16 @@ def _free(device: str) -> None:
 @click.option("--quick", is_flag=True,
               help="Tiny shapes and short timings: a smoke test, not a measurement.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the inputs.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for torch (torch.set_num_threads); default: torch's default. "
+                   "On a machine shared with other jobs, 1 thread gives steadier timings.")
 @json_option
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
               help="Append one row per provider (with device, versions, commit, time) to this CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG of speedup and achieved bandwidth against size (needs matplotlib).")
-def bench(device, ops, dtypes, modes, sizes, quick, seed, json_path, csv_path, plot_path):
+def bench(device, ops, dtypes, modes, sizes, quick, seed, threads, json_path, csv_path,
+          plot_path):
     """Time pyformer against the textbook composition and PyTorch's fused ops.
 
     \b
@@ -386,12 +390,18 @@ def bench(device, ops, dtypes, modes, sizes, quick, seed, json_path, csv_path, p
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     all_rows: List[BenchRow] = []
     report = []
-    for dev in devices:
-        rows, summary, lines = run_device(dev, list(ops or OPS), dtypes, modes, sizes, quick,
-                                          seed, budget)
-        all_rows.extend(rows)
-        report.append(summary)
-        click.echo("\n".join(lines) + "\n")
+    default_threads = torch.get_num_threads()
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        for dev in devices:
+            rows, summary, lines = run_device(dev, list(ops or OPS), dtypes, modes, sizes,
+                                              quick, seed, budget)
+            all_rows.extend(rows)
+            report.append(summary)
+            click.echo("\n".join(lines) + "\n")
+    finally:
+        torch.set_num_threads(default_threads)
     click.echo(NOTES)
 
     commit = git_commit()

@@ -74,7 +74,8 @@ def device_name(device: str) -> str:
     """Human-readable name of a device: the GPU's name, or the CPU model and thread count."""
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"{cpu_model()} ({n} thread{'s' if n != 1 else ''})"
 
 
 def cpu_model() -> str:

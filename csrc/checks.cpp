@@ -214,6 +214,32 @@ void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   check_masks(op, scores, q.device(), mask, causal, key_lengths);
 }
 
+void check_attention_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_probs,
+                              const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& probs, const at::Tensor& keep, double scale,
+                              double dropout_p) {
+  const char* op = "attention_backward";
+  check_attention(q, k, v, std::nullopt, scale, false, std::nullopt, dropout_p);
+  const std::vector<int64_t> ps{q.size(0), q.size(1), q.size(2), k.size(2)};
+  const std::vector<int64_t> os{q.size(0), q.size(1), q.size(2), v.size(3)};
+  check_same(op, "probs", probs, q, "q");
+  PYF_VALUE(probs.sizes() == at::IntArrayRef(ps), op, "probs",
+            "the probs returned by attention, shape " + str(ps), str(probs.sizes()));
+  check_same(op, "grad_out", grad_out, q, "q");
+  PYF_VALUE(grad_out.sizes() == at::IntArrayRef(os), op, "grad_out", "shape " + str(os),
+            str(grad_out.sizes()));
+  if (grad_probs) {
+    check_same(op, "grad_probs", *grad_probs, q, "q");
+    PYF_VALUE(grad_probs->sizes() == at::IntArrayRef(ps), op, "grad_probs", "shape " + str(ps),
+              str(grad_probs->sizes()));
+  }
+  if (dropout_p > 0) {
+    check_same(op, "keep", keep, q, "q", /*dtype=*/false);
+    PYF_VALUE(keep.scalar_type() == at::kBool && keep.sizes() == at::IntArrayRef(ps), op, "keep",
+              "the bool dropout mask returned by attention, shape " + str(ps), str(keep.sizes()));
+  }
+}
+
 int64_t layer_norm_cols(at::IntArrayRef normalized_shape) {
   int64_t n = 1;
   for (auto s : normalized_shape) n *= s;

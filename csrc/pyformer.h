@@ -42,6 +42,10 @@ void check_add_layer_norm(const at::Tensor& x, const at::Tensor& residual,
 void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const std::optional<at::Tensor>& mask, double scale, bool causal,
                      const std::optional<at::Tensor>& key_lengths, double dropout_p);
+void check_attention_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_probs,
+                              const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& probs, const at::Tensor& keep, double scale,
+                              double dropout_p);
 
 // Kernels that call ATen ops open with this guard: the ops inside a kernel are implementation,
 // never recorded by autograd (the op's own autograd formula covers them), also when a backward op

@@ -125,3 +125,20 @@ def make_mask(kind, B, H, Lq, Lk, dtype=torch.float64):
 
 
 MASK_KINDS = ["none", "bool_pad", "bool_full", "bool_keys1", "float", "causal", "key_lengths", "combined", "fully_masked"]
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the calls of each pyformer.functional op made through the nn modules."""
+    import pyformer.functional as PF
+
+    counts = {}
+    for name in ("attention", "layer_norm", "add_layer_norm"):
+        orig = getattr(PF, name)
+
+        def wrap(*a, __orig=orig, __name=name, **k):
+            counts[__name] = counts.get(__name, 0) + 1
+            return __orig(*a, **k)
+
+        monkeypatch.setattr(PF, name, wrap)
+    return counts

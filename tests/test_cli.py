@@ -251,9 +251,11 @@ def test_bench_quick_writes_json_csv_and_plot(tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # --csv appends, with one header
+    threads = torch.get_num_threads()
     res = invoke("bench", "--device", "cpu", "--quick", "--sizes", "32", "--op", "layer_norm",
-                 "--mode", "backward", "--csv", str(c))
+                 "--mode", "backward", "--threads", "1", "--csv", str(c))
     assert res.exit_code == 0, res.output
+    assert "(1 thread)" in res.stdout and torch.get_num_threads() == threads
     text = c.read_text()
     assert text.count("timestamp,") == 1 and len(list(csv.DictReader(c.open()))) == 9
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import pyformer.functional as PF
+from pyformer.testing import rel_err as rel
 import pyformer.nn as pnn
 from pyformer.convert import Replacement, convert
 
-BOUND = {torch.float64: 1e-12, torch.float32: 1e-5}
+from pyformer.testing import BOUNDS as BOUND
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask:UserWarning"),
     pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning"),
@@ -20,24 +21,6 @@ pytestmark = [
 ]
 
 
-def rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    den = b.norm()
-    return float((a - b).norm() / (den if den > 0 else 1.0))
-
-
-@pytest.fixture
-def calls(monkeypatch):
-    counts = {}
-    for name in ("attention", "layer_norm", "add_layer_norm"):
-        orig = getattr(PF, name)
-
-        def wrap(*a, __orig=orig, __name=name, **k):
-            counts[__name] = counts.get(__name, 0) + 1
-            return __orig(*a, **k)
-
-        monkeypatch.setattr(PF, name, wrap)
-    return counts
 
 
 def _grads(model, *inputs):

@@ -13,31 +13,13 @@ import pytest
 import torch
 
 import pyformer.functional as PF
+from pyformer.testing import rel_err as rel
 import pyformer.nn as pnn
 
-BOUND = {torch.float64: 1e-12, torch.float32: 1e-5}
+from pyformer.testing import BOUNDS as BOUND
 pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask:UserWarning")
 
 
-def rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    den = b.norm()
-    return float((a - b).norm() / (den if den > 0 else 1.0))
-
-
-@pytest.fixture
-def calls(monkeypatch):
-    """Counts the calls of each pyformer.functional op made through the modules."""
-    counts = {}
-    for name in ("attention", "layer_norm", "add_layer_norm"):
-        orig = getattr(PF, name)
-
-        def wrap(*a, __orig=orig, __name=name, **k):
-            counts[__name] = counts.get(__name, 0) + 1
-            return __orig(*a, **k)
-
-        monkeypatch.setattr(PF, name, wrap)
-    return counts
 
 
 # ------------------------------------------------------------------------------------ LayerNorm

@@ -196,19 +196,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_probs, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& probs, const at::Tensor& keep,
     double scale, double dropout_p) {
-  check_attention(q, k, v, std::nullopt, scale, false, std::nullopt, dropout_p);
+  check_attention_backward(grad_out, grad_probs, q, k, v, probs, keep, scale, dropout_p);
   const BelowAutograd below_autograd;
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2);
-  TORCH_CHECK_VALUE(probs.sizes() == at::IntArrayRef({B, H, Lq, Lk}) && probs.scalar_type() == q.scalar_type(),
-                    "pyformer.attention_backward: argument 'probs': expected the probs returned by attention, got shape ",
-                    probs.sizes(), " dtype ", probs.scalar_type());
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef({B, H, Lq, v.size(3)}),
-                    "pyformer.attention_backward: argument 'grad_out': expected shape ",
-                    at::IntArrayRef({B, H, Lq, v.size(3)}), ", got ", grad_out.sizes());
   const bool dropped = dropout_p > 0;
-  TORCH_CHECK_VALUE(!dropped || keep.sizes() == probs.sizes(),
-                    "pyformer.attention_backward: argument 'keep': expected the dropout mask returned by attention, got shape ",
-                    keep.sizes());
   const double keep_scale = dropout_p < 1 ? 1.0 / (1.0 - dropout_p) : 0.0;
   auto bh3 = [](const at::Tensor& t) { return t.reshape({t.size(0) * t.size(1), t.size(-2), t.size(-1)}); };
   const at::Tensor g = bh3(grad_out), v3 = bh3(v), q3 = bh3(q), k3 = bh3(k);

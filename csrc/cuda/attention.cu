@@ -100,25 +100,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_probs, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& probs, const at::Tensor& keep,
     double scale, double dropout_p) {
-  check_attention(q, k, v, std::nullopt, scale, false, std::nullopt, dropout_p);
+  check_attention_backward(grad_out, grad_probs, q, k, v, probs, keep, scale, dropout_p);
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2), Dv = v.size(3);
   const bool dropped = dropout_p > 0.0;
-  // The same checks, with the same messages, as attention_backward_cpu.
-  TORCH_CHECK_VALUE(
-      probs.sizes() == at::IntArrayRef({B, H, Lq, Lk}) && probs.scalar_type() == q.scalar_type(),
-      "pyformer.attention_backward: argument 'probs': expected the probs returned by attention, "
-      "got shape ", probs.sizes(), " dtype ", probs.scalar_type());
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef({B, H, Lq, Dv}),
-                    "pyformer.attention_backward: argument 'grad_out': expected shape ",
-                    at::IntArrayRef({B, H, Lq, Dv}), ", got ", grad_out.sizes());
-  TORCH_CHECK_VALUE(!dropped || keep.sizes() == probs.sizes(),
-                    "pyformer.attention_backward: argument 'keep': expected the dropout mask "
-                    "returned by attention, got shape ", keep.sizes());
-  if (const at::Tensor* gp = opt_ptr(grad_probs)) {
-    TORCH_CHECK_VALUE(gp->sizes() == probs.sizes(),
-                      "pyformer.attention_backward: argument 'grad_probs': expected shape ",
-                      probs.sizes(), ", got ", gp->sizes());
-  }
   check_same_cuda_device("attention_backward", {{"grad_out", &grad_out},
                                                 {"grad_probs", opt_ptr(grad_probs)},
                                                 {"q", &q},

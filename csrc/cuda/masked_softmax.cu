@@ -54,11 +54,9 @@ namespace pyformer {
 namespace cuda {
 namespace {
 
+// The row kernels' sizes (kRowItems, kWarpRowsPerBlock, kMaxRowThreads, kLongThreads), RowMap,
+// load_vec / store_vec and launch_rows are in common.cuh, shared with layer_norm.cu.
 constexpr int kMaxLeadDims = 8;   // scores of rank <= 9
-constexpr int kRowItems = 16;     // row values per thread on the register paths
-constexpr int kWarpRowsPerBlock = 4;
-constexpr int kMaxRowThreads = 512;  // block path: 512 threads x 16 values = rows up to 8192
-constexpr int kLongThreads = 1024;
 
 // ---- device helpers -----------------------------------------------------------------------------
 
@@ -139,36 +137,6 @@ __device__ __forceinline__ void online_combine(A& m, A& s, A m2, A s2) {
   m = mn;
 }
 
-// Row -> thread mapping of the register kernels: WARP = one warp per row (4 rows per 128-thread
-// block), else one block per row.
-template <bool WARP>
-struct RowMap {
-  __device__ __forceinline__ static int64_t first_row() {
-    return WARP ? int64_t(blockIdx.x) * kWarpRowsPerBlock + (threadIdx.x >> 5) : blockIdx.x;
-  }
-  __device__ __forceinline__ static int64_t row_step() {
-    return WARP ? int64_t(gridDim.x) * kWarpRowsPerBlock : gridDim.x;
-  }
-  __device__ __forceinline__ static int tid() { return WARP ? (threadIdx.x & 31) : threadIdx.x; }
-  __device__ __forceinline__ static int nthreads() { return WARP ? 32 : blockDim.x; }
-  template <typename A>
-  __device__ __forceinline__ static A max(A v, A* smem) {
-    if constexpr (WARP) {
-      return warp_allreduce(v, MaxOp{});
-    } else {
-      return block_allreduce_max(v, smem);
-    }
-  }
-  template <typename A>
-  __device__ __forceinline__ static A sum(A v, A* smem) {
-    if constexpr (WARP) {
-      return warp_allreduce(v, SumOp{});
-    } else {
-      return block_allreduce_sum(v, smem);
-    }
-  }
-};
-
 // ---- forward kernels ----------------------------------------------------------------------------
 
 // Register-resident row: thread t holds keys (c * nthreads + t) * VEC + e, c < CHUNKS, e < VEC.
@@ -198,7 +166,7 @@ __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads
     for (int c = 0; c < CHUNKS; ++c) {
       const int j0 = (c * nt + tid) * VEC;  // < 8192: 32-bit in-row offsets
       if (j0 < ri.limit) {  // skip what causal / key_lengths mask
-        const V in = *reinterpret_cast<const V*>(xr + j0);
+        const V in = load_vec<T, VEC>(xr, j0);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           bool ok;
@@ -229,7 +197,7 @@ __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads
         V out;
 #pragma unroll
         for (int e = 0; e < VEC; ++e) out.v[e] = static_cast<T>(v[c * VEC + e] * inv);
-        *reinterpret_cast<V*>(yr + j0) = out;
+        store_vec<T, VEC>(yr, j0, out);
       }
     }
   }
@@ -257,8 +225,8 @@ __global__ void __launch_bounds__(kLongThreads, 1)
     // pass 1: running max and sum of this thread's keys
     A m = neg_inf<A>(), s = A(0);
     for (int64_t j0 = int64_t(threadIdx.x) * VEC; j0 < ri.limit; j0 += step) {
-      const V in = *reinterpret_cast<const V*>(xr + j0);
-      if (cache) *reinterpret_cast<V*>(row_cache + j0) = in;
+      const V in = load_vec<T, VEC>(xr, j0);
+      if (cache) store_vec<T, VEC>(row_cache, j0, in);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         bool ok;
@@ -306,8 +274,7 @@ __global__ void __launch_bounds__(kLongThreads, 1)
     for (int64_t j0 = int64_t(threadIdx.x) * VEC; j0 < L; j0 += step) {
       V out;
       if (j0 < ri.limit) {
-        const V in = cache ? *reinterpret_cast<const V*>(row_cache + j0)
-                           : *reinterpret_cast<const V*>(xr + j0);
+        const V in = load_vec<T, VEC>(cache ? row_cache : xr, j0);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           bool ok;
@@ -319,7 +286,7 @@ __global__ void __launch_bounds__(kLongThreads, 1)
 #pragma unroll
         for (int e = 0; e < VEC; ++e) out.v[e] = static_cast<T>(A(0) * inv);
       }
-      *reinterpret_cast<V*>(yr + j0) = out;
+      store_vec<T, VEC>(yr, j0, out);
     }
   }
 }
@@ -347,8 +314,8 @@ __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads
     for (int c = 0; c < CHUNKS; ++c) {
       const int j0 = (c * nt + tid) * VEC;  // < 8192: 32-bit in-row offsets
       if (j0 < L) {
-        const V a = *reinterpret_cast<const V*>(dyr + j0);
-        const V b = *reinterpret_cast<const V*>(yr + j0);
+        const V a = load_vec<T, VEC>(dyr, j0);
+        const V b = load_vec<T, VEC>(yr, j0);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           g[c * VEC + e] = static_cast<A>(a.v[e]);
@@ -369,7 +336,7 @@ __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads
 #pragma unroll
         for (int e = 0; e < VEC; ++e)
           out.v[e] = static_cast<T>(scale * o[c * VEC + e] * (g[c * VEC + e] - dot));
-        *reinterpret_cast<V*>(dxr + j0) = out;
+        store_vec<T, VEC>(dxr, j0, out);
       }
     }
   }
@@ -390,95 +357,66 @@ __global__ void __launch_bounds__(kLongThreads, 1)
     T* dxr = dx + row * L;
     A dot = A(0);
     for (int64_t j0 = int64_t(threadIdx.x) * VEC; j0 < L; j0 += step) {
-      const V a = *reinterpret_cast<const V*>(dyr + j0);
-      const V b = *reinterpret_cast<const V*>(yr + j0);
+      const V a = load_vec<T, VEC>(dyr, j0);
+      const V b = load_vec<T, VEC>(yr, j0);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) dot += static_cast<A>(a.v[e]) * static_cast<A>(b.v[e]);
     }
     dot = block_allreduce_sum(dot, smem);
     for (int64_t j0 = int64_t(threadIdx.x) * VEC; j0 < L; j0 += step) {
-      const V a = *reinterpret_cast<const V*>(dyr + j0);
-      const V b = *reinterpret_cast<const V*>(yr + j0);
+      const V a = load_vec<T, VEC>(dyr, j0);
+      const V b = load_vec<T, VEC>(yr, j0);
       V out;
 #pragma unroll
       for (int e = 0; e < VEC; ++e)
         out.v[e] = static_cast<T>(scale * static_cast<A>(b.v[e]) * (static_cast<A>(a.v[e]) - dot));
-      *reinterpret_cast<V*>(dxr + j0) = out;
+      store_vec<T, VEC>(dxr, j0, out);
     }
   }
 }
 
 // ---- launchers ----------------------------------------------------------------------------------
 
-// Chunk counts of the register paths for a vector width: a small warp variant (L <= 128, or 256
-// for VEC 8), a large warp variant (L <= 512) and the block variant (L <= 8192).
-template <int VEC> constexpr int small_chunks() { return VEC >= 4 ? 1 : 4 / VEC; }
-template <int VEC> constexpr int row_chunks() { return kRowItems / VEC; }
-
-inline int block_threads_for(int64_t L, int items) {
-  int64_t t = ceil_div(L, items);
-  t = ceil_div(t, 32) * 32;
-  return static_cast<int>(t < 32 ? 32 : t);
-}
-
 template <typename T, int VEC>
 void launch_softmax_fwd(const T* x, T* y, int64_t rows, int64_t L, double scale,
                         const MaskParams& p) {
-  using A = acc_t<T>;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const A sc = static_cast<A>(scale);
-  constexpr int CS = small_chunks<VEC>();
-  constexpr int CR = row_chunks<VEC>();
-  const unsigned warp_grid = grid_for(rows, kWarpRowsPerBlock);
-  if (L <= int64_t(32) * VEC * CS) {
-    softmax_fwd_regs_kernel<T, VEC, CS, true>
-        <<<warp_grid, 32 * kWarpRowsPerBlock, 0, stream>>>(x, y, rows, L, sc, p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  } else if (L <= int64_t(32) * VEC * CR) {
-    softmax_fwd_regs_kernel<T, VEC, CR, true>
-        <<<warp_grid, 32 * kWarpRowsPerBlock, 0, stream>>>(x, y, rows, L, sc, p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  } else if (L <= int64_t(kMaxRowThreads) * VEC * CR) {
-    softmax_fwd_regs_kernel<T, VEC, CR, false>
-        <<<grid_for(rows, 1), block_threads_for(L, VEC * CR), 0, stream>>>(x, y, rows, L, sc, p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  } else {
-    // Cache the row in shared memory when it fits in what one block may opt in to, keeping
-    // ~8 KiB for the static reduction buffers.
-    const int64_t bytes = L * int64_t(sizeof(T));
-    const bool cache = bytes + 8192 <= int64_t(max_smem_optin());
-    const int dyn = cache ? static_cast<int>(bytes) : 0;
-    auto kernel = softmax_fwd_long_kernel<T, VEC>;
-    if (dyn > 48 * 1024) {
-      C10_CUDA_CHECK(
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dyn));
-    }
-    kernel<<<grid_for(rows, 1), kLongThreads, dyn, stream>>>(x, y, rows, L, sc, p, cache);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  const acc_t<T> sc = static_cast<acc_t<T>>(scale);
+  launch_rows<VEC>(
+      rows, L,
+      [&](auto chunks, auto warp, unsigned grid, int threads) {
+        softmax_fwd_regs_kernel<T, VEC, decltype(chunks)::value, decltype(warp)::value>
+            <<<grid, threads, 0, stream>>>(x, y, rows, L, sc, p);
+      },
+      [&](unsigned grid, int threads) {
+        // Cache the row in shared memory when it fits in what one block may opt in to, keeping
+        // ~8 KiB for the static reduction buffers.
+        const int64_t bytes = L * int64_t(sizeof(T));
+        const bool cache = bytes + 8192 <= int64_t(max_smem_optin());
+        const int dyn = cache ? static_cast<int>(bytes) : 0;
+        auto kernel = softmax_fwd_long_kernel<T, VEC>;
+        if (dyn > 48 * 1024) {
+          C10_CUDA_CHECK(
+              cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dyn));
+        }
+        kernel<<<grid, threads, dyn, stream>>>(x, y, rows, L, sc, p, cache);
+      });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int VEC>
 void launch_softmax_bwd(const T* dy, const T* y, T* dx, int64_t rows, int64_t L, double scale) {
-  using A = acc_t<T>;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const A sc = static_cast<A>(scale);
-  constexpr int CS = small_chunks<VEC>();
-  constexpr int CR = row_chunks<VEC>();
-  const unsigned warp_grid = grid_for(rows, kWarpRowsPerBlock);
-  if (L <= int64_t(32) * VEC * CS) {
-    softmax_bwd_regs_kernel<T, VEC, CS, true>
-        <<<warp_grid, 32 * kWarpRowsPerBlock, 0, stream>>>(dy, y, dx, rows, L, sc);
-  } else if (L <= int64_t(32) * VEC * CR) {
-    softmax_bwd_regs_kernel<T, VEC, CR, true>
-        <<<warp_grid, 32 * kWarpRowsPerBlock, 0, stream>>>(dy, y, dx, rows, L, sc);
-  } else if (L <= int64_t(kMaxRowThreads) * VEC * CR) {
-    softmax_bwd_regs_kernel<T, VEC, CR, false>
-        <<<grid_for(rows, 1), block_threads_for(L, VEC * CR), 0, stream>>>(dy, y, dx, rows, L, sc);
-  } else {
-    softmax_bwd_long_kernel<T, VEC>
-        <<<grid_for(rows, 1), kLongThreads, 0, stream>>>(dy, y, dx, rows, L, sc);
-  }
+  const acc_t<T> sc = static_cast<acc_t<T>>(scale);
+  launch_rows<VEC>(
+      rows, L,
+      [&](auto chunks, auto warp, unsigned grid, int threads) {
+        softmax_bwd_regs_kernel<T, VEC, decltype(chunks)::value, decltype(warp)::value>
+            <<<grid, threads, 0, stream>>>(dy, y, dx, rows, L, sc);
+      },
+      [&](unsigned grid, int threads) {
+        softmax_bwd_long_kernel<T, VEC><<<grid, threads, 0, stream>>>(dy, y, dx, rows, L, sc);
+      });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -546,7 +484,7 @@ at::Tensor masked_softmax_forward_launch(const at::Tensor& scores,
     constexpr int V = vec16<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    if (L % V == 0 && is_aligned(xp, 16) && is_aligned(yp, 16)) {
+    if (can_vectorize(L, V, {xp, yp})) {
       launch_softmax_fwd<scalar_t, V>(xp, yp, rows, L, scale, p);
     } else {
       launch_softmax_fwd<scalar_t, 1>(xp, yp, rows, L, scale, p);
@@ -570,7 +508,7 @@ at::Tensor masked_softmax_backward_launch(const at::Tensor& grad, const at::Tens
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    if (L % V == 0 && is_aligned(dyp, 16) && is_aligned(yp, 16) && is_aligned(dxp, 16)) {
+    if (can_vectorize(L, V, {dyp, yp, dxp})) {
       launch_softmax_bwd<scalar_t, V>(dyp, yp, dxp, rows, L, scale);
     } else {
       launch_softmax_bwd<scalar_t, 1>(dyp, yp, dxp, rows, L, scale);

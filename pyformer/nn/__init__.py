@@ -29,20 +29,6 @@ from .transformer import (
     TransformerEmbedding,
 )
 
-__all__ = [
-    "BACKENDS",
-    "set_backend",
-    "LayerNorm",
-    "MultiheadAttention",
-    "ScaledDotProductAttention",
-    "MultiHeadAttention",
-    "PositionalEncoding",
-    "TokenEmbedding",
-    "TransformerEmbedding",
-    "PositionwiseFeedForward",
-    "EncoderLayer",
-    "DecoderLayer",
-    "Encoder",
-    "Decoder",
-    "Transformer",
-]
+from . import transformer as _transformer
+
+__all__ = ["BACKENDS", "set_backend", "LayerNorm", "MultiheadAttention", *_transformer.__all__]
