@@ -274,7 +274,8 @@ __global__ void __launch_bounds__(kLongThreads, 1)
     for (int64_t j0 = int64_t(threadIdx.x) * VEC; j0 < L; j0 += step) {
       V out;
       if (j0 < ri.limit) {
-        const V in = load_vec<T, VEC>(cache ? row_cache : xr, j0);
+        const V in =
+            cache ? load_vec<T, VEC>(row_cache, j0) : load_vec<T, VEC>(xr, j0);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           bool ok;

@@ -45,7 +45,7 @@ def reference() -> ModuleType:
 
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _cuda_built = None
 
 
@@ -64,7 +64,7 @@ def _cuda_compiled() -> bool:
 def kernels_support(tensors: Iterable[torch.Tensor]) -> bool:
     """True when pyformer's compiled kernels take every given floating tensor.
 
-    The kernels cover float32, float16 and bfloat16 on CPU and CUDA, and float64 on CPU. Nested,
+    The kernels cover float32, float64, float16 and bfloat16 on CPU and CUDA. Nested,
     sparse or quantized tensors, other devices (mps, xla, meta-free fakes aside) and a CUDA
     tensor in a build without CUDA kernels are left to PyTorch ops.
     """
