@@ -197,24 +197,46 @@ struct RowMap {
   }
   __device__ __forceinline__ static int tid() { return WARP ? (threadIdx.x & 31) : threadIdx.x; }
   __device__ __forceinline__ static int nthreads() { return WARP ? 32 : blockDim.x; }
+  // The in-row offset of this thread's chunk c: (c * nthreads + tid) * vec, below 8192 on the
+  // register paths, so 32-bit.
+  __device__ __forceinline__ static int col(int c, int vec) {
+    return (c * nthreads() + tid()) * vec;
+  }
   // All-reduces over the row's threads; `smem` (33 values) is used only by the block variant.
   template <typename A>
   __device__ __forceinline__ static A sum(A v, A* smem) {
-    if constexpr (WARP) {
-      return warp_allreduce(v, SumOp{});
-    } else {
-      return block_allreduce_sum(v, smem);
-    }
+    return allreduce(v, SumOp{}, A(0), smem);
   }
   template <typename A>
   __device__ __forceinline__ static A max(A v, A* smem) {
+    return allreduce(v, MaxOp{}, neg_inf<A>(), smem);
+  }
+  template <typename A, typename Op>
+  __device__ __forceinline__ static A allreduce(A v, Op op, A identity, A* smem) {
     if constexpr (WARP) {
-      return warp_allreduce(v, MaxOp{});
+      return warp_allreduce(v, op);
     } else {
-      return block_allreduce_max(v, smem);
+      return block_allreduce(v, op, identity, smem);
     }
   }
 };
+
+// The write pass of a register kernel whose outputs need only its registers: this thread's value
+// i = c * VEC + e becomes f(i), stored at in-row offset col(c, VEC) + e (chunks at or past n are
+// skipped), one vector per chunk.
+template <typename T, int VEC, int CHUNKS, bool WARP, typename F>
+__device__ __forceinline__ void store_row(T* yr, int64_t n, F f) {
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c) {
+    const int j0 = RowMap<WARP>::col(c, VEC);
+    if (j0 < n) {
+      Vec<T, VEC> out;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) out.v[e] = static_cast<T>(f(c * VEC + e));
+      store_vec<T, VEC>(yr, j0, out);
+    }
+  }
+}
 
 // Chunk counts of the register paths for a vector width: the small warp variant (n <= 128, or
 // 256 for VEC 8), the large warp variant (n <= 512) and the block variant (n <= 8192).

@@ -44,7 +44,8 @@ namespace cuda {
 namespace {
 
 // The row kernels' sizes (kRowItems, kWarpRowsPerBlock, kMaxRowThreads, kLongThreads), RowMap,
-// load_vec / store_vec and launch_rows are in common.cuh, shared with masked_softmax.cu.
+// store_row, load_vec / store_vec, can_vectorize and launch_rows are in common.cuh, shared with
+// masked_softmax.cu.
 constexpr int kTileCols = 32;         // dweight/dbias partial kernel: block (32, 16)
 constexpr int kTileRows = 16;
 
@@ -240,19 +241,8 @@ __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads
     }
     const A mg = RowMap<WARP>::sum(sg, smem) * inv_n;
     const A mgx = RowMap<WARP>::sum(sgx, smem) * inv_n;
-#pragma unroll
-    for (int c = 0; c < CHUNKS; ++c) {
-      const int j0 = (c * nt + tid) * VEC;  // < 8192: 32-bit in-row offsets
-      if (j0 < N) {
-        V out;
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-          const int i = c * VEC + e;
-          out.v[e] = static_cast<T>(rs * (g[i] - mg - xh[i] * mgx));
-        }
-        store_vec<T, VEC>(dx + base, j0, out);
-      }
-    }
+    store_row<T, VEC, CHUNKS, WARP>(dx + base, N,
+                                    [&](int i) { return rs * (g[i] - mg - xh[i] * mgx); });
   }
 }
 

@@ -55,7 +55,8 @@ namespace cuda {
 namespace {
 
 // The row kernels' sizes (kRowItems, kWarpRowsPerBlock, kMaxRowThreads, kLongThreads), RowMap,
-// load_vec / store_vec and launch_rows are in common.cuh, shared with layer_norm.cu.
+// store_row, load_vec / store_vec, can_vectorize and launch_rows are in common.cuh, shared with
+// layer_norm.cu.
 constexpr int kMaxLeadDims = 8;   // scores of rank <= 9
 
 // ---- device helpers -----------------------------------------------------------------------------
@@ -189,17 +190,7 @@ __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads
     }
     s = RowMap<WARP>::sum(s, smem);
     const A inv = (s == A(0)) ? A(0) : A(1) / s;
-
-#pragma unroll
-    for (int c = 0; c < CHUNKS; ++c) {
-      const int j0 = (c * nt + tid) * VEC;  // < 8192: 32-bit in-row offsets
-      if (j0 < L) {
-        V out;
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) out.v[e] = static_cast<T>(v[c * VEC + e] * inv);
-        store_vec<T, VEC>(yr, j0, out);
-      }
-    }
+    store_row<T, VEC, CHUNKS, WARP>(yr, L, [&](int i) { return v[i] * inv; });
   }
 }
 
@@ -329,17 +320,7 @@ __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads
       }
     }
     dot = RowMap<WARP>::sum(dot, smem);
-#pragma unroll
-    for (int c = 0; c < CHUNKS; ++c) {
-      const int j0 = (c * nt + tid) * VEC;  // < 8192: 32-bit in-row offsets
-      if (j0 < L) {
-        V out;
-#pragma unroll
-        for (int e = 0; e < VEC; ++e)
-          out.v[e] = static_cast<T>(scale * o[c * VEC + e] * (g[c * VEC + e] - dot));
-        store_vec<T, VEC>(dxr, j0, out);
-      }
-    }
+    store_row<T, VEC, CHUNKS, WARP>(dxr, L, [&](int i) { return scale * o[i] * (g[i] - dot); });
   }
 }
 
