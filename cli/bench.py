@@ -16,9 +16,10 @@ import click
 import torch
 from torch import Tensor
 
-from .accuracy import relative_error
+from pyformer.testing import BOUNDS, rel_err
+
 from .benchcases import COMPUTE_OPS, MODES, OPS, BenchConfig, Problem, Provider, parse_sizes
-from .common import (BOUNDS, DTYPE_NAMES, DTYPES, device_name, device_option, dtype_option,
+from .common import (DTYPE_NAMES, DTYPES, device_name, device_option, dtype_option,
                      environment, format_table, json_option, op_option, resolve_devices,
                      write_json)
 from .timing import Timing, copy_bandwidth, matmul_rate, measure
@@ -36,7 +37,7 @@ class Budget:
 
 
 FULL = Budget(0.5, {"cpu": 256 * 2 ** 20, "cuda": 2 ** 30}, {"cpu": 2048, "cuda": 8192})
-QUICK = Budget(0.05, {"cpu": 32 * 2 ** 20, "cuda": 2 ** 28}, {"cpu": 512, "cuda": 4096})
+QUICK = Budget(0.05, {"cpu": 32 * 2 ** 20, "cuda": 2 ** 28}, {"cpu": 1024, "cuda": 4096})
 
 
 @dataclass
@@ -96,7 +97,7 @@ def _agreement(problem: Problem) -> Optional[float]:
     with torch.no_grad():
         ours = _outputs(problem.providers["pyformer"].fn())[0]
         theirs = _outputs(problem.providers["textbook"].fn())[0]
-    return relative_error(ours, theirs)
+    return rel_err(ours, theirs)
 
 
 def time_problem(cfg: BenchConfig, problem: Problem, dtype: torch.dtype, device: str,
@@ -204,9 +205,12 @@ def _header_lines(device: str, rates: dict, sweep_name: str, budget: Budget) -> 
              else "torch.utils.benchmark blocked_autorange")
     lines.append(f"timing: {timer}; median [p20-p80] of per-call times")
     if device == "cpu" and rates.get("load") is not None:
-        busy = rates["load"] >= 0.5 * (os.cpu_count() or 1)
+        # Another busy process makes torch's threads wait for each other at every parallel
+        # region, which penalizes many-kernel compositions most: say so next to the numbers.
+        busy = rates["load"] >= 0.5
         lines.append(f"load average before the run: {rates['load']:.2f} on {os.cpu_count()} CPUs"
-                     + (" - other processes were running: expect noisy CPU timings" if busy else ""))
+                     + (" - other processes were running: expect noisy CPU timings"
+                        " (run on an idle machine, or with --threads 1)" if busy else ""))
     return lines
 
 
@@ -424,6 +428,8 @@ def run_device(dev: str, ops: Sequence[str], dtypes: Sequence[str], modes: Seque
         [torch.float32 if dev == "cpu" or sweep.name == "issue2" else torch.bfloat16]
     run_modes = list(modes or sweep.modes)
     configs = sweep.configs(dev, ops)
+    if not configs:
+        raise click.UsageError(f"sweep '{sweep.name}' has nothing for --op {', '.join(ops)}")
     rates = _rates(dev, dts, any(c.op in COMPUTE_OPS for c in configs), budget)
     rows: List[BenchRow] = []
     work = [(c, dt) for c in configs for dt in dts]

@@ -138,7 +138,7 @@ def _at_least_one(ok: Tensor, g: torch.Generator) -> Tensor:
     return ok.scatter(-1, col, True)
 
 
-# Each mask kind: (label, function(g, B, H, Lq, Lk) -> (tensor inputs, static kwargs)).
+# Mask kinds: each draws (tensor inputs, static kwargs such as causal) for shape (B, H, Lq, Lk).
 def _mask_none(g, b, h, lq, lk):
     return {}, {}
 
@@ -309,3 +309,59 @@ def _add_layer_norm_cases(quick: bool):
                         "weight+bias" if affine else "no affine",
                         _norm_inputs(xs, ns, affine, True), impl, ref, outputs=("y", "s"),
                         quick=q and affine)
+
+
+# ----------------------------------------------------------------------------- nn layers
+# The drop-in modules against PyTorch's own with the same weights (the textbook Transformer's two
+# backends are compared in tests/test_nn.py). Weights are drawn once in float64 and loaded into a
+# module of the dtype and device under test; the input is differentiated.
+
+
+def _module_case(op, shape, mask, make_inputs, build_impl, build_ref, call, outputs, constants, quick):
+    """A CheckCase whose impl/ref build a module (fixed float64 weights) in the inputs' dtype."""
+    state = {}
+
+    def runner(build):
+        def run(**inputs):
+            x = next(t for t in inputs.values() if t.is_floating_point())
+            m = build()
+            if "sd" not in state:  # the one set of weights, float64
+                with torch.random.fork_rng():
+                    torch.manual_seed(0)
+                    state["sd"] = {k: v.to(F64) for k, v in build_impl().state_dict().items()}
+            m.load_state_dict(state["sd"])
+            return call(m.to(device=x.device, dtype=x.dtype), **inputs)
+        return run
+
+    return CheckCase(op, shape, mask, make_inputs, runner(build_impl), runner(build_ref),
+                     outputs=outputs, constants=constants, quick=quick)
+
+
+@register("nn.MultiheadAttention")
+def _nn_mha_cases(quick: bool):
+    import pyformer.nn as pnn
+
+    b, l, e, h = 2, 9, 32, 4
+
+    def make(g):
+        pad = torch.arange(l) >= lengths(g, b, l).view(b, 1)  # torch's convention: True = padding
+        return {"x": randn(g, b, l, e), "pad": pad}
+
+    def call(m, x, pad):
+        return m(x, x, x, key_padding_mask=pad, need_weights=True)
+
+    yield _module_case("nn.MultiheadAttention", f"({b},{l},{e}) H={h}", "key_padding_mask", make,
+                       lambda: pnn.MultiheadAttention(e, h, batch_first=True),
+                       lambda: torch.nn.MultiheadAttention(e, h, batch_first=True),
+                       call, ("out", "weights"), ("pad",), True)
+
+
+@register("nn.LayerNorm")
+def _nn_layer_norm_cases(quick: bool):
+    import pyformer.nn as pnn
+
+    xs, n = (3, 5, 64), 64
+    yield _module_case("nn.LayerNorm", shape_str(xs), "weight+bias", lambda g: {"x": randn(g, *xs, scale=2.0)},
+                       lambda: pnn.LayerNorm(n), lambda: torch.nn.LayerNorm(n),
+                       lambda m, x: m(x), ("y",), (), True)
+

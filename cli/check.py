@@ -13,11 +13,13 @@ import click
 import torch
 from torch import Tensor
 
+from pyformer.testing import BOUNDS, HALF
+
 from . import cases as case_registry
 from .accuracy import compare
-from .common import (BOUNDS, DTYPE_NAMES, DTYPES, EXIT_DISAGREE, EXIT_OK, HALF_DTYPES,
-                     TableFormat, device_option, dtype_option, environment, fmt_err,
-                     json_option, op_option, resolve_devices, write_json)
+from .common import (DTYPE_NAMES, DTYPES, EXIT_DISAGREE, EXIT_OK, TableFormat, device_option,
+                     dtype_option, environment, fmt_err, json_option, op_option,
+                     resolve_devices, write_json)
 
 
 @dataclass
@@ -148,7 +150,7 @@ def run_case(case, device: str, dtype: torch.dtype, seed: int) -> CheckResult:
     ref_outs = {n: o.detach() for n, o in ref_outs.items()}
 
     comp_outs = comp_grads = None
-    if dtype in HALF_DTYPES:
+    if dtype in HALF:
         comp_outs, comp_grads = _forward_backward(case.ref, case.outputs, inputs, cot)
 
     if device == "cuda":

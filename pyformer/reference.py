@@ -47,12 +47,14 @@ def allowed(
     causal: bool = False,
     key_lengths: Optional[Tensor] = None,
     device=None,
+    expand: bool = True,
 ) -> Optional[Tensor]:
     """Bool tensor of the positions that may be attended (True = may attend), or None if all may.
 
     ``scores`` is the scores tensor or its shape (..., Lq, Lk). Combines a bool mask (True = may
     attend), a float mask (-inf = masked), ``causal`` (key j <= query i) and ``key_lengths`` (B,)
-    (key j < key_lengths[b], b indexing dim 0).
+    (key j < key_lengths[b], b indexing dim 0). With ``expand=False`` the result keeps the
+    broadcast shape of its parts (what masked_fill needs, without a full-size mask in memory).
     """
     if isinstance(scores, Tensor):
         shape, device = tuple(scores.shape), scores.device
@@ -75,7 +77,7 @@ def allowed(
         j = torch.arange(lk, device=device)
         lens = key_lengths.to(device).reshape((-1,) + (1,) * (len(shape) - 1))
         ok = both(ok, j < lens)
-    if ok is not None:
+    if ok is not None and expand:
         ok = ok.expand(shape)
     return ok
 
@@ -102,7 +104,7 @@ def masked_softmax(
     if mask is not None and mask.dtype != torch.bool:
         x = x + torch.where(mask == float("-inf"), torch.zeros((), dtype=x.dtype, device=x.device),
                             mask.to(x.dtype))
-    ok = allowed(scores, mask, causal, key_lengths)
+    ok = allowed(scores, mask, causal, key_lengths, expand=False)
     if ok is not None:
         x = x.masked_fill(~ok, float("-inf"))
     p = torch.softmax(x, dim=-1)

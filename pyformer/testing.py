@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["BOUNDS", "rel_err", "bound", "mismatch_report"]
+__all__ = ["BOUNDS", "HALF", "rel_err", "bound", "mismatch_report"]
 
 BOUNDS = {
     torch.float64: 1e-12,

@@ -5,7 +5,6 @@ Everything runs on tiny sizes (``--quick``, one op or dtype) so the file stays f
 
 import csv
 import json
-import math
 import re
 
 import pytest
@@ -16,7 +15,7 @@ import pyformer.functional
 import pyformer.reference
 from pyformer.cli import main
 from pyformer.cli import cases as case_registry
-from pyformer.cli.accuracy import relative_error, where_off
+from pyformer.cli.accuracy import compare
 from pyformer.cli.benchcases import OPS, SWEEPS, parse_sizes
 from pyformer.cli.check import run_case
 from pyformer.cli.common import cuda_unavailable_reason
@@ -106,8 +105,8 @@ def test_check_reports_a_disagreeing_op(monkeypatch, tmp_path):
     assert res.exit_code == 1, res.output
     rows = table_rows(res.stdout)
     assert rows and all(r.endswith("FAIL") for r in rows)
-    assert "elements off (first at (0, 0" in res.stdout
-    assert "0 NaN, 0 inf" in res.stdout
+    assert "mismatch (first at [(0, 0" in res.stdout
+    assert "NaN 0 (ref 0), inf 0 (ref 0)" in res.stdout
     assert final_counts(res.stdout) == (0, len(rows))
     assert json.loads(path.read_text())["failed"] == len(rows)
 
@@ -123,7 +122,7 @@ def test_check_counts_nan(monkeypatch):
                  "--dtype", "float64")
     assert res.exit_code == 1
     assert "probs: rel err inf" in res.stdout
-    assert "(first at (0, 0, 0, 0))" in res.stdout and "1 NaN, 0 inf" in res.stdout
+    assert "(first at [(0, 0, 0, 0)" in res.stdout and "NaN 1 (ref 0)" in res.stdout
 
 
 def test_check_skips_a_dtype_the_op_rejects(monkeypatch):
@@ -157,7 +156,8 @@ def test_check_reports_an_op_that_raises(monkeypatch):
 
 @pytest.mark.parametrize("args", [["check", "--op", "softmax"], ["check", "--dtype", "float8"],
                                   ["check", "--device", "tpu"], ["bench", "--op", "nope"],
-                                  ["bench", "--sizes", "big"], ["bench", "--mode", "sideways"]])
+                                  ["bench", "--sizes", "big"], ["bench", "--mode", "sideways"],
+                                  ["bench", "--sizes", "issue2", "--op", "scaled_qk"]])
 def test_usage_errors_exit_2(args):
     res = invoke(*args)
     assert res.exit_code == 2, res.output
@@ -189,7 +189,7 @@ def test_registry_accepts_new_cases():
 
 def test_quick_matrix_covers_every_op_and_mask_kind():
     quick = case_registry.cases(quick=True)
-    assert {c.op for c in quick} == set(OPS)
+    assert {c.op for c in quick} == set(OPS) | {"nn.MultiheadAttention", "nn.LayerNorm"}
     masks = {c.mask for c in quick if c.op == "attention"}
     assert set(case_registry.MASK_KINDS) <= masks
 
@@ -197,18 +197,21 @@ def test_quick_matrix_covers_every_op_and_mask_kind():
 # ----------------------------------------------------------------------------- accuracy helpers
 
 
-def test_relative_error():
-    ref = torch.tensor([3.0, 4.0], dtype=torch.float64)
-    assert relative_error(ref, ref) == 0.0
-    assert math.isclose(relative_error(torch.tensor([3.0, 4.5]), ref), 0.5 / 5)
-    assert relative_error(torch.tensor([3.0, float("nan")]), ref) == math.inf
-    assert relative_error(torch.tensor([1.0]), ref) == math.inf  # shape mismatch
-    zero = torch.zeros(2, dtype=torch.float64)
-    assert relative_error(torch.tensor([0.0, 1e-3]), zero) == pytest.approx(1e-3)
-    both_nan = torch.tensor([float("nan"), 1.0])
-    assert relative_error(both_nan, both_nan.double()) == 0.0
-    line = where_off("y", torch.tensor([3.0, 9.0]), ref, 1e-5)
-    assert "1 of 2 elements off (first at (1))" in line
+def test_compare_applies_the_shared_criteria():
+    ref = {"y": torch.tensor([3.0, 4.0], dtype=torch.float64),
+           "dx": torch.tensor([1.0, 1.0], dtype=torch.float64)}
+    worst, errors, torch_errors, failures = compare(
+        {"y": torch.tensor([3.0, 4.0]), "dx": torch.tensor([1.0, 2.0])}, ref, None, torch.float32)
+    assert errors["y"] == 0.0 and worst == errors["dx"] > 0.5 and not torch_errors
+    assert len(failures) == 1 and failures[0].startswith("dx: rel err")
+    # a missing gradient fails
+    _, _, _, failures = compare({"y": ref["y"]}, ref, None, torch.float64)
+    assert failures == ["dx: missing (the op returned no value or gradient for it)"]
+    # half types: at most twice the composition's own error (+1e-5), even under the dtype bound
+    out = {"y": torch.tensor([3.0, 4.05]).bfloat16()}  # 4.0625 in bfloat16
+    comp = {"y": torch.tensor([3.0, 4.0]).bfloat16()}
+    _, errors, torch_errors, failures = compare(out, {"y": ref["y"]}, comp, torch.bfloat16)
+    assert torch_errors["y"] == 0.0 and errors["y"] < 1.6e-2 and len(failures) == 1
 
 
 # ----------------------------------------------------------------------------- bench
