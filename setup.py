@@ -58,13 +58,16 @@ def extensions():
     cuda = _want_cuda()
     vec = _cpu_vec()
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", f'-DPYFORMER_CPU_VEC="{vec}"']
+    # -fopenmp: at::parallel_for is a header template that runs serially unless the extension
+    # itself is compiled with OpenMP; at run time the libgomp.so.1 that torch loads is shared.
+    cxx = ["-O3", "-fopenmp", f'-DPYFORMER_CPU_VEC="{vec}"']
+    link = ["-fopenmp"]
     if vec == "avx2":
         # at::vec's AVX2 specializations (the CPU kernels' Vectorized<float> is 8 wide). The
         # extension is built for the machine that builds it, like -march builds.
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     if not cuda:
-        return [CppExtension("pyformer._C", sources, extra_compile_args={"cxx": cxx})]
+        return [CppExtension("pyformer._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)]
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "native")
@@ -77,7 +80,8 @@ def extensions():
         nvcc.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
     return [
         CUDAExtension(
-            "pyformer._C", sources, extra_compile_args={"cxx": cxx + defs, "nvcc": nvcc}
+            "pyformer._C", sources, extra_compile_args={"cxx": cxx + defs, "nvcc": nvcc},
+            extra_link_args=link,
         )
     ]
 

@@ -36,9 +36,11 @@ TORCH_LIBRARY(pyformer, m) {
 
   // (out, probs, keep): out = dropout(probs) @ v, probs = masked_softmax(scaled_qk(q, k, scale)).
   // keep is the bool dropout mask (shape of probs), or an empty bool tensor when dropout_p == 0.
+  // need_probs=False (inference without need_weights) returns an empty probs and skips writing
+  // them; there is then no backward.
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal,"
-      " Tensor? key_lengths, float dropout_p) -> (Tensor, Tensor, Tensor)");
+      " Tensor? key_lengths, float dropout_p, bool need_probs=True) -> (Tensor, Tensor, Tensor)");
   // (dq, dk, dv, dlogits); grad_probs is the gradient flowing into the returned probs
   // (need_weights); dlogits is the gradient w.r.t. the logits scale * q @ k^T + M, which the
   // Python wrapper sums to the shape of a floating mask that requires grad (and otherwise drops).

@@ -179,7 +179,14 @@ def attention(
         >>> q = k = v = torch.randn(2, 8, 16, 64)
         >>> out, _ = pyformer.functional.attention(q, k, v, key_lengths=torch.tensor([16, 9]))
     """
+    # The probabilities are written out only when someone will read them: need_weights, or a
+    # backward pass (inference skips a (B, H, Lq, Lk) write).
+    need_probs = bool(need_weights) or (
+        torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (q, k, v, mask))
+    )
     out, probs, _ = _P.attention(
-        q, k, v, mask, _default_scale(q, scale), bool(causal), key_lengths, float(dropout_p)
+        q, k, v, mask, _default_scale(q, scale), bool(causal), key_lengths, float(dropout_p),
+        need_probs,
     )
     return out, (probs if need_weights else None)

@@ -271,3 +271,22 @@ def test_empty_tensors(device):
     x = torch.randn(0, 5, **e, requires_grad=True)
     F.layer_norm(x, (5,)).sum().backward()
     assert x.grad.shape == (0, 5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_inference_skips_probs(device, dtype):
+    """Without need_weights and without grad, the op is asked not to write the probabilities:
+    the output is the same, the probs come back empty, and differentiating it is refused."""
+    q, k, v = (torch.randn(2, 3, 6, 8, device=device, dtype=dtype) for _ in range(3))
+    kl = torch.tensor([6, 2], device=device)
+    with torch.no_grad():
+        out, w = F.attention(q, k, v, key_lengths=kl)
+    full, probs, _ = torch.ops.pyformer.attention(q, k, v, None, 8 ** -0.5, False, kl, 0.0, True)
+    assert w is None and torch.equal(out, full) and probs.shape == (2, 3, 6, 6)
+    _, none, _ = torch.ops.pyformer.attention(q, k, v, None, 8 ** -0.5, False, kl, 0.0, False)
+    assert none.numel() == 0
+    qg = q.clone().requires_grad_()
+    out, _, _ = torch.ops.pyformer.attention(qg, k, v, None, 1.0, False, None, 0.0, False)
+    with pytest.raises(RuntimeError, match="need_probs=False"):
+        out.sum().backward()

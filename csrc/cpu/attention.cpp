@@ -85,13 +85,14 @@ struct MaskView {
 // Per-head fused path (float32 / float64 with a BLAS).
 template <typename scalar_t>
 void attention_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     at::Tensor& out, at::Tensor& probs, const at::Tensor& keep,
+                     at::Tensor& out, at::Tensor* probs, const at::Tensor& keep,
                      const MaskView& mv, const RowIndex& idx, double scale, bool causal,
                      const int64_t* lens, double dropout_p, double keep_scale) {
   using acc_t = acc_type<scalar_t>;
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2), Dv = v.size(3);
   const scalar_t *Q = q.data_ptr<scalar_t>(), *K = k.data_ptr<scalar_t>(), *V = v.data_ptr<scalar_t>();
-  scalar_t *P = probs.data_ptr<scalar_t>(), *O = out.data_ptr<scalar_t>();
+  scalar_t* P = probs ? probs->data_ptr<scalar_t>() : nullptr;  // null: probs not wanted
+  scalar_t* O = out.data_ptr<scalar_t>();
   const bool* KEEP = dropout_p > 0 ? keep.data_ptr<bool>() : nullptr;
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end_bh) {
     // Inside this OpenMP region the BLAS (MKL, OpenBLAS built with OpenMP) runs single-threaded.
@@ -102,7 +103,7 @@ void attention_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       const scalar_t* qh = Q + bh * Lq * D;
       const scalar_t* kh = K + bh * Lk * D;
       const scalar_t* vh = V + bh * Lk * Dv;
-      scalar_t* ph = P + bh * Lq * Lk;
+      scalar_t* ph = P ? P + bh * Lq * Lk : nullptr;
       scalar_t* oh = O + bh * Lq * Dv;
       // S (Lq, len), compact = scale * q_h @ k_h[:len]^T
       if (len > 0 && D > 0) gemm_rm<acc_t>(true, Lq, len, D, scale, qh, D, kh, D, S.data(), len);
@@ -122,6 +123,7 @@ void attention_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                                          acc_t(1), rm, buf.data());
         // probs row: the len values, then zeros. A row that
         // came out NaN (NaN or inf among its unmasked scores) is NaN throughout, as torch.softmax.
+        if (!ph) continue;
         if (len > 0 && std::isnan(srow[0]))
           std::fill(ph + i * Lk, ph + (i + 1) * Lk, scalar_t(std::numeric_limits<acc_t>::quiet_NaN()));
         else
@@ -149,7 +151,7 @@ void attention_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const std::optional<at::Tensor>& mask, double scale, bool causal,
-    const std::optional<at::Tensor>& key_lengths, double dropout_p) {
+    const std::optional<at::Tensor>& key_lengths, double dropout_p, bool need_probs) {
   check_attention(q_, k_, v_, mask, scale, causal, key_lengths, dropout_p);
   const BelowAutograd below_autograd;
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
@@ -159,7 +161,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu(
   at::Tensor keep = dropout_p > 0 ? at::rand({B, H, Lq, Lk}, q.options().dtype(at::kFloat)) < (1.0 - dropout_p)
                                   : at::empty({0}, q.options().dtype(at::kBool));
   const double keep_scale = dropout_p < 1 ? 1.0 / (1.0 - dropout_p) : 0.0;
-  if (B * H * Lq == 0) return {out, probs, keep};
+  auto result = [&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
+    return {out, need_probs ? probs : at::empty({0}, q.options()), keep};
+  };
+  if (B * H * Lq == 0) return result();
   at::Tensor kl;
   if (key_lengths) kl = key_lengths->to(at::kLong).contiguous();
   const int64_t* lens = key_lengths ? kl.data_ptr<int64_t>() : nullptr;
@@ -176,7 +181,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu(
         mv.stride = mv.m.stride(-1);
       }
       const RowIndex idx(probs, mask ? &mv.m : nullptr);
-      attention_fused<scalar_t>(q, k, v, out, probs, keep, mv, idx, scale, causal, lens, dropout_p, keep_scale);
+      attention_fused<scalar_t>(q, k, v, out, need_probs ? &probs : nullptr, keep, mv, idx, scale,
+                                causal, lens, dropout_p, keep_scale);
       return;
     }
     {  // whole-batch composition: GEMM, the same fused softmax rows, GEMM
@@ -189,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu(
       at::bmm_out(out3, pd.view({B * H, Lq, Lk}), v.view({B * H, Lk, Dv}));
     }
   });
-  return {out, probs, keep};
+  return result();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(

@@ -51,7 +51,7 @@ inline double keep_scale_for(double dropout_p) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& mask, double scale, bool causal,
-    const std::optional<at::Tensor>& key_lengths, double dropout_p) {
+    const std::optional<at::Tensor>& key_lengths, double dropout_p, bool need_probs) {
   check_attention(q_in, k_in, v_in, mask, scale, causal, key_lengths, dropout_p);
   check_same_cuda_device("attention", {{"q", &q_in},
                                        {"k", &k_in},
@@ -69,10 +69,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cuda(
   at::Tensor keep =
       dropped ? at::rand({B, H, Lq, Lk}, q.options().dtype(at::kFloat)) < (1.0 - dropout_p)
               : at::empty({0}, q.options().dtype(at::kBool));
-  if (B * H * Lq == 0) return {out, at::empty({B, H, Lq, Lk}, q.options()), keep};
+  const auto no_probs = [&] { return at::empty(need_probs ? at::IntArrayRef({B, H, Lq, Lk}) : at::IntArrayRef({0}), q.options()); };
+  if (B * H * Lq == 0) return {out, no_probs(), keep};
   if (Lk == 0) {  // no keys: every row fully masked, zero output rows
     out.zero_();
-    return {out, at::empty({B, H, Lq, Lk}, q.options()), keep};
+    return {out, no_probs(), keep};
   }
 
   // scores (B*H, Lq, Lk) = scale * q @ k^T
@@ -93,7 +94,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cuda(
     at::Tensor out3 = out.view({B * H, Lq, Dv});
     at::bmm_out(out3, pd.view({B * H, Lq, Lk}), v.view({B * H, Lk, Dv}));
   }
-  return {out, probs, keep};
+  // need_probs=False: the probs were the product's input anyway; they are just not returned
+  return {out, need_probs ? probs : at::empty({0}, q.options()), keep};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(

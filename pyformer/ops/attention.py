@@ -13,14 +13,14 @@ lib = "pyformer::attention"
 
 
 @torch.library.register_fake(lib)
-def _attention_fake(q, k, v, mask, scale, causal, key_lengths, dropout_p):
+def _attention_fake(q, k, v, mask, scale, causal, key_lengths, dropout_p, need_probs=True):
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "pyformer.attention: q, k, v must be 4-dim")
     B, H, Lq, _ = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
     keep_shape = (B, H, Lq, Lk) if dropout_p > 0 else (0,)
     return (
         q.new_empty((B, H, Lq, Dv)),
-        q.new_empty((B, H, Lq, Lk)),
+        q.new_empty((B, H, Lq, Lk) if need_probs else (0,)),
         q.new_empty(keep_shape, dtype=torch.bool),
     )
 
@@ -37,8 +37,9 @@ def _attention_backward_fake(grad_out, grad_probs, q, k, v, probs, keep, scale, 
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, mask, scale, causal, key_lengths, dropout_p = inputs
+    q, k, v, mask, scale, causal, key_lengths, dropout_p = inputs[:8]
     out, probs, keep = output
+    ctx.need_probs = inputs[8] if len(inputs) > 8 else True
     ctx.scale, ctx.dropout_p = scale, dropout_p
     ctx.mask_shape = mask.shape if mask is not None else None
     ctx.mask_dtype = mask.dtype if mask is not None else None
@@ -47,6 +48,9 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_probs, _gkeep):
+    if not ctx.need_probs:
+        raise RuntimeError("pyformer.attention: called with need_probs=False, which keeps nothing "
+                           "for backward; pass need_probs=True to differentiate")
     q, k, v, probs, keep = ctx.saved_tensors
     if grad_out is None:
         grad_out = q.new_zeros((*q.shape[:3], v.shape[3]))
@@ -54,7 +58,7 @@ def _backward(ctx, grad_out, grad_probs, _gkeep):
         grad_out, grad_probs, q, k, v, probs, keep, ctx.scale, ctx.dropout_p
     )
     dmask = mask_grad(dlogits, ctx.mask_shape, ctx.mask_dtype) if ctx.needs_input_grad[3] else None
-    return dq, dk, dv, dmask, None, None, None, None
+    return dq, dk, dv, dmask, None, None, None, None, None
 
 
 torch.library.register_autograd(lib, _backward, setup_context=_setup)
