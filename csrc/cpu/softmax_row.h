@@ -13,8 +13,12 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 
 namespace pyformer::cpu {
 
@@ -78,7 +82,24 @@ inline int64_t scale_mask_row(const in_t* x, acc_t* buf, int64_t end, acc_t scal
     for (int64_t j = 0; j < end; ++j) buf[j] = scale * static_cast<acc_t>(x[j]);
     count = end;
   } else if constexpr (KIND == 1) {
-    for (int64_t j = 0; j < end; ++j) {
+    int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (UNIT && std::is_same_v<in_t, float> && std::is_same_v<acc_t, float>) {
+      // 8 keys at a time: 8 bool bytes -> a lane mask -> blend of scale * x and -inf; the
+      // unmasked keys are counted by a popcount of the bytes (each 0 or 1).
+      const __m256 vs = _mm256_set1_ps(scale), vninf = _mm256_set1_ps(ninf);
+      const __m256i zero = _mm256_setzero_si256();
+      for (; j + 8 <= end; j += 8) {
+        uint64_t bits;
+        std::memcpy(&bits, m.b + j, 8);
+        const __m256i m32 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(bits)));
+        const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(m32, zero));
+        _mm256_storeu_ps(buf + j, _mm256_blendv_ps(vninf, _mm256_mul_ps(_mm256_loadu_ps(x + j), vs), keep));
+        count += __builtin_popcountll(bits);
+      }
+    }
+#endif
+    for (; j < end; ++j) {
       const bool ok = m.b[j * ms];
       buf[j] = ok ? scale * static_cast<acc_t>(x[j]) : ninf;
       count += ok;
