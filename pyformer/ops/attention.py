@@ -1,7 +1,8 @@
 """attention: fake kernel and autograd.  out = dropout(masked_softmax(scale * q @ k^T + M)) @ v.
 
 The op returns (out, probs, keep); probs are saved for backward (and returned to the user with
-need_weights), keep is the dropout mask. Backward is the op attention_backward, which also returns
+need_weights), keep is the dropout mask. With need_probs=False (inference: no need_weights, no
+grad) probs come back empty and are never written; differentiating such a call raises. Backward is the op attention_backward, which also returns
 the gradient of the logits, summed into a floating mask that requires grad.
 """
 
