@@ -60,7 +60,9 @@ def extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # -fopenmp: at::parallel_for is a header template that runs serially unless the extension
     # itself is compiled with OpenMP; at run time the libgomp.so.1 that torch loads is shared.
-    cxx = ["-O3", "-fopenmp", f'-DPYFORMER_CPU_VEC="{vec}"']
+    # -ffp-contract=off: arithmetic as written (fused multiply-adds only where the kernels ask for
+    # them), so e.g. layer norm's dx is exactly 0 where it must be, as in the reference.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", f'-DPYFORMER_CPU_VEC="{vec}"']
     link = ["-fopenmp"]
     if vec == "avx2":
         # at::vec's AVX2 specializations (the CPU kernels' Vectorized<float> is 8 wide). The

@@ -206,7 +206,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
     acc_t* DW = part.data_ptr<acc_t>();
     acc_t* DB = DW + nblk * N;
     at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<acc_t> xh(N), g(N);
+      constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
+      std::vector<acc_t> xh(direct ? 0 : N), g(direct ? 0 : N);
       for (int64_t blk = b0; blk < b1; ++blk) {
         acc_t* dw = DW + blk * N;
         acc_t* db = DB + blk * N;
@@ -216,20 +217,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
         for (int64_t r = r0; r < r1; ++r) {
           const scalar_t* xr = X + r * N;
           const scalar_t* gr = G + r * N;
-          const acc_t mu = MU[r], rs = RS[r];
-          acc_t sg = 0, sgx = 0;
-          for (int64_t j = 0; j < N; ++j) {
-            const acc_t dy = static_cast<acc_t>(gr[j]);
-            xh[j] = (static_cast<acc_t>(xr[j]) - mu) * rs;
-            g[j] = W ? dy * W[j] : dy;
-            dw[j] += dy * xh[j];
-            db[j] += dy;
-          }
-          sg = vsum(g.data(), N);
-          for (int64_t j = 0; j < N; ++j) sgx += g[j] * xh[j];
-          const acc_t a = sg / N, c = sgx / N;
           scalar_t* dxr = DX + r * N;
-          for (int64_t j = 0; j < N; ++j) dxr[j] = static_cast<scalar_t>(rs * (g[j] - a - xh[j] * c));
+          const acc_t mu = MU[r], rs = RS[r];
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {
+            // float32 / float64: two vectorized passes over the cached row; xhat and g are
+            // recomputed in the second rather than stored
+            using Vec = Vectorized<acc_t>;
+            const Vec vmu(mu), vrs(rs);
+            Vec vsg(0), vsgx(0);
+            int64_t j = 0;
+            for (; j + Vec::size() <= N; j += Vec::size()) {
+              const Vec dy = Vec::loadu(gr + j), xhv = (Vec::loadu(xr + j) - vmu) * vrs;
+              const Vec gv = W ? dy * Vec::loadu(W + j) : dy;
+              at::vec::fmadd(dy, xhv, Vec::loadu(dw + j)).store(dw + j);
+              (Vec::loadu(db + j) + dy).store(db + j);
+              vsg = vsg + gv;
+              vsgx = at::vec::fmadd(gv, xhv, vsgx);
+            }
+            acc_t t1[Vec::size()], t2[Vec::size()];
+            vsg.store(t1);
+            vsgx.store(t2);
+            acc_t sg = 0, sgx = 0;
+            for (int64_t t = 0; t < Vec::size(); ++t) sg += t1[t], sgx += t2[t];
+            for (int64_t jj = j; jj < N; ++jj) {
+              const acc_t dy = gr[jj], xhv = (xr[jj] - mu) * rs, gv = W ? dy * W[jj] : dy;
+              dw[jj] += dy * xhv;
+              db[jj] += dy;
+              sg += gv;
+              sgx += gv * xhv;
+            }
+            const acc_t a = sg / N, c = sgx / N;
+            const Vec va(a), vc(c);
+            j = 0;
+            for (; j + Vec::size() <= N; j += Vec::size()) {
+              const Vec dy = Vec::loadu(gr + j), xhv = (Vec::loadu(xr + j) - vmu) * vrs;
+              const Vec gv = W ? dy * Vec::loadu(W + j) : dy;
+              (vrs * (gv - va - xhv * vc)).store(dxr + j);
+            }
+            for (; j < N; ++j) {
+              const acc_t dy = gr[j], xhv = (xr[j] - mu) * rs, gv = W ? dy * W[j] : dy;
+              dxr[j] = rs * (gv - a - xhv * c);
+            }
+          } else {  // float16 / bfloat16: convert once into float buffers
+            acc_t sgx = 0;
+            for (int64_t j = 0; j < N; ++j) {
+              const acc_t dy = static_cast<acc_t>(gr[j]);
+              xh[j] = (static_cast<acc_t>(xr[j]) - mu) * rs;
+              g[j] = W ? dy * W[j] : dy;
+              dw[j] += dy * xh[j];
+              db[j] += dy;
+            }
+            const acc_t sg = vsum(g.data(), N);
+            for (int64_t j = 0; j < N; ++j) sgx += g[j] * xh[j];
+            const acc_t a = sg / N, c = sgx / N;
+            for (int64_t j = 0; j < N; ++j) dxr[j] = static_cast<scalar_t>(rs * (g[j] - a - xh[j] * c));
+          }
         }
       }
     });
