@@ -14,9 +14,12 @@
 // steps: the GEMMs run on the first len[b] keys only and the softmax writes zeros past them.
 // Napkin math: 4 * B * H * Lq * Lk * D flops (times len/Lk with key_lengths); memory: q, k, v and
 // out once, probs written once.
-// Backward: whole-batch GEMMs around the softmax backward row kernel (softmax_row.h):
+// Backward, per head in the same way (float32/float64 with a BLAS; whole-batch ATen GEMMs
+// otherwise), around the softmax backward row kernel (softmax_row.h):
 //   dP = dout @ v^T (through dropout, + grad_probs), dS = P * (dP - sum(dP * P)),
-//   dq = scale * dS @ k, dk = scale * dS^T @ q, dv = P_dropped^T @ dout.
+//   dq = scale * dS @ k, dk = scale * dS^T @ q, dv = P_dropped^T @ dout;
+// dP and the dropout stay in a per-thread buffer, probs are read once and dS (dlogits, an output
+// of the op) written once. Napkin math: 8 * B * H * Lq * Lk * D flops (four GEMMs).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <dlfcn.h>
@@ -54,12 +57,13 @@ const Blas& blas() {
   return b;
 }
 
-// Row-major C (m x n, ldc) = alpha * A (m x k, lda) @ op(B) + 0, op(B) = B^T (n x k, ldb) when
-// trans_b else B (k x n, ldb): in column-major terms C^T = op(B)^T-ish * A^T.
+// Row-major C (m x n, ldc) = alpha * op(A) @ op(B), op(X) = X^T when trans_x. A is stored
+// (m x k) or, transposed, (k x m) with leading dimension lda; B (k x n) or (n x k) with ldb. In
+// the BLAS's column-major terms that is C^T = op(B)^T @ op(A)^T, hence the swapped operands.
 template <typename T>
-void gemm_rm(bool trans_b, int m, int n, int k, T alpha, const T* A, int lda, const T* B, int ldb,
-             T* C, int ldc) {
-  const char tb = trans_b ? 'T' : 'N', ta = 'N';
+void gemm_rm(bool trans_a, bool trans_b, int m, int n, int k, T alpha, const T* A, int lda,
+             const T* B, int ldb, T* C, int ldc) {
+  const char tb = trans_b ? 'T' : 'N', ta = trans_a ? 'T' : 'N';
   const T beta = 0;
   if constexpr (std::is_same_v<T, float>) {
     blas().sgemm(&tb, &ta, &n, &m, &k, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
@@ -106,7 +110,7 @@ void attention_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       scalar_t* ph = P ? P + bh * Lq * Lk : nullptr;
       scalar_t* oh = O + bh * Lq * Dv;
       // S (Lq, len), compact = scale * q_h @ k_h[:len]^T
-      if (len > 0 && D > 0) gemm_rm<acc_t>(true, Lq, len, D, scale, qh, D, kh, D, S.data(), len);
+      if (len > 0 && D > 0) gemm_rm<acc_t>(false, true, Lq, len, D, scale, qh, D, kh, D, S.data(), len);
       else std::fill(S.begin(), S.begin() + Lq * len, acc_t(0));
       // softmax in place in the cached scores, rows of `len` (keys past len are not stored)
       for (int64_t i = 0; i < Lq; ++i) {
@@ -141,7 +145,59 @@ void attention_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
             pd[i * len + j] = kp[i * Lk + j] ? S[i * len + j] * static_cast<acc_t>(keep_scale) : acc_t(0);
         pv = pd.data();
       }
-      gemm_rm<acc_t>(false, Lq, Dv, len, acc_t(1), pv, len, vh, Dv, oh, Dv);
+      gemm_rm<acc_t>(false, false, Lq, Dv, len, acc_t(1), pv, len, vh, Dv, oh, Dv);
+    }
+  });
+}
+
+// Per-head fused backward (float32 / float64 with a BLAS): dP, the softmax backward and the
+// dropout all happen in a per-thread (Lq, Lk) buffer while it is in cache; only dlogits is
+// written out, and probs, keep and grad_probs are read once.
+template <typename scalar_t>
+void attention_backward_fused(const at::Tensor& g, const at::Tensor* gp, const at::Tensor& q,
+                              const at::Tensor& k, const at::Tensor& v, const at::Tensor& probs,
+                              const at::Tensor& keep, double scale, double keep_scale, bool dropped,
+                              at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dS) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t BH = q.size(0) * q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2), Dv = v.size(3);
+  const scalar_t *G = g.data_ptr<scalar_t>(), *Q = q.data_ptr<scalar_t>(), *K = k.data_ptr<scalar_t>();
+  const scalar_t *V = v.data_ptr<scalar_t>(), *P = probs.data_ptr<scalar_t>();
+  const scalar_t* GP = gp ? gp->data_ptr<scalar_t>() : nullptr;
+  const bool* KEEP = dropped ? keep.data_ptr<bool>() : nullptr;
+  scalar_t *DQ = dq.data_ptr<scalar_t>(), *DK = dk.data_ptr<scalar_t>(), *DV = dv.data_ptr<scalar_t>();
+  scalar_t* DS = dS.data_ptr<scalar_t>();
+  const acc_t ks = static_cast<acc_t>(keep_scale);
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> dP(Lq * Lk), pd(KEEP ? Lq * Lk : 0);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t off = bh * Lq * Lk;
+      const scalar_t* gh = G + bh * Lq * Dv;
+      const scalar_t* ph = P + off;
+      scalar_t* dsh = DS + off;
+      // dP = dO @ V^T (Lq, Lk), through dropout, plus the gradient flowing into probs
+      if (Dv > 0) gemm_rm<acc_t>(false, true, Lq, Lk, Dv, acc_t(1), gh, Dv, V + bh * Lk * Dv, Dv, dP.data(), Lk);
+      else std::fill(dP.begin(), dP.end(), acc_t(0));
+      if (KEEP) {
+        const bool* kh = KEEP + off;
+        for (int64_t e = 0; e < Lq * Lk; ++e) {
+          dP[e] = kh[e] ? dP[e] * ks : acc_t(0);
+          pd[e] = kh[e] ? ph[e] * ks : acc_t(0);
+        }
+      }
+      if (GP) {
+        const scalar_t* gph = GP + off;
+        for (int64_t e = 0; e < Lq * Lk; ++e) dP[e] += gph[e];
+      }
+      // dS = P * (dP - sum(dP * P)), row by row, written out as dlogits
+      for (int64_t i = 0; i < Lq; ++i)
+        masked_softmax_backward_row<scalar_t>(dP.data() + i * Lk, ph + i * Lk, dsh + i * Lk, Lk, acc_t(1));
+      if (D > 0) {
+        // dq = scale * dS @ K (Lq, D);  dk = scale * dS^T @ Q (Lk, D)
+        gemm_rm<acc_t>(false, false, Lq, D, Lk, static_cast<acc_t>(scale), dsh, Lk, K + bh * Lk * D, D, DQ + bh * Lq * D, D);
+        gemm_rm<acc_t>(true, false, Lk, D, Lq, static_cast<acc_t>(scale), dsh, Lk, Q + bh * Lq * D, D, DK + bh * Lk * D, D);
+      }
+      // dv = P_dropped^T @ dO (Lk, Dv)
+      if (Dv > 0) gemm_rm<acc_t>(true, false, Lk, Dv, Lq, acc_t(1), KEEP ? pd.data() : ph, Lk, gh, Dv, DV + bh * Lk * Dv, Dv);
     }
   });
 }
@@ -206,6 +262,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   const BelowAutograd below_autograd;
   const bool dropped = dropout_p > 0;
   const double keep_scale = dropout_p < 1 ? 1.0 / (1.0 - dropout_p) : 0.0;
+  const int64_t BH = q.size(0) * q.size(1), Lq = q.size(2), Lk = k.size(2);
+  const bool small = std::max({Lq, Lk, q.size(3), v.size(3)}) < INT_MAX / 2;
+  if (BH * Lq * Lk > 0 && small && (q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble)) {
+    const at::Tensor g = grad_out.contiguous(), qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+    const at::Tensor pc = probs.contiguous(), kp = dropped ? keep.contiguous() : keep;
+    const at::Tensor gp = grad_probs ? grad_probs->contiguous() : at::Tensor();
+    at::Tensor dq = at::empty_like(qc), dk = at::empty_like(kc), dv = at::empty_like(vc), dS = at::empty_like(pc);
+    bool done = false;
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_backward_cpu", [&] {
+      if (have_blas<scalar_t>()) {
+        attention_backward_fused<scalar_t>(g, grad_probs ? &gp : nullptr, qc, kc, vc, pc, kp, scale,
+                                           keep_scale, dropped, dq, dk, dv, dS);
+        done = true;
+      }
+    });
+    if (done) return {dq, dk, dv, dS};
+  }
+  // whole-batch composition (float16/bfloat16, or without a BLAS)
   auto bh3 = [](const at::Tensor& t) { return t.reshape({t.size(0) * t.size(1), t.size(-2), t.size(-1)}); };
   const at::Tensor g = bh3(grad_out), v3 = bh3(v), q3 = bh3(q), k3 = bh3(k);
   at::Tensor dP = at::bmm(g, v3.transpose(1, 2)).view(probs.sizes());
