@@ -5,7 +5,7 @@
 //   add_layer_norm: s = x + residual (written out, rounded to x's dtype) and y = layer_norm(s)
 //
 // Algorithm (forward): rows are split across threads; each row is read once from memory into a
-// float buffer (for float32 without a residual the row itself serves), then the mean and the
+// float buffer (for float32/float64 the row itself, or the just-written s, serves), then the mean and the
 // biased variance in two vectorized passes over the cached row (two-pass: exact where the
 // one-pass E[x^2] - E[x]^2 formula cancels), then y in a third. Napkin math: 4 bytes read + 4
 // written per float32 element (+ 4 + 4 for the residual and s), ~8 flops per element.
@@ -76,18 +76,25 @@ void layer_norm_forward_rows(const scalar_t* x, const scalar_t* res, scalar_t* s
   constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1));
   at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf((direct && !res) ? 0 : N);
+    std::vector<acc_t> buf(direct ? 0 : N);
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* xr = x + r * N;
       const acc_t* row;
       if (res) {  // s = x + residual, rounded to scalar_t as the reference rounds it
         const scalar_t* rr = res + r * N;
         scalar_t* sr = s + r * N;
-        for (int64_t j = 0; j < N; ++j) {
-          sr[j] = static_cast<scalar_t>(xr[j] + rr[j]);
-          buf[j] = static_cast<acc_t>(sr[j]);
+        if constexpr (direct) {  // s itself, just written and still in cache, is the row
+          int64_t j = 0;
+          for (; j + Vec::size() <= N; j += Vec::size()) (Vec::loadu(xr + j) + Vec::loadu(rr + j)).store(sr + j);
+          for (; j < N; ++j) sr[j] = xr[j] + rr[j];
+          row = reinterpret_cast<const acc_t*>(sr);
+        } else {
+          for (int64_t j = 0; j < N; ++j) {
+            sr[j] = static_cast<scalar_t>(xr[j] + rr[j]);
+            buf[j] = static_cast<acc_t>(sr[j]);
+          }
+          row = buf.data();
         }
-        row = buf.data();
       } else if constexpr (direct) {
         row = reinterpret_cast<const acc_t*>(xr);
       } else {
