@@ -28,7 +28,10 @@ _P = torch.ops.pyformer
 
 
 def _default_scale(q: Tensor, scale: Optional[float]) -> float:
-    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if scale is not None:
+        return float(scale)
+    d = q.shape[-1]
+    return 1.0 / math.sqrt(d) if d > 0 else 1.0  # D = 0: the scores are 0 whatever the scale
 
 
 def _shape(normalized_shape: Union[int, Sequence[int], torch.Size]) -> List[int]:

@@ -86,7 +86,7 @@ def scaled_qk(q: Tensor, k: Tensor, scale: Optional[float] = None) -> Tensor:
     """``q @ k^T`` then scaled: divided by sqrt(D) by default, else multiplied by ``scale``."""
     s = torch.matmul(q, k.transpose(-2, -1))
     if scale is None:
-        return s / math.sqrt(q.shape[-1])
+        return s / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else s
     return s * scale
 
 

@@ -290,3 +290,15 @@ def test_attention_inference_skips_probs(device, dtype):
     out, _, _ = torch.ops.pyformer.attention(qg, k, v, None, 1.0, False, None, 0.0, False)
     with pytest.raises(RuntimeError, match="need_probs=False"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_zero_head_dim(device):
+    """D = 0: every score is 0, so each row averages v over its allowed keys."""
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k = torch.randn(2, 3, 4, 0, device=device, dtype=dtype), torch.randn(2, 3, 5, 0, device=device, dtype=dtype)
+        v = torch.randn(2, 3, 5, 6, device=device, dtype=dtype)
+        kl = torch.tensor([5, 2], device=device)
+        out, _ = F.attention(q, k, v, key_lengths=kl)
+        want, _ = ref.attention(q.double(), k.double(), v.double(), key_lengths=kl)
+        assert (out.double() - want).norm() / want.norm() < (1e-6 if dtype == torch.float32 else 1e-2)

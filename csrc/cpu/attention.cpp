@@ -212,7 +212,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu(
   const BelowAutograd below_autograd;
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2), Dv = v.size(3);
-  at::Tensor probs = at::empty({B, H, Lq, Lk}, q.options());
+  const bool small = std::max({Lq, Lk, q.size(3), Dv}) < INT_MAX / 2;
+  const bool fused = small && ((q.scalar_type() == at::kFloat && have_blas<float>()) ||
+                               (q.scalar_type() == at::kDouble && have_blas<double>()));
+  // The fused path writes probs only when they are wanted; otherwise a meta tensor stands in
+  // for their shape and dtype (the mask's broadcast view and the row index need no storage).
+  at::Tensor probs = at::empty({B, H, Lq, Lk}, (fused && !need_probs) ? q.options().device(at::kMeta) : q.options());
   at::Tensor out = at::empty({B, H, Lq, Dv}, q.options());
   at::Tensor keep = dropout_p > 0 ? at::rand({B, H, Lq, Lk}, q.options().dtype(at::kFloat)) < (1.0 - dropout_p)
                                   : at::empty({0}, q.options().dtype(at::kBool));
@@ -224,11 +229,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu(
   at::Tensor kl;
   if (key_lengths) kl = key_lengths->to(at::kLong).contiguous();
   const int64_t* lens = key_lengths ? kl.data_ptr<int64_t>() : nullptr;
-  const bool small = std::max({Lq, Lk, q.size(3), Dv}) < INT_MAX / 2;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_cpu", [&] {
     constexpr bool blas_type = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
-    if constexpr (blas_type) if (have_blas<scalar_t>() && small) {
+    if constexpr (blas_type) if (fused) {
       MaskView mv;
       if (mask) {
         mv.m = mask_for_kernel(*mask, probs).expand(probs.sizes());
@@ -243,7 +247,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu(
     }
     {  // whole-batch composition: GEMM, the same fused softmax rows, GEMM
       at::Tensor s = at::empty({B * H, Lq, Lk}, q.options());
-      at::baddbmm_out(s, s, q.view({B * H, Lq, -1}), k.view({B * H, Lk, -1}).transpose(1, 2), 0, scale);
+      const int64_t D = q.size(3);
+      at::baddbmm_out(s, s, q.view({B * H, Lq, D}), k.view({B * H, Lk, D}).transpose(1, 2), 0, scale);
       masked_softmax_rows<scalar_t>(s.view(probs.sizes()), probs, mask ? &*mask : nullptr, 1.0, causal,
                                     key_lengths ? &*key_lengths : nullptr);
       const at::Tensor pd = dropout_p > 0 ? probs * keep * keep_scale : probs;

@@ -38,9 +38,9 @@ def _attention_backward_fake(grad_out, grad_probs, q, k, v, probs, keep, scale, 
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, mask, scale, causal, key_lengths, dropout_p = inputs[:8]
+    q, k, v, mask, scale, causal, key_lengths, dropout_p, need_probs = inputs
     out, probs, keep = output
-    ctx.need_probs = inputs[8] if len(inputs) > 8 else True
+    ctx.need_probs = need_probs
     ctx.scale, ctx.dropout_p = scale, dropout_p
     ctx.mask_shape = mask.shape if mask is not None else None
     ctx.mask_dtype = mask.dtype if mask is not None else None
