@@ -8,6 +8,9 @@ Environment:
   TORCH_CUDA_ARCH_LIST     CUDA architectures; default "8.0;9.0" when no GPU is visible
   PYFORMER_CPU_VEC         avx2 | none | auto (default: avx2 when this machine's CPU has AVX2+FMA)
   MAX_JOBS                 parallel compile jobs (ninja)
+  PYFORMER_PREBUILT=1      compile nothing: install around the pyformer/_C*.so already in the tree
+                           (built earlier on a machine with the same torch; bench/gpu_report.sh
+                           uses it to carry one build across device calls)
 """
 
 import glob
@@ -55,6 +58,10 @@ def _cpu_vec() -> str:
 
 
 def extensions():
+    if os.environ.get("PYFORMER_PREBUILT", "").strip() == "1":
+        if not glob.glob(os.path.join(ROOT, "pyformer", "_C*.so")):
+            raise RuntimeError("PYFORMER_PREBUILT=1 but there is no pyformer/_C*.so to install around")
+        return []
     cuda = _want_cuda()
     vec = _cpu_vec()
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))

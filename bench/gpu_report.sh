@@ -17,11 +17,23 @@
 # (at most a handful of files: the device tool returns at most 8.)
 #
 # It never stops at a failing step: each step's exit code is recorded and the next one runs. The
-# script exits 0 when every step it ran passed, 1 otherwise.
+# script exits 0 when every step it ran passed, 1 otherwise. Every step's time limit is cut to
+# what is left of DEADLINE (seconds from the start, default 570), so that the report is always
+# written inside the device tool's 10-minute call.
+#
+# The device machine goes back 30 s after a call, so a second call starts bare. Two calls cover
+# every step without compiling twice: the build step also leaves the extension in $OUT, and a
+# later call that carries it (in pyformer/) installs around it with PYFORMER_PREBUILT=1:
+#   call 1: PYFORMER_COMMIT=<sha> STEPS="build test" bench/gpu_report.sh
+#   here:   cp <files_at>/_C*.so pyformer/
+#   call 2 (carry pyformer/_C.cpython-312-x86_64-linux-gnu.so):
+#           PYFORMER_COMMIT=<sha> PYFORMER_PREBUILT=1 STEPS="build sanitize check bench" \
+#           bench/gpu_report.sh
 #
 # Environment: OUT (default /tmp/pyformer_gpu_report), STEPS, PYTHON (default python3), MAX_JOBS,
-# PYFORMER_COMMIT (the commit measured, when the tree has no .git), PYTEST_ARGS (default -q),
-# TEST_TIMEOUT / SANITIZE_TIMEOUT / BENCH_TIMEOUT (seconds), BENCH_ARGS (extra bench options).
+# PYFORMER_COMMIT (the commit measured, when the tree has no .git), PYFORMER_PREBUILT,
+# PYTEST_ARGS (default -q), DEADLINE, TEST_TIMEOUT / SANITIZE_TIMEOUT / BENCH_TIMEOUT (seconds),
+# BENCH_ARGS (extra bench options).
 set -u
 set -o pipefail
 
@@ -42,10 +54,24 @@ ORDER=()
 
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 
+DEADLINE="${DEADLINE:-570}"
+
 # run_step NAME TIMEOUT CMD...: runs CMD with its output in $LOGS/NAME.log, records rc and time.
+# The timeout is cut to what is left before DEADLINE, less 30 s for the report; a step with
+# nothing left is recorded as skipped (exit 124).
 run_step() {
   local name="$1" tmo="$2"
   shift 2
+  local left=$((DEADLINE - SECONDS - 30))
+  (( left < tmo )) && tmo=$left
+  if (( tmo <= 0 )); then
+    echo "== [$name] skipped: no time left before DEADLINE=$DEADLINE s" | tee -a "$LOGS/steps.log"
+    echo "skipped: no time left before DEADLINE" >"$LOGS/$name.log"
+    RC[$name]=124
+    SECS[$name]=0
+    ORDER+=("$name")
+    return 0
+  fi
   local start=$SECONDS
   echo "== [$name] $*" | tee -a "$LOGS/steps.log"
   timeout --kill-after=30 "$tmo" "$@" >"$LOGS/$name.log" 2>&1
@@ -88,8 +114,14 @@ echo "pyformer GPU report: $GPU | $VERSIONS | $NVCC_VERSION | commit $COMMIT"
 
 # ---- steps --------------------------------------------------------------------------------------
 if want build; then
+  # with PYFORMER_PREBUILT=1 this installs around a carried pyformer/_C*.so (no compile)
   run_step build 1200 "$PYTHON" -m pip install --no-build-isolation --no-deps -v -e .
   run_step backends 120 "$PYTHON" -c "import pyformer; print(pyformer.__version__, pyformer.backends())"
+  if [[ "${PYFORMER_PREBUILT:-}" != 1 ]]; then  # for a later call to carry (<= 16 MiB comes back)
+    for so in pyformer/_C*.so; do
+      [[ -f "$so" && $(stat -c %s "$so") -le $((16 << 20)) ]] && cp "$so" "$OUT/"
+    done
+  fi
 fi
 
 if want ptxas; then
@@ -98,7 +130,8 @@ fi
 
 if want test; then
   # shellcheck disable=SC2086
-  run_step test "${TEST_TIMEOUT:-1500}" "$PYTHON" -m pytest ${PYTEST_ARGS:--q} -rfEs -p no:cacheprovider tests
+  run_step test "${TEST_TIMEOUT:-1500}" "$PYTHON" -m pytest ${PYTEST_ARGS:--q} -rfEs \
+    --durations=15 -p no:cacheprovider tests
 fi
 
 SAN_MEM="not run"
@@ -167,6 +200,8 @@ status=0
   echo "| nvcc | $NVCC_VERSION |"
   echo "| commit | $COMMIT |"
   echo "| TORCH_CUDA_ARCH_LIST | $TORCH_CUDA_ARCH_LIST |"
+  echo "| extension | $([[ "${PYFORMER_PREBUILT:-}" == 1 ]] && echo "carried from an earlier call's build (PYFORMER_PREBUILT=1)" || echo "built in this call") |"
+  echo "| steps run | $STEPS |"
   echo "| tests | $TEST_SUMMARY |"
   echo "| memcheck | $SAN_MEM |"
   echo "| racecheck | $SAN_RACE |"

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from pyformer.testing import BOUNDS, rel_err
 
-from .benchcases import COMPUTE_OPS, MODES, OPS, BenchConfig, Problem, Provider, parse_sizes
+from .benchcases import (COMPUTE_OPS, MODES, OPS, BenchConfig, Problem, Provider, check_targets,
+                         parse_sizes)
 from .common import (DTYPE_NAMES, DTYPES, device_name, device_option, dtype_option,
                      environment, format_table, json_option, op_option, resolve_devices,
                      write_json)
@@ -362,12 +363,14 @@ def _free(device: str) -> None:
 @dtype_option("float32 on the CPU, bfloat16 on CUDA")
 @click.option("--mode", "modes", type=click.Choice(MODES), multiple=True,
               help="forward, backward or both (forward+backward); repeat for several. "
-                   "Default: all three (forward only for --sizes issue2).")
+                   "Default: all three (for --sizes issue2/issue3: the modes of their targets).")
 @click.option("--sizes", default="default", show_default=True,
               help="A sweep: 'default' (gpu on CUDA, cpu on the CPU, quick with --quick), "
                    "'cpu' (L 128-1024, N 768-4096), 'gpu' (L 128-8192, N 768-8192, causal "
-                   "attention too), 'quick' (tiny), 'issue2' (the three CPU targets of issue 2), "
-                   "or sizes such as 256,1024 used as both sequence lengths and hidden sizes.")
+                   "attention too), 'quick' (tiny), 'issue2' (the three CPU targets of issue 2, "
+                   "float32), 'issue3' (the GPU targets of issue 3, bf16 and fp16), or sizes "
+                   "such as 256,1024 used as both sequence lengths and hidden sizes. The issue "
+                   "sweeps end with their targets, met or not.")
 @click.option("--quick", is_flag=True,
               help="Tiny shapes and short timings: a smoke test, not a measurement.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the inputs.")
@@ -385,6 +388,7 @@ def bench(device, ops, dtypes, modes, sizes, quick, seed, threads, json_path, cs
 
     \b
     Issue 2's CPU targets:  pyformer bench --device cpu --sizes issue2
+    Issue 3's GPU targets:  pyformer bench --device cuda --sizes issue3
     A smoke test:           pyformer bench --device cpu --quick
     """
     devices = resolve_devices(device)
@@ -424,9 +428,8 @@ def run_device(dev: str, ops: Sequence[str], dtypes: Sequence[str], modes: Seque
                sizes: Optional[str], quick: bool, seed: int, budget: Budget):
     """Bench one device: returns its rows, a summary for the JSON, and the report lines."""
     sweep = parse_sizes(sizes, quick, dev)
-    dts = [DTYPES[d] for d in dtypes] or \
-        [torch.float32 if dev == "cpu" or sweep.name == "issue2" else torch.bfloat16]
-    run_modes = list(modes or sweep.modes)
+    dts = [DTYPES[d] for d in (dtypes or sweep.dtypes or ())] or \
+        [torch.float32 if dev == "cpu" else torch.bfloat16]
     configs = sweep.configs(dev, ops)
     if not configs:
         raise click.UsageError(f"sweep '{sweep.name}' has nothing for --op {', '.join(ops)}")
@@ -438,20 +441,39 @@ def run_device(dev: str, ops: Sequence[str], dtypes: Sequence[str], modes: Seque
         for i, (cfg, dt) in enumerate(bar):
             g = torch.Generator(device=dev).manual_seed(seed + i)
             problem = cfg.make(dt, dev, g)
+            run_modes = list(modes or cfg.modes or sweep.modes)
             rows.extend(time_problem(cfg, problem, dt, dev, run_modes, budget, rates))
             del problem
             _free(dev)
 
     lines = _header_lines(dev, rates, sweep.name, budget) + [""] + table_lines(rows)
+    warned = set()
     for r in rows:
         for name, why in r.errors.items():
             lines.append(f"  ! {r.op} {r.shape} {r.dtype} {r.mode}: {name} failed: {why}")
         bound = BOUNDS[DTYPES[r.dtype]]
         err = r.fwd_err_vs_textbook
-        if r.mode == run_modes[0] and err is not None and not err <= bound:
+        key = (r.op, r.variant, r.shape, r.dtype)
+        if err is not None and not err <= bound and key not in warned:
+            warned.add(key)
             lines.append(f"  ! {r.op} {r.shape} {r.dtype}: pyformer's forward differs from the "
                          f"textbook's by {err:.1e} (> {bound:.0e})")
+    verdicts = check_targets(sweep.targets, rows)
+    lines += target_lines(sweep.name, verdicts)
     summary = {"device": dev, "device_name": rates["name"], "sweep": sweep.name,
                "load_average": rates["load"], "copy_gb_per_s": rates["copy"],
-               "matmul_tflop_per_s": {DTYPE_NAMES[k]: v for k, v in rates["matmul"].items()}}
+               "matmul_tflop_per_s": {DTYPE_NAMES[k]: v for k, v in rates["matmul"].items()},
+               "targets": verdicts}
     return rows, summary, lines
+
+
+def target_lines(sweep_name: str, verdicts: Sequence[dict]) -> List[str]:
+    """The sweep's speed targets, one line per target and measured row: met or short."""
+    if not verdicts:
+        return []
+    cells = [["met" if v["met"] else "NOT MET", v["target"], v["shape"], v["dtype"],
+              "n/a" if v["value"] is None else f"{v['value']:.3g}"] for v in verdicts]
+    met = sum(v["met"] for v in verdicts)
+    return (["", f"targets of sweep '{sweep_name}': {met} of {len(verdicts)} met"]
+            + format_table(("verdict", "target", "shape", "dtype", "measured"), cells,
+                           (False, False, False, False, True)))

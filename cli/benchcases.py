@@ -19,6 +19,7 @@ Sizes (the x axis of a sweep) are the sequence length L (= Lq = Lk) for ``scaled
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -68,6 +69,7 @@ class BenchConfig:
     size: int
     torch_label: str
     make: Callable[[torch.dtype, str, torch.Generator], Problem] = field(compare=False)
+    modes: Optional[Tuple[str, ...]] = None  # this config's modes when --mode is not given
 
     @property
     def key(self) -> str:
@@ -186,9 +188,11 @@ def add_layer_norm_config(m: int, n: int) -> BenchConfig:
                        "add+F.layer_norm", make)
 
 
-def attention_config(b: int, h: int, l: int, d: int, causal: bool = False) -> BenchConfig:
+def attention_config(b: int, h: int, l: int, d: int, causal: bool = False,
+                     bool_mask: bool = False) -> BenchConfig:
     """``attention`` on q, k, v (B,H,L,D): with ``key_lengths`` drawn in [L/2, L] (the
-    baselines get the equivalent (B,1,1,L) bool mask), or causal."""
+    baselines get the equivalent (B,1,1,L) bool mask), with that bool mask for pyformer too
+    (``bool_mask``), or causal."""
 
     def make(dtype, device, g):
         import pyformer.functional as pf
@@ -203,13 +207,15 @@ def attention_config(b: int, h: int, l: int, d: int, causal: bool = False) -> Be
                 "torch": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
         else:
             providers = {
-                "pyformer": lambda: pf.attention(q, k, v, key_lengths=lens),
+                "pyformer": (lambda: pf.attention(q, k, v, mask)) if bool_mask else
+                            (lambda: pf.attention(q, k, v, key_lengths=lens)),
                 "textbook": lambda: ref.attention(q, k, v, mask, zero_masked_rows=False),
                 "torch": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)}
         return Problem({name: Provider(fn, [q, k, v]) for name, fn in providers.items()},
                        flops=_modes(flops, 2 * flops))
 
-    variant = "causal" if causal else "key_lengths in [L/2,L]"
+    variant = ("causal" if causal else "bool (B,1,1,Lk) in [L/2,L]" if bool_mask
+               else "key_lengths in [L/2,L]")
     return BenchConfig("attention", variant, f"q,k,v{shape_str((b, h, l, d))}", l, "F.sdpa", make)
 
 
@@ -225,6 +231,8 @@ class Sweep:
     hidden: Tuple[int, ...]
     modes: Tuple[str, ...] = MODES
     causal: bool = False  # also time causal attention
+    dtypes: Optional[Tuple[str, ...]] = None  # default dtypes (None: the device's default)
+    targets: Tuple["Target", ...] = ()  # speed targets checked after the run
 
     def configs(self, device: str, ops: Sequence[str]) -> List[BenchConfig]:
         shape = _QUICK_SHAPE if self.name == "quick" else _SHAPES[device]
@@ -268,14 +276,80 @@ def _config(op: str, size: int, s: _Shape, causal: bool) -> List[BenchConfig]:
     return [add_layer_norm_config(s.rows, size)]
 
 
-class Issue2Sweep(Sweep):
-    """Issue 2's three CPU targets, exactly: float32, forward."""
+@dataclass(frozen=True)
+class Target:
+    """A speed target: in the rows of ``op`` whose variant contains ``variant`` (every row of
+    the op when empty) and whose mode is ``mode``, pyformer must reach ``at_least`` of
+    ``metric``: ``"textbook"`` or ``"torch"`` (speedup over that baseline, x) or ``"copy"``
+    (achieved bandwidth, % of the copy bandwidth measured in the same run)."""
+
+    op: str
+    mode: str
+    metric: str
+    at_least: float
+    variant: str = ""
+
+    def label(self) -> str:
+        what = {"textbook": "x textbook", "torch": "x torch op", "copy": "% copy"}[self.metric]
+        var = f" [{self.variant}]" if self.variant else ""
+        return f"{self.op}{var} {self.mode}: >= {self.at_least:g}{what}"
+
+    def matches(self, row) -> bool:
+        return row.op == self.op and row.mode == self.mode and self.variant in row.variant
+
+    def measure(self, row) -> Optional[float]:
+        """The row's value of the metric (None when it was not measured)."""
+        if self.metric == "copy":
+            rate = row.gbps.get("pyformer")
+            return 100 * rate / row.copy_gbps if rate and row.copy_gbps else None
+        return row.speedup.get(self.metric)
+
+
+def check_targets(targets: Sequence[Target], rows) -> List[dict]:
+    """One verdict per (target, matching row): the measured value and whether it is met.
+    A target that no row matches (its op or mode was not run) gives no verdict."""
+    out = []
+    for t in targets:
+        for r in rows:
+            if not t.matches(r):
+                continue
+            v = t.measure(r)
+            out.append({"target": t.label(), "shape": r.shape, "dtype": r.dtype, "value": v,
+                        "met": v is not None and v >= t.at_least})
+    return out
+
+
+class FixedSweep(Sweep):
+    """A sweep of fixed configs (an issue's targets, exactly), each with its own modes."""
+
+    def __init__(self, name: str, make_configs: Callable[[], List[BenchConfig]], **kw):
+        super().__init__(name, seq=(), hidden=(), **kw)
+        object.__setattr__(self, "make_configs", make_configs)
 
     def configs(self, device: str, ops: Sequence[str]) -> List[BenchConfig]:
-        targets = [masked_softmax_config(8, 12, 512, scale=1 / 8),
-                   layer_norm_config(8192, 1024),
-                   attention_config(8, 12, 512, 64)]
-        return [c for c in targets if c.op in ops]
+        return [c for c in self.make_configs() if c.op in ops]
+
+
+def _with_modes(cfg: BenchConfig, *modes: str) -> BenchConfig:
+    return dataclasses.replace(cfg, modes=modes)
+
+
+def _issue2_configs() -> List[BenchConfig]:
+    """Issue 2's three CPU targets, exactly: float32, forward."""
+    return [masked_softmax_config(8, 12, 512, scale=1 / 8),
+            layer_norm_config(8192, 1024),
+            attention_config(8, 12, 512, 64)]
+
+
+def _issue3_configs() -> List[BenchConfig]:
+    """Issue 3's GPU targets, exactly (bf16 and fp16): masked_softmax forward on scores
+    (8,16,2048,2048) with a padding mask; layer_norm (32768,4096) forward and backward;
+    attention (8,16,1024,64) with a padding mask, forward+backward, as key_lengths and as the
+    (B,1,1,Lk) bool mask (F.sdpa gets the same bool mask)."""
+    return [_with_modes(masked_softmax_config(8, 16, 2048, scale=1 / 8), "forward"),
+            _with_modes(layer_norm_config(32768, 4096), "forward", "backward"),
+            _with_modes(attention_config(8, 16, 1024, 64), "both"),
+            _with_modes(attention_config(8, 16, 1024, 64, bool_mask=True), "both")]
 
 
 SWEEPS = {
@@ -283,7 +357,17 @@ SWEEPS = {
     "cpu": Sweep("cpu", seq=(128, 256, 512, 1024), hidden=(768, 1024, 2048, 4096)),
     "gpu": Sweep("gpu", seq=(128, 256, 512, 1024, 2048, 4096, 8192),
                  hidden=(768, 1024, 2048, 4096, 8192), causal=True),
-    "issue2": Issue2Sweep("issue2", seq=(512,), hidden=(1024,), modes=("forward",)),
+    "issue2": FixedSweep("issue2", _issue2_configs, modes=("forward",), dtypes=("float32",),
+                         targets=(Target("masked_softmax", "forward", "textbook", 2.0),
+                                  Target("layer_norm", "forward", "torch", 1.0),
+                                  Target("attention", "forward", "textbook", 2.0))),
+    "issue3": FixedSweep("issue3", _issue3_configs, dtypes=("bfloat16", "float16"),
+                         targets=(Target("masked_softmax", "forward", "copy", 85.0),
+                                  Target("masked_softmax", "forward", "textbook", 2.5),
+                                  Target("layer_norm", "forward", "copy", 85.0),
+                                  Target("layer_norm", "forward", "torch", 1.2),
+                                  Target("layer_norm", "backward", "torch", 1.0),
+                                  Target("attention", "both", "textbook", 2.0))),
 }
 
 

@@ -81,8 +81,9 @@ void check_masks(const char* op, at::IntArrayRef sizes, const at::Device& device
               str(kl.sizes()));
     if (kl.numel() > 0) {
       const int64_t lk = sizes[nd - 1];
-      const auto lo = kl.min().item<int64_t>();
-      const auto hi = kl.max().item<int64_t>();
+      // one read-back (on CUDA one sync) for both ends
+      const at::Tensor ends = at::stack({kl.min(), kl.max()}).to(at::kCPU, at::kLong);
+      const int64_t lo = ends[0].item<int64_t>(), hi = ends[1].item<int64_t>();
       PYF_VALUE(lo >= 0 && hi <= lk, op, "key_lengths",
                 "values in [0, " + std::to_string(lk) + "]",
                 "values in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
@@ -254,7 +255,13 @@ int64_t layer_norm_rows(const at::Tensor& x, at::IntArrayRef normalized_shape) {
 
 at::Tensor mask_for_kernel(const at::Tensor& mask, const at::Tensor& scores) {
   if (mask.scalar_type() == at::kBool || mask.scalar_type() == scores.scalar_type()) return mask;
-  return mask.to(scores.scalar_type());
+  // Convert only the distinct values: a dim broadcast by stride 0 (an expand()) is narrowed to
+  // size 1 first, which the kernels broadcast again by index.
+  at::Tensor m = mask;
+  for (int64_t d = 0; d < m.dim(); ++d) {
+    if (m.stride(d) == 0 && m.size(d) > 1) m = m.narrow(d, 0, 1);
+  }
+  return m.to(scores.scalar_type());
 }
 
 }  // namespace pyformer

@@ -36,8 +36,9 @@ TORCH_LIBRARY(pyformer, m) {
 
   // (out, probs, keep): out = dropout(probs) @ v, probs = masked_softmax(scaled_qk(q, k, scale)).
   // keep is the bool dropout mask (shape of probs), or an empty bool tensor when dropout_p == 0.
-  // need_probs=False (inference without need_weights) returns an empty probs and skips writing
-  // them; there is then no backward.
+  // need_probs=False (inference without need_weights) returns an empty probs, and there is then
+  // no backward; the CPU kernel then never writes the (B,H,Lq,Lk) probs (it works per head in
+  // cache), the CUDA composition still forms them as the input of probs @ v.
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal,"
       " Tensor? key_lengths, float dropout_p, bool need_probs=True) -> (Tensor, Tensor, Tensor)");

@@ -274,6 +274,7 @@ def test_bench_plot_needs_matplotlib(monkeypatch, tmp_path):
 def test_issue2_sweep_is_exactly_issue2s_cpu_targets():
     sweep = parse_sizes("issue2", quick=False, device="cpu")
     assert sweep is SWEEPS["issue2"] and sweep.modes == ("forward",)
+    assert sweep.dtypes == ("float32",)
     got = {(c.op, c.shape, c.variant) for c in sweep.configs("cpu", OPS)}
     assert got == {("masked_softmax", "(8,12,512,512)", "bool (B,1,1,Lk), scale 0.125"),
                    ("layer_norm", "(8192,1024)", "weight+bias"),
@@ -281,3 +282,62 @@ def test_issue2_sweep_is_exactly_issue2s_cpu_targets():
     # and the CPU default sweep contains all three
     default = {(c.op, c.shape, c.variant) for c in parse_sizes(None, False, "cpu").configs("cpu", OPS)}
     assert got <= default
+
+
+def test_issue3_sweep_is_exactly_issue3s_gpu_targets():
+    sweep = parse_sizes("issue3", quick=False, device="cuda")
+    assert sweep is SWEEPS["issue3"] and sweep.dtypes == ("bfloat16", "float16")
+    got = {(c.op, c.shape, c.variant, c.modes) for c in sweep.configs("cuda", OPS)}
+    assert got == {
+        ("masked_softmax", "(8,16,2048,2048)", "bool (B,1,1,Lk), scale 0.125", ("forward",)),
+        ("layer_norm", "(32768,4096)", "weight+bias", ("forward", "backward")),
+        ("attention", "q,k,v(8,16,1024,64)", "key_lengths in [L/2,L]", ("both",)),
+        ("attention", "q,k,v(8,16,1024,64)", "bool (B,1,1,Lk) in [L/2,L]", ("both",))}
+    labels = {t.label() for t in sweep.targets}
+    assert labels == {"masked_softmax forward: >= 85% copy",
+                      "masked_softmax forward: >= 2.5x textbook",
+                      "layer_norm forward: >= 85% copy", "layer_norm forward: >= 1.2x torch op",
+                      "layer_norm backward: >= 1x torch op", "attention both: >= 2x textbook"}
+    assert [c.op for c in sweep.configs("cuda", ("attention",))] == ["attention", "attention"]
+
+
+def test_targets_judge_the_measured_rows():
+    from pyformer.cli.bench import BenchRow
+    from pyformer.cli.benchcases import Target, check_targets
+
+    def row(op, mode, gbps, copy, textbook):
+        r = BenchRow("cuda", "gpu", op, "v", "(2,2)", 2, "bfloat16", mode, "-")
+        r.gbps = {"pyformer": gbps}
+        r.copy_gbps = copy
+        r.speedup = {"textbook": textbook}
+        return r
+
+    rows = [row("masked_softmax", "forward", 900.0, 1000.0, 3.0),
+            row("masked_softmax", "backward", 100.0, 1000.0, 1.0),
+            row("layer_norm", "forward", 800.0, 1000.0, 1.0)]
+    targets = [Target("masked_softmax", "forward", "copy", 85.0),
+               Target("masked_softmax", "forward", "textbook", 3.5),
+               Target("layer_norm", "forward", "copy", 85.0),
+               Target("layer_norm", "forward", "torch", 1.2),   # no torch timing: not met
+               Target("attention", "both", "textbook", 2.0)]    # not run: no verdict
+    got = [(v["target"], v["value"], v["met"]) for v in check_targets(targets, rows)]
+    assert got == [("masked_softmax forward: >= 85% copy", 90.0, True),
+                   ("masked_softmax forward: >= 3.5x textbook", 3.0, False),
+                   ("layer_norm forward: >= 85% copy", 80.0, False),
+                   ("layer_norm forward: >= 1.2x torch op", None, False)]
+
+
+def test_bench_issue2_sweep_prints_its_targets(tmp_path):
+    j = tmp_path / "b.json"
+    res = invoke("bench", "--device", "cpu", "--quick", "--sizes", "issue2", "--op",
+                 "masked_softmax", "--json", str(j))
+    assert res.exit_code == 0, res.output
+    assert "targets of sweep 'issue2':" in res.stdout
+    assert "masked_softmax forward: >= 2x textbook" in res.stdout
+    data = json.loads(j.read_text())
+    rows = data["rows"]
+    assert [(r["op"], r["dtype"], r["mode"]) for r in rows] == [
+        ("masked_softmax", "float32", "forward")]
+    (verdict,) = data["devices"][0]["targets"]
+    assert verdict["value"] == pytest.approx(rows[0]["speedup"]["textbook"])
+    assert verdict["met"] == (verdict["value"] >= 2.0)

@@ -302,3 +302,80 @@ def test_attention_zero_head_dim(device):
         out, _ = F.attention(q, k, v, key_lengths=kl)
         want, _ = ref.attention(q.double(), k.double(), v.double(), key_lengths=kl)
         assert (out.double() - want).norm() / want.norm() < (1e-6 if dtype == torch.float32 else 1e-2)
+    # gradients: dv averages the cotangent over the allowed keys, dq and dk are empty
+    for Dv in (6, 0):
+        q, k = (torch.randn(2, 3, n, 0, dtype=torch.float64) for n in (4, 5))
+        v = torch.randn(2, 3, 5, Dv, dtype=torch.float64)
+        compare(lambda q, k, v: F.attention(q, k, v, key_lengths=kl.to(q.device), need_weights=True),
+                lambda q, k, v: ref.attention(q, k, v, key_lengths=kl.cpu(), need_weights=True),
+                [q, k, v], dtype=torch.float32, device=device, grad=(0, 1, 2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_grad_of_one_output(device):
+    """Only out, or only the weights, reach the loss: the other output's gradient is absent
+    (not a tensor of zeros) and the result is the same."""
+    q, k, v = (torch.randn(2, 2, 5, 4, dtype=torch.float64) for _ in range(3))
+    m = torch.rand(2, 1, 5, 5) > 0.3
+    m[..., 0] = True
+    for pick in (0, 1):
+        compare(lambda q, k, v: F.attention(q, k, v, m.to(q.device), need_weights=True)[pick],
+                lambda q, k, v: ref.attention(q, k, v, m, need_weights=True)[pick],
+                [q, k, v], dtype=torch.float64, device=device, grad=(0, 1, 2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_softmax_high_rank_and_broadcast_masks(device):
+    """Scores of rank 10 with a mask broadcast over some of their dims (the CUDA kernel merges
+    dims where the mask's strides allow), and an expand()ed additive mask of another dtype
+    (converted without materializing the expansion)."""
+    shape = (2, 1, 3, 2, 1, 2, 1, 2, 3, 5)
+    s = torch.randn(*shape, dtype=torch.float64)
+    m = torch.rand(2, 1, 3, 1, 1, 2, 1, 1, 3, 5) > 0.3
+    m[..., 0] = True
+    mt = m.transpose(2, 5)  # non-contiguous, still broadcastable: (2,1,2,1,1,3,1,1,3,5)
+    s2 = torch.randn(2, 1, 2, 2, 1, 3, 1, 2, 3, 5, dtype=torch.float64)
+    kl = torch.randint(1, 6, (2,))
+    for scores, mask in ((s, m), (s2, mt)):
+        compare(lambda s: F.masked_softmax(s, mask.to(s.device), scale=0.7, causal=True,
+                                           key_lengths=kl.to(s.device)),
+                lambda s: ref.masked_softmax(s, mask, scale=0.7, causal=True, key_lengths=kl),
+                [scores], dtype=torch.float32, device=device, grad=(0,))
+    add = torch.randn(2, 1, 1, 5, dtype=torch.float32)
+    add[..., 3] = float("-inf")
+    big = add.expand(2, 4, 3, 5)  # stride 0 over heads and queries
+    x = torch.randn(2, 4, 3, 5, dtype=torch.float64)
+    compare(lambda x: F.masked_softmax(x, big.to(x.device), scale=0.5),
+            lambda x: ref.masked_softmax(x, big.double(), scale=0.5),
+            [x], dtype=torch.bfloat16, device=device, grad=(0,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("N", [1, 3, 1000, 5000, 10000])
+def test_layer_norm_constant_rows_are_exact(device, dtype, N):
+    """A constant row normalizes to exactly 0 (y == bias), as in torch, on every path (warp,
+    block and long rows on CUDA), even where the float sum of the row is inexact; its gradient
+    (rstd * (g - mean(g)), exactly 0 when N == 1) matches the reference; and a row whose first
+    element is an outlier keeps the dtype's accuracy."""
+    vals = torch.tensor([1000.1, 0.1, -3.7, 1e-3], dtype=torch.float64).to(dtype)
+    x = vals.view(4, 1).expand(4, N).contiguous().to(device)
+    w = torch.randn(N, dtype=dtype, device=device)
+    b = torch.randn(N, dtype=dtype, device=device)
+    y = F.layer_norm(x, (N,), w, b)
+    assert torch.equal(y, b.expand(4, N)), (y - b).abs().max()
+    # the float64 reference is exact on constant rows of float32/bfloat16 values (their sum in
+    # float64 is exact), not of float64 values, where it is the less accurate side
+    if dtype != torch.float64:
+        compare(lambda x, w, b: F.layer_norm(x, (N,), w, b),
+                lambda x, w, b: ref.layer_norm(x, (N,), w, b),
+                [x.double().cpu(), w.double().cpu(), b.double().cpu()], dtype=dtype,
+                device=device, grad=(0, 1, 2))
+    if N == 1:
+        xr = x.clone().requires_grad_()
+        (dx,) = torch.autograd.grad(F.layer_norm(xr, (N,), w, b), xr, torch.randn_like(xr))
+        assert not dx.any()
+    spike = torch.randn(2, N, dtype=torch.float64)
+    spike[:, 0] = 1000.0
+    compare(lambda s: F.layer_norm(s, (N,)), lambda s: ref.layer_norm(s, (N,)), [spike],
+            dtype=dtype, device=device, grad=(0,))

@@ -6,8 +6,9 @@
 //
 // Algorithm (forward): rows are split across threads; each row is read once from memory into a
 // float buffer (for float32/float64 the row itself, or the just-written s, serves), then the mean and the
-// biased variance in two vectorized passes over the cached row (two-pass: exact where the
-// one-pass E[x^2] - E[x]^2 formula cancels), then y in a third. Napkin math: 4 bytes read + 4
+// biased variance in two vectorized passes over the cached row (a corrected two-pass: exact where the
+// one-pass E[x^2] - E[x]^2 formula cancels, and the centred sum refines the mean, so a constant
+// row normalizes to exactly 0), then y in a third. Napkin math: 4 bytes read + 4
 // written per float32 element (+ 4 + 4 for the residual and s), ~8 flops per element.
 // Backward: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * weight, per row;
 // dweight = sum_rows dy * xhat and dbias = sum_rows dy through per-block partial sums over a fixed
@@ -16,7 +17,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "../pyformer.h"
@@ -40,23 +43,31 @@ inline acc_t vsum(const acc_t* a, int64_t n) {
   return r;
 }
 
-// sum (a - c)^2
+// sum (a - c) and sum (a - c)^2
 template <typename acc_t>
-inline acc_t vsum_sq_dev(const acc_t* a, int64_t n, acc_t c) {
+inline std::pair<acc_t, acc_t> vsum_dev(const acc_t* a, int64_t n, acc_t c) {
   using Vec = Vectorized<acc_t>;
   const Vec vc(c);
-  Vec s(0);
+  Vec s1(0), s2(0);
   int64_t j = 0;
   for (; j + Vec::size() <= n; j += Vec::size()) {
     const Vec d = Vec::loadu(a + j) - vc;
-    s = at::vec::fmadd(d, d, s);
+    s1 = s1 + d;
+    s2 = at::vec::fmadd(d, d, s2);
   }
-  acc_t t[Vec::size()];
-  s.store(t);
-  acc_t r = 0;
-  for (int64_t i = 0; i < Vec::size(); ++i) r += t[i];
-  for (; j < n; ++j) r += (a[j] - c) * (a[j] - c);
-  return r;
+  acc_t t1[Vec::size()], t2[Vec::size()];
+  s1.store(t1);
+  s2.store(t2);
+  acc_t r1 = 0, r2 = 0;
+  for (int64_t i = 0; i < Vec::size(); ++i) {
+    r1 += t1[i];
+    r2 += t2[i];
+  }
+  for (; j < n; ++j) {
+    r1 += a[j] - c;
+    r2 += (a[j] - c) * (a[j] - c);
+  }
+  return {r1, r2};
 }
 
 // weight / bias as accumulator arrays (the tensor itself for float32/float64; a converted copy
@@ -101,8 +112,13 @@ void layer_norm_forward_rows(const scalar_t* x, const scalar_t* res, scalar_t* s
         for (int64_t j = 0; j < N; ++j) buf[j] = static_cast<acc_t>(xr[j]);
         row = buf.data();
       }
-      const acc_t mu = vsum(row, N) / N;
-      const acc_t var = vsum_sq_dev(row, N, mu) / N;
+      // corrected two-pass: the centred sum refines the mean (a constant row gets its value as
+      // mean exactly, so y == bias exactly) and the variance
+      const acc_t mu0 = vsum(row, N) / N;
+      const auto [c1, c2] = vsum_dev(row, N, mu0);
+      const acc_t dm = c1 / N;
+      const acc_t mu = mu0 + dm;
+      const acc_t var = std::max(acc_t(0), c2 / N - dm * dm);
       const acc_t rs = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
       mean[r] = mu;
       rstd[r] = rs;

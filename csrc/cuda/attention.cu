@@ -38,7 +38,10 @@ namespace {
 
 // ---- helpers ------------------------------------------------------------------------------------
 
-inline at::Tensor bh3(const at::Tensor& t) { return t.reshape({-1, t.size(-2), t.size(-1)}); }
+// (B, H, L, D) -> (B*H, L, D); sizes spelled out, since reshape cannot infer a -1 when D == 0.
+inline at::Tensor bh3(const at::Tensor& t) {
+  return t.reshape({t.size(0) * t.size(1), t.size(2), t.size(3)});
+}
 
 inline double keep_scale_for(double dropout_p) {
   return dropout_p < 1.0 ? 1.0 / (1.0 - dropout_p) : 0.0;

@@ -310,8 +310,6 @@ at::Tensor masked_softmax_forward_launch(const at::Tensor& scores,
                                          bool causal, const std::optional<at::Tensor>& key_lengths);
 at::Tensor masked_softmax_backward_launch(const at::Tensor& grad, const at::Tensor& out,
                                           double scale);
-// scaled_qk.cu: scale * q @ k^T for contiguous (batch, Lq, D) and (batch, Lk, D).
-at::Tensor scaled_qk_launch(const at::Tensor& q3, const at::Tensor& k3, double scale);
 
 }  // namespace cuda
 }  // namespace pyformer

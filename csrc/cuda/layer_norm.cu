@@ -14,11 +14,14 @@
 //
 // Algorithm: forward and dx are row kernels: a warp per row (N <= 512) or a block of <= 512
 // threads per row (N <= 8192) that keeps the row in registers (16 values per thread; 2 x 16 for
-// dx): one read, two reductions (mean, then the centred sum of squares, exact two-pass variance
-// on registers), one write. Longer rows (no cap) use a 1024-thread block that accumulates sums
-// shifted by the row's first element (no cancellation for rows whose mean dwarfs their spread)
-// and re-reads the row (an L2 hit at these sizes) to write. Loads and stores are 16 bytes wide
-// when N and every pointer allow, scalar otherwise.
+// dx): one read, reductions for the mean, then for the centred sum and the centred sum of
+// squares (a corrected two-pass on registers: the centred sum refines the mean, so a constant
+// row gets its value as mean and y == bias exactly, as in torch), one write. Longer rows (no cap)
+// use a 1024-thread block that makes the same three sums in two passes over the row (the mean
+// from sums shifted by the row's first element, then the centred sums) and a third pass to write;
+// the re-reads are L2 hits at these sizes, and they re-read x (and residual), never s: a kernel
+// may not read memory it writes through the non-coherent path that `const __restrict__` allows.
+// Loads and stores are 16 bytes wide when N and every pointer allow, scalar otherwise.
 // dweight/dbias are deterministic: kernel 1 gives each block a 32-column tile and a fixed slice of
 // rows and writes one float partial per (slice, column); kernel 2 sums the slices per column in a
 // fixed order. No atomics, so every run gives the same bits.
@@ -37,6 +40,8 @@
 // (64 registers) for the same reason (its float64 build spilled 8 bytes at ptxas's own choice).
 //
 // Sections: device helpers, forward kernels, backward kernels, launchers, ops + registration.
+#include <limits>
+
 #include "common.cuh"
 
 namespace pyformer {
@@ -61,7 +66,7 @@ __device__ __forceinline__ Vec<T, VEC> load_input(const T* xr, const T* rr, T* s
 #pragma unroll
     for (int e = 0; e < VEC; ++e)
       in.v[e] = static_cast<T>(static_cast<A>(in.v[e]) + static_cast<A>(r.v[e]));
-    store_vec<T, VEC>(sr, j0, in);
+    if (sr != nullptr) store_vec<T, VEC>(sr, j0, in);
   }
   return in;
 }
@@ -100,20 +105,26 @@ __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads
         }
       }
     }
-    const A mean = RowMap<WARP>::sum(sum, smem) * inv_n;
-    A sq = A(0);
+    const A mean0 = RowMap<WARP>::sum(sum, smem) * inv_n;
+    A c1 = A(0), sq = A(0);
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {
       const int j0 = (c * nt + tid) * VEC;  // < 8192: 32-bit in-row offsets
       if (j0 < N) {
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          const A d = v[c * VEC + e] - mean;
+          const A d = v[c * VEC + e] - mean0;
+          c1 += d;
           sq += d * d;
         }
       }
     }
-    const A var = RowMap<WARP>::sum(sq, smem) * inv_n;
+    // corrected two-pass: the centred sum refines the mean (a constant row gets mean == its
+    // value exactly, so y == 0 exactly)
+    const A dm = RowMap<WARP>::sum(c1, smem) * inv_n;
+    A var = RowMap<WARP>::sum(sq, smem) * inv_n - dm * dm;
+    if (var < A(0)) var = A(0);
+    const A mean = mean0 + dm;
     const A rstd = acc_rsqrt(var + eps);
     if (tid == 0) {
       mean_out[row] = mean;
@@ -157,34 +168,44 @@ __global__ void __launch_bounds__(kLongThreads, 1)
     const T* xr = x + base;
     const T* rr = res ? res + base : nullptr;
     T* sr = s_out ? s_out + base : nullptr;
-    // the shift: the row's first input value, read by every thread (a broadcast load)
+    // this thread's columns of the row again: x, or s recomputed from x and residual (the same
+    // rounding, so the same bits as stored) -- s_out is never read back, so no load in this kernel
+    // touches memory it writes (an ld.global.nc of s would not be guaranteed to see the store)
+    auto reload = [&](int64_t j0) { return load_input<T, VEC>(xr, rr, nullptr, j0); };
+    // pass 1: the mean, from sums shifted by the row's first value (writes s)
     A shift = static_cast<A>(xr[0]);
     if (rr) shift = static_cast<A>(static_cast<T>(shift + static_cast<A>(rr[0])));
-    A s1 = A(0), s2 = A(0);
+    A s1 = A(0);
     for (int64_t j0 = int64_t(threadIdx.x) * VEC; j0 < N; j0 += step) {
       const V in = load_input<T, VEC>(xr, rr, sr, j0);
 #pragma unroll
+      for (int e = 0; e < VEC; ++e) s1 += static_cast<A>(in.v[e]) - shift;
+    }
+    const A mean0 = shift + block_allreduce_sum(s1, smem) * inv_n;
+    // pass 2 (an L2 re-read): sums centred on mean0 -- the exact two-pass variance, and the
+    // mean refined by the centred sum
+    A c1 = A(0), c2 = A(0);
+    for (int64_t j0 = int64_t(threadIdx.x) * VEC; j0 < N; j0 += step) {
+      const V in = reload(j0);
+#pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        const A d = static_cast<A>(in.v[e]) - shift;
-        s1 += d;
-        s2 += d * d;
+        const A d = static_cast<A>(in.v[e]) - mean0;
+        c1 += d;
+        c2 += d * d;
       }
     }
-    s1 = block_allreduce_sum(s1, smem);
-    s2 = block_allreduce_sum(s2, smem);
-    const A dmean = s1 * inv_n;
-    A var = s2 * inv_n - dmean * dmean;
+    const A dm = block_allreduce_sum(c1, smem) * inv_n;
+    A var = block_allreduce_sum(c2, smem) * inv_n - dm * dm;
     if (var < A(0)) var = A(0);
-    const A mean = shift + dmean;
+    const A mean = mean0 + dm;
     const A rstd = acc_rsqrt(var + eps);
     if (threadIdx.x == 0) {
       mean_out[row] = mean;
       rstd_out[row] = rstd;
     }
-    // Each thread re-reads only the columns it wrote to s_out itself: no cross-thread ordering.
-    const T* src = sr ? static_cast<const T*>(sr) : xr;
+    // pass 3: normalize and write
     for (int64_t j0 = int64_t(threadIdx.x) * VEC; j0 < N; j0 += step) {
-      const V in = load_vec<T, VEC>(src, j0);
+      const V in = reload(j0);
       V wv, bv, out;
       if (w) wv = load_vec<T, VEC>(w, j0);
       if (b) bv = load_vec<T, VEC>(b, j0);
@@ -416,8 +437,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ln_forward(
   at::Tensor mean = at::empty(stat_shape, x.options().dtype(stat_dtype(x)));
   at::Tensor rstd = at::empty(stat_shape, x.options().dtype(stat_dtype(x)));
   if (rows == 0 || N == 0) {
-    mean.zero_();  // N == 0: nothing to normalize; give defined statistics
-    rstd.zero_();
+    // N == 0: no statistics to speak of; NaN as on the CPU (empty when rows == 0)
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    rstd.fill_(std::numeric_limits<double>::quiet_NaN());
     return {y, s, mean, rstd};
   }
 

@@ -57,7 +57,7 @@ namespace {
 // The row kernels' sizes (kRowItems, kWarpRowsPerBlock, kMaxRowThreads, kLongThreads), RowMap,
 // store_row, load_vec / store_vec, can_vectorize and launch_rows are in common.cuh, shared with
 // layer_norm.cu.
-constexpr int kMaxLeadDims = 8;   // scores of rank <= 9
+constexpr int kMaxLeadDims = 8;   // leading dims of the mask after merging (make_mask_params)
 
 // ---- device helpers -----------------------------------------------------------------------------
 
@@ -65,8 +65,8 @@ constexpr int kMaxLeadDims = 8;   // scores of rank <= 9
 struct MaskParams {
   const void* data = nullptr;       // bool mask, or additive mask in the scores' dtype
   int kind = 0;                     // 0 none, 1 bool, 2 additive
-  int nlead = 0;                    // scores.dim() - 1
-  int64_t size[kMaxLeadDims] = {};  // scores' leading sizes
+  int nlead = 0;                    // leading dims of the scores, merged (make_mask_params)
+  int64_t size[kMaxLeadDims] = {};  // their sizes, outermost first
   int64_t mstride[kMaxLeadDims] = {};  // the mask's strides over them (0 where broadcast)
   int64_t mlast = 0;                // the mask's stride over keys (0 when its last dim is 1)
   bool causal = false;
@@ -406,24 +406,36 @@ MaskParams make_mask_params(const at::Tensor& x, const at::Tensor* mask, bool ca
                             const at::Tensor* klen_long, int64_t rows) {
   MaskParams p;
   const int64_t sdim = x.dim();
-  TORCH_CHECK(sdim - 1 <= kMaxLeadDims, "masked_softmax (CUDA): expected 'scores' of rank at most ",
-              kMaxLeadDims + 1, ", got rank ", sdim);
-  p.nlead = static_cast<int>(sdim > 0 ? sdim - 1 : 0);
-  for (int d = 0; d < p.nlead; ++d) p.size[d] = x.size(d);
   if (mask != nullptr) {
     p.data = mask->data_ptr();
     p.kind = mask->scalar_type() == at::kBool ? 1 : 2;
     const int64_t mdim = mask->dim();
-    // Align the mask's dims with the scores' from the right; size-1 dims broadcast (stride 0).
-    for (int64_t md = 0; md < mdim; ++md) {
-      const int64_t sd = md + (sdim - mdim);
-      const int64_t st = mask->size(md) == 1 ? 0 : mask->stride(md);
-      if (sd < 0) continue;  // an extra leading dim of size 1
-      if (sd == sdim - 1) {
-        p.mlast = st;
-      } else {
-        p.mstride[sd] = st;
+    // The mask's stride over each leading dim of the scores, dims aligned from the right; size-1
+    // dims broadcast (stride 0).
+    auto mstride = [&](int64_t sd) -> int64_t {
+      const int64_t md = sd - (sdim - mdim);
+      return md < 0 || mask->size(md) == 1 ? 0 : mask->stride(md);
+    };
+    p.mlast = sdim >= 1 ? mstride(sdim - 1) : 0;
+    // Leading dims, outermost first, size-1 dims dropped and neighbours merged where the mask's
+    // offset is linear across both (outer stride == inner stride * inner size, stride 0 on both
+    // included): a (B,1,1,Lk) mask over (B,H,Lq,Lk) scores becomes 2 dims, a dense mask 1. Fewer
+    // divisions per row, and scores of any rank fit.
+    for (int64_t sd = 0; sd + 1 < sdim; ++sd) {
+      const int64_t n = x.size(sd), st = mstride(sd);
+      if (n == 1) continue;
+      if (p.nlead > 0 && p.mstride[p.nlead - 1] == st * n) {
+        p.size[p.nlead - 1] *= n;
+        p.mstride[p.nlead - 1] = st;
+        continue;
       }
+      TORCH_CHECK_VALUE(p.nlead < kMaxLeadDims,
+                  "pyformer.masked_softmax: argument 'mask': expected a mask whose strides merge "
+                  "into at most ", kMaxLeadDims, " leading dims on CUDA (make it contiguous), got "
+                  "sizes ", mask->sizes(), " and strides ", mask->strides());
+      p.size[p.nlead] = n;
+      p.mstride[p.nlead] = st;
+      ++p.nlead;
     }
   }
   p.causal = causal;

@@ -111,7 +111,8 @@ struct TileRegs {
 // ---- kernels ------------------------------------------------------------------------------------
 
 // Tensor cores: out[b] = scale * q[b] @ k[b]^T, half or bfloat16 in, float accumulate.
-// Needs sm_80 (bfloat16 WMMA); pyformer builds for sm_80 and sm_90.
+// Needs sm_80 (bfloat16 WMMA); pyformer builds for sm_80 and sm_90, and scaled_qk_launch calls
+// cuBLAS instead on an older GPU.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kWmmaThreads)
     scaled_qk_wmma_kernel(const T* __restrict__ q, const T* __restrict__ k, T* __restrict__ out,
@@ -279,13 +280,21 @@ __global__ void __launch_bounds__(kSimtThreads)
 
 // ---- launchers ----------------------------------------------------------------------------------
 
+// The current device's compute capability (major).
+int compute_major() {
+  int dev = 0, major = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  return major;
+}
+
 unsigned int tile_grid(int64_t batch, int64_t Lq, int64_t Lk) {
   return grid_for(batch * ceil_div(Lq, kBM) * ceil_div(Lk, kBN), 1);
 }
 
 }  // namespace
 
-// scale * q3 @ k3^T for contiguous q3 (batch, Lq, D), k3 (batch, Lk, D); also used by attention.cu.
+// scale * q3 @ k3^T for contiguous q3 (batch, Lq, D), k3 (batch, Lk, D).
 at::Tensor scaled_qk_launch(const at::Tensor& q3, const at::Tensor& k3, double scale) {
   const int64_t batch = q3.size(0), Lq = q3.size(1), D = q3.size(2), Lk = k3.size(1);
   at::Tensor out = at::empty({batch, Lq, Lk}, q3.options());
@@ -294,7 +303,11 @@ at::Tensor scaled_qk_launch(const at::Tensor& q3, const at::Tensor& k3, double s
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const unsigned grid = tile_grid(batch, Lq, Lk);
   const auto st = q3.scalar_type();
-  if (st == at::kHalf || st == at::kBFloat16) {
+  if ((st == at::kHalf || st == at::kBFloat16) && compute_major() < 8) {
+    // below sm_80 the WMMA kernel is compiled to a trap (no bfloat16 WMMA there): cuBLAS instead
+    BelowAutograd below;
+    at::baddbmm_out(out, out, q3, k3.transpose(1, 2), /*beta=*/0.0, /*alpha=*/scale);
+  } else if (st == at::kHalf || st == at::kBFloat16) {
     AT_DISPATCH_REDUCED_FLOATING_TYPES(st, "scaled_qk_cuda", [&] {
       const scalar_t* qp = q3.const_data_ptr<scalar_t>();
       const scalar_t* kp = k3.const_data_ptr<scalar_t>();

@@ -45,6 +45,9 @@ def _setup(ctx, inputs, output):
     ctx.mask_shape = mask.shape if mask is not None else None
     ctx.mask_dtype = mask.dtype if mask is not None else None
     ctx.mark_non_differentiable(keep)
+    # a probs output that nothing differentiates arrives as None, not as a (B,H,Lq,Lk) tensor of
+    # zeros that the backward would then read and add
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, probs, keep)
 
 
