@@ -7,9 +7,9 @@
 #
 # Meant for the device machine (Python 3.12, torch + CUDA, nvcc, ninja, pytest, click; no package
 # registry): builds the package in place (pip -e, no deps, no build isolation, TORCH_CUDA_ARCH_LIST
-# 9.0 unless set), runs the whole pytest suite (CUDA tests run there), runs compute-sanitizer
-# memcheck and racecheck over bench/sanitize_driver.py, runs `pyformer check --device cuda` and
-# `pyformer bench --device cuda` when the command exists, and writes:
+# 9.0 unless set), runs the whole pytest suite (CUDA tests run there), runs
+# `pyformer check --device cuda` and `pyformer bench --device cuda` when the CLI is installed, then
+# compute-sanitizer memcheck and racecheck over bench/sanitize_driver.py, and writes:
 #   $OUT/gpu_report.md   GPU, torch/CUDA versions, commit, each step's exit code and time, the test
 #                        summary line, the sanitizer verdicts, the check and bench tables
 #   $OUT/bench.json, $OUT/bench.png   pyformer bench's results (when it ran)
@@ -21,14 +21,18 @@
 # what is left of DEADLINE (seconds from the start, default 570), so that the report is always
 # written inside the device tool's 10-minute call.
 #
+# Steps run in this order whatever STEPS says: build, ptxas, test, check, bench, sanitize (the
+# numbers first; a slow sanitizer then only shortens itself).
+#
 # The device machine goes back 30 s after a call, so a second call starts bare. Two calls cover
-# every step without compiling twice: the build step also leaves the extension in $OUT, and a
-# later call that carries it (in pyformer/) installs around it with PYFORMER_PREBUILT=1:
-#   call 1: PYFORMER_COMMIT=<sha> STEPS="build test" bench/gpu_report.sh
-#   here:   cp <files_at>/_C*.so pyformer/
+# every step without compiling twice: the build step also leaves the extension in $OUT (gzipped
+# when over the 16 MiB that comes back), and a later call that carries it (in pyformer/) installs
+# around it with PYFORMER_PREBUILT=1:
+#   call 1: PYFORMER_COMMIT=<sha> STEPS="build test check bench" bench/gpu_report.sh
+#   here:   cp <files_at>/_C*.so pyformer/   (or gunzip -c <files_at>/_C*.so.gz >pyformer/...)
 #   call 2 (carry pyformer/_C.cpython-312-x86_64-linux-gnu.so):
-#           PYFORMER_COMMIT=<sha> PYFORMER_PREBUILT=1 STEPS="build sanitize check bench" \
-#           bench/gpu_report.sh
+#           PYFORMER_COMMIT=<sha> PYFORMER_PREBUILT=1 STEPS="build sanitize" bench/gpu_report.sh
+#           (adding "check bench" there if call 1 ran out of time before them)
 #
 # Environment: OUT (default /tmp/pyformer_gpu_report), STEPS, PYTHON (default python3), MAX_JOBS,
 # PYFORMER_COMMIT (the commit measured, when the tree has no .git), PYFORMER_PREBUILT,
@@ -119,7 +123,12 @@ if want build; then
   run_step backends 120 "$PYTHON" -c "import pyformer; print(pyformer.__version__, pyformer.backends())"
   if [[ "${PYFORMER_PREBUILT:-}" != 1 ]]; then  # for a later call to carry (<= 16 MiB comes back)
     for so in pyformer/_C*.so; do
-      [[ -f "$so" && $(stat -c %s "$so") -le $((16 << 20)) ]] && cp "$so" "$OUT/"
+      [[ -f "$so" ]] || continue
+      if (( $(stat -c %s "$so") <= (16 << 20) )); then
+        cp "$so" "$OUT/"
+      else  # over what comes back: gzip it (here: gunzip -c <files_at>/_C*.so.gz >pyformer/...)
+        gzip -c "$so" >"$OUT/$(basename "$so").gz"
+      fi
     done
   fi
 fi
@@ -132,6 +141,37 @@ if want test; then
   # shellcheck disable=SC2086
   run_step test "${TEST_TIMEOUT:-1500}" "$PYTHON" -m pytest ${PYTEST_ARGS:--q} -rfEs \
     --durations=15 -p no:cacheprovider tests
+fi
+
+# check and bench before the sanitizers: their numbers are what the run is for, and a slow
+# sanitizer then only shortens itself (every step's limit is cut to what DEADLINE leaves)
+HAVE_CLI=0
+PYFORMER_CLI=(pyformer)
+if command -v pyformer >/dev/null 2>&1; then
+  HAVE_CLI=1
+elif "$PYTHON" -c "import pyformer.cli" >/dev/null 2>&1; then  # console script not on PATH
+  HAVE_CLI=1
+  PYFORMER_CLI=("$PYTHON" -m pyformer.cli)
+fi
+if want check; then
+  if [[ $HAVE_CLI -eq 1 ]]; then
+    run_step check "${BENCH_TIMEOUT:-900}" "${PYFORMER_CLI[@]}" check --device cuda --json "$LOGS/check.json"
+  else
+    echo "== [check] skipped: no 'pyformer' command" | tee -a "$LOGS/steps.log"
+  fi
+fi
+if want bench; then
+  if [[ $HAVE_CLI -eq 1 ]]; then
+    # the issue-3 sweep when the CLI knows it, else its default CUDA sweep
+    SIZES=()
+    # (no pipe into grep -q: under pipefail an early-exiting grep can fail the pipeline)
+    [[ "$("${PYFORMER_CLI[@]}" bench --help 2>/dev/null)" == *issue3* ]] && SIZES=(--sizes issue3)
+    # shellcheck disable=SC2086
+    run_step bench "${BENCH_TIMEOUT:-900}" "${PYFORMER_CLI[@]}" bench --device cuda "${SIZES[@]}" \
+      --json "$OUT/bench.json" --plot "$OUT/bench.png" ${BENCH_ARGS:-}
+  else
+    echo "== [bench] skipped: no 'pyformer' command" | tee -a "$LOGS/steps.log"
+  fi
 fi
 
 SAN_MEM="not run"
@@ -156,28 +196,6 @@ if want sanitize; then
     }
     SAN_MEM="$(verdict memcheck)"
     SAN_RACE="$(verdict racecheck)"
-  fi
-fi
-
-HAVE_CLI=0
-command -v pyformer >/dev/null 2>&1 && HAVE_CLI=1
-if want check; then
-  if [[ $HAVE_CLI -eq 1 ]]; then
-    run_step check "${BENCH_TIMEOUT:-900}" pyformer check --device cuda --json "$LOGS/check.json"
-  else
-    echo "== [check] skipped: no 'pyformer' command" | tee -a "$LOGS/steps.log"
-  fi
-fi
-if want bench; then
-  if [[ $HAVE_CLI -eq 1 ]]; then
-    # the issue-3 sweep when the CLI knows it, else its default CUDA sweep
-    SIZES=()
-    pyformer bench --help 2>/dev/null | grep -q "issue3" && SIZES=(--sizes issue3)
-    # shellcheck disable=SC2086
-    run_step bench "${BENCH_TIMEOUT:-900}" pyformer bench --device cuda "${SIZES[@]}" \
-      --json "$OUT/bench.json" --plot "$OUT/bench.png" ${BENCH_ARGS:-}
-  else
-    echo "== [bench] skipped: no 'pyformer' command" | tee -a "$LOGS/steps.log"
   fi
 fi
 

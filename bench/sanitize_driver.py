@@ -98,13 +98,17 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     if args.quick:
         dtypes = [torch.bfloat16, torch.float32]
-        lengths = [7, 200, 1000, 9000, 20000]
-        widths = [7, 256, 1000, 9000]
+        lengths = [7, 200, 1000, 9000, 9001, 20000]
+        widths = [7, 256, 1000, 1001, 9000, 9001]
     else:
         dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-        # warp small / warp large / block / long (cached for 2-byte types) / long, odd lengths
-        lengths = [1, 7, 128, 200, 512, 1000, 4097, 8192, 9000, 20000, 65536]
-        widths = [1, 7, 256, 500, 1000, 4096, 9000]
+        # warp small / warp large / block / long (cached for 2-byte types) / long; lengths no
+        # vector width divides (1, 7, 301, 4097, 9001) take the scalar (VEC 1) kernels, forward
+        # and backward, on every path
+        lengths = [1, 7, 128, 200, 301, 512, 1000, 4097, 8192, 9000, 9001, 20000, 65536]
+        # the same for the norms: 264 is the vectorized large-warp path of 2-byte types, 301,
+        # 1001 and 9001 the scalar large-warp, block and long paths (float64 scalar dx: long)
+        widths = [1, 7, 128, 256, 264, 301, 500, 1000, 1001, 4096, 9000, 9001]
     softmax_cases(dtypes, lengths)
     layer_norm_cases(dtypes, widths)
     scaled_qk_cases(dtypes)

@@ -440,11 +440,24 @@ def run_device(dev: str, ops: Sequence[str], dtypes: Sequence[str], modes: Seque
                            item_show_func=lambda w: w and f"{w[0].op} {w[0].shape}") as bar:
         for i, (cfg, dt) in enumerate(bar):
             g = torch.Generator(device=dev).manual_seed(seed + i)
-            problem = cfg.make(dt, dev, g)
             run_modes = list(modes or cfg.modes or sweep.modes)
-            rows.extend(time_problem(cfg, problem, dt, dev, run_modes, budget, rates))
-            del problem
+            try:
+                problem = cfg.make(dt, dev, g)
+            except Exception as exc:  # e.g. out of memory: a row that says so, and go on
+                new = [BenchRow(dev, rates["name"], cfg.op, cfg.variant, cfg.shape, cfg.size,
+                                DTYPE_NAMES[dt], m, cfg.torch_label, timings={"pyformer": None},
+                                errors={"pyformer": "making the inputs: " + _first_line(exc)})
+                       for m in run_modes]
+            else:
+                new = time_problem(cfg, problem, dt, dev, run_modes, budget, rates)
+                del problem
             _free(dev)
+            rows.extend(new)
+            if not sys.stderr.isatty():  # a log: each row as soon as it is measured, so that a
+                for r in new:            # run stopped by a time limit still leaves its numbers
+                    click.echo(f"row: {r.op} {r.variant} {r.shape} {r.dtype} {r.mode}: "
+                               + ", ".join(f"{n} {_ms(t)} ms" for n, t in r.timings.items()),
+                               err=True)
 
     lines = _header_lines(dev, rates, sweep.name, budget) + [""] + table_lines(rows)
     warned = set()

@@ -157,6 +157,8 @@ def run_case(case, device: str, dtype: torch.dtype, seed: int) -> CheckResult:
         _poison_cuda(list(ref_outs.values()) + list(ref_grads.values()), dtype)
     try:
         outs, grads = _forward_backward(case.impl, case.outputs, inputs, cot)
+        if device == "cuda":
+            torch.cuda.synchronize()  # an asynchronous kernel error is this case's, reported here
     except Exception as exc:  # an op error is a result to report, not a crash of the command
         res.seconds = time.perf_counter() - start
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -226,7 +228,12 @@ def check(device, ops, dtypes, quick, seed, json_path):
     click.echo(fmt.rule())
     results = []
     for case, dev, dt in plan:
-        r = run_case(case, dev, dt, seed)
+        try:
+            r = run_case(case, dev, dt, seed)
+        except Exception as exc:  # e.g. a CUDA error left behind by an earlier case: keep going
+            r = CheckResult(case.op, dev, DTYPE_NAMES[dt], case.shape, case.mask, status="FAIL",
+                            bound=BOUNDS[dt], details=[f"raised {type(exc).__name__}: "
+                                                       f"{(str(exc).strip().splitlines() or [''])[0]}"])
         results.append(r)
         click.echo(fmt.line(_row(r)))
         for line in r.details:

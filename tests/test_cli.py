@@ -5,6 +5,7 @@ Everything runs on tiny sizes (``--quick``, one op or dtype) so the file stays f
 
 import csv
 import json
+import math
 import re
 
 import pytest
@@ -212,6 +213,29 @@ def test_compare_applies_the_shared_criteria():
     comp = {"y": torch.tensor([3.0, 4.0]).bfloat16()}
     _, errors, torch_errors, failures = compare(out, {"y": ref["y"]}, comp, torch.bfloat16)
     assert torch_errors["y"] == 0.0 and errors["y"] < 1.6e-2 and len(failures) == 1
+
+
+def test_rel_err_in_chunks_on_the_device_agrees():
+    """rel_err's on-device path (used for GPU tensors; device-agnostic code, run here on CPU
+    tensors) gives rel_err's answer, for every chunk size, NaN/inf rules included."""
+    from pyformer.testing import _rel_err_on_device, rel_err
+
+    nan, inf = float("nan"), float("inf")
+    r = torch.randn(1000, dtype=torch.float64)
+    cases = [(r + 1e-3 * torch.randn(1000, dtype=torch.float64), r),
+             (torch.zeros(5), torch.zeros(5)), (torch.ones(5), torch.zeros(5)),
+             (torch.tensor([1.0, nan, 2.0]), torch.tensor([1.0, nan, 2.5])),
+             (torch.tensor([1.0, nan]), torch.tensor([1.0, 1.0])),
+             (torch.tensor([1.0, 2.0]), torch.tensor([1.0, inf])),
+             (torch.tensor([1.0, inf]), torch.tensor([1.0, inf])),
+             (torch.tensor([1.0, -inf]), torch.tensor([1.0, inf])),
+             (torch.randn(6, 4).t(), torch.randn(4, 6)), (torch.empty(0), torch.empty(0))]
+    for out, ref in cases:
+        want = rel_err(out, ref)
+        for chunk in (1, 3, 1 << 24):
+            got = _rel_err_on_device(out.reshape(-1), ref.reshape(-1), chunk)
+            assert got == pytest.approx(want, rel=1e-12, abs=0) or got == want == math.inf, \
+                (out, ref, chunk, got, want)
 
 
 # ----------------------------------------------------------------------------- bench
