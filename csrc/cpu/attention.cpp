@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "../pyformer.h"
+#include "memory.h"
 #include "softmax_row.h"
 
 namespace pyformer::cpu {
@@ -217,8 +218,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu(
                                (q.scalar_type() == at::kDouble && have_blas<double>()));
   // The fused path writes probs only when they are wanted; otherwise a meta tensor stands in
   // for their shape and dtype (the mask's broadcast view and the row index need no storage).
-  at::Tensor probs = at::empty({B, H, Lq, Lk}, (fused && !need_probs) ? q.options().device(at::kMeta) : q.options());
-  at::Tensor out = at::empty({B, H, Lq, Dv}, q.options());
+  at::Tensor probs = (fused && !need_probs) ? at::empty({B, H, Lq, Lk}, q.options().device(at::kMeta))
+                                            : empty_output({B, H, Lq, Lk}, q.options());
+  at::Tensor out = empty_output({B, H, Lq, Dv}, q.options());
   at::Tensor keep = dropout_p > 0 ? at::rand({B, H, Lq, Lk}, q.options().dtype(at::kFloat)) < (1.0 - dropout_p)
                                   : at::empty({0}, q.options().dtype(at::kBool));
   const double keep_scale = dropout_p < 1 ? 1.0 / (1.0 - dropout_p) : 0.0;
@@ -273,7 +275,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     const at::Tensor g = grad_out.contiguous(), qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
     const at::Tensor pc = probs.contiguous(), kp = dropped ? keep.contiguous() : keep;
     const at::Tensor gp = grad_probs ? grad_probs->contiguous() : at::Tensor();
-    at::Tensor dq = at::empty_like(qc), dk = at::empty_like(kc), dv = at::empty_like(vc), dS = at::empty_like(pc);
+    at::Tensor dq = empty_output_like(qc), dk = empty_output_like(kc), dv = empty_output_like(vc),
+               dS = empty_output_like(pc);
     bool done = false;
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_backward_cpu", [&] {
       if (have_blas<scalar_t>()) {

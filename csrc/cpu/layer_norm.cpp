@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "../pyformer.h"
+#include "memory.h"
 #include "softmax_row.h"  // acc_type, Vectorized
 
 namespace pyformer::cpu {
@@ -154,13 +155,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_impl(
   const int64_t N = layer_norm_cols(normalized_shape), R = layer_norm_rows(x, normalized_shape);
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto stat_shape = x.sizes().slice(0, x.dim() - normalized_shape.size());
-  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor y = empty_output_like(x);
   at::Tensor mean = at::empty(stat_shape, x.options().dtype(acc));
   at::Tensor rstd = at::empty(stat_shape, x.options().dtype(acc));
   at::Tensor res, s;
   if (residual) {
     res = residual->contiguous();
-    s = at::empty_like(x, at::MemoryFormat::Contiguous);
+    s = empty_output_like(x);
     *s_out = s;
   }
   if (N == 0) {  // empty rows: no statistics to speak of
@@ -210,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
   const at::Tensor mean = mean_.contiguous(), rstd = rstd_.contiguous();
   const int64_t N = layer_norm_cols(normalized_shape), R = layer_norm_rows(x, normalized_shape);
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor dx = empty_output_like(x);
   if (R == 0 || N == 0) {
     return {dx, at::zeros(normalized_shape, x.options()), at::zeros(normalized_shape, x.options())};
   }

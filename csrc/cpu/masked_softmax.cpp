@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../pyformer.h"
+#include "memory.h"
 #include "softmax_row.h"
 
 namespace pyformer::cpu {
@@ -70,7 +71,7 @@ at::Tensor masked_softmax_cpu(const at::Tensor& scores_, const std::optional<at:
   check_masked_softmax(scores_, mask, scale, causal, key_lengths);
   const BelowAutograd below_autograd;
   const at::Tensor scores = scores_.contiguous();
-  at::Tensor out = at::empty_like(scores, at::MemoryFormat::Contiguous);
+  at::Tensor out = empty_output_like(scores);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "masked_softmax_cpu", [&] {
     masked_softmax_rows<scalar_t>(scores, out, mask ? &*mask : nullptr, scale, causal,
                                   key_lengths ? &*key_lengths : nullptr);
@@ -83,7 +84,7 @@ at::Tensor masked_softmax_backward_cpu(const at::Tensor& grad_, const at::Tensor
   check_masked_softmax_backward(grad_, out_);
   const BelowAutograd below_autograd;
   const at::Tensor grad = grad_.contiguous(), out = out_.contiguous();
-  at::Tensor dx = at::empty_like(out, at::MemoryFormat::Contiguous);
+  at::Tensor dx = empty_output_like(out);
   const int64_t lk = out.dim() == 0 ? 1 : out.size(-1);
   const int64_t rows = lk == 0 ? 0 : out.numel() / lk;
   if (rows == 0) return dx;

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "../pyformer.h"
+#include "memory.h"
 
 namespace pyformer::cpu {
 
@@ -21,7 +22,7 @@ at::Tensor as_3d(const at::Tensor& t) {
 
 // alpha * a @ b, batched over dim 0, without a separate scaling pass.
 at::Tensor scaled_bmm(const at::Tensor& a, const at::Tensor& b, double alpha) {
-  at::Tensor out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
+  at::Tensor out = empty_output({a.size(0), a.size(1), b.size(2)}, a.options());
   return at::baddbmm_out(out, out, a, b, /*beta=*/0, /*alpha=*/alpha);
 }
 }  // namespace
