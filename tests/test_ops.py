@@ -379,3 +379,23 @@ def test_layer_norm_constant_rows_are_exact(device, dtype, N):
     spike[:, 0] = 1000.0
     compare(lambda s: F.layer_norm(s, (N,)), lambda s: ref.layer_norm(s, (N,)), [spike],
             dtype=dtype, device=device, grad=(0,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_outputs(device):
+    """Outputs of 4 MiB and more (on the CPU they are allocated with the huge-page advice of
+    csrc/cpu/memory.h) hold the same values as small ones: every op, forward and backward."""
+    x = torch.randn(1024, 2048, dtype=torch.float64)  # 8 MiB in float32
+    compare(lambda x: F.layer_norm(x, (2048,)), lambda x: ref.layer_norm(x, (2048,)), [x],
+            dtype=torch.float32, device=device, grad=(0,))
+    s = torch.randn(2, 4, 256, 1024, dtype=torch.float64)
+    m = torch.rand(2, 1, 1, 1024) > 0.3
+    m[..., 0] = True
+    compare(lambda s: F.masked_softmax(s, m.to(s.device), scale=0.125),
+            lambda s: ref.masked_softmax(s, m, scale=0.125), [s], dtype=torch.float32,
+            device=device, grad=(0,))
+    q, k, v = (torch.randn(2, 4, 512, 64, dtype=torch.float64) for _ in range(3))
+    compare(lambda q, k, v: F.attention(q, k, v, m[..., :512].to(q.device), need_weights=True),
+            lambda q, k, v: ref.attention(q, k, v, m[..., :512], need_weights=True),
+            [q, k, v], dtype=torch.float32, device=device, grad=(0, 1, 2))
+    compare(F.scaled_qk, ref.scaled_qk, [q, k], dtype=torch.float32, device=device, grad=(0, 1))
