@@ -319,12 +319,11 @@ def check_targets(targets: Sequence[Target], rows) -> List[dict]:
     return out
 
 
+@dataclass(frozen=True)
 class FixedSweep(Sweep):
     """A sweep of fixed configs (an issue's targets, exactly), each with its own modes."""
 
-    def __init__(self, name: str, make_configs: Callable[[], List[BenchConfig]], **kw):
-        super().__init__(name, seq=(), hidden=(), **kw)
-        object.__setattr__(self, "make_configs", make_configs)
+    make_configs: Callable[[], List[BenchConfig]] = list
 
     def configs(self, device: str, ops: Sequence[str]) -> List[BenchConfig]:
         return [c for c in self.make_configs() if c.op in ops]
@@ -357,11 +356,13 @@ SWEEPS = {
     "cpu": Sweep("cpu", seq=(128, 256, 512, 1024), hidden=(768, 1024, 2048, 4096)),
     "gpu": Sweep("gpu", seq=(128, 256, 512, 1024, 2048, 4096, 8192),
                  hidden=(768, 1024, 2048, 4096, 8192), causal=True),
-    "issue2": FixedSweep("issue2", _issue2_configs, modes=("forward",), dtypes=("float32",),
+    "issue2": FixedSweep("issue2", (), (), make_configs=_issue2_configs, modes=("forward",),
+                         dtypes=("float32",),
                          targets=(Target("masked_softmax", "forward", "textbook", 2.0),
                                   Target("layer_norm", "forward", "torch", 1.0),
                                   Target("attention", "forward", "textbook", 2.0))),
-    "issue3": FixedSweep("issue3", _issue3_configs, dtypes=("bfloat16", "float16"),
+    "issue3": FixedSweep("issue3", (), (), make_configs=_issue3_configs,
+                         dtypes=("bfloat16", "float16"),
                          targets=(Target("masked_softmax", "forward", "copy", 85.0),
                                   Target("masked_softmax", "forward", "textbook", 2.5),
                                   Target("layer_norm", "forward", "copy", 85.0),

@@ -26,42 +26,28 @@ BOUNDS = {
 HALF = (torch.float16, torch.bfloat16)
 
 
-def rel_err(out: Optional[Tensor], ref: Optional[Tensor]) -> float:
+def rel_err(out: Optional[Tensor], ref: Optional[Tensor], chunk: int = 1 << 24) -> float:
     """``||out - ref|| / ||ref||`` in float64 over the entries where ``ref`` is finite.
 
     Returns ``inf`` when shapes differ, when ``out`` is NaN/inf where ``ref`` is finite, when
     ``ref`` is non-finite where ``out`` is not (NaN must propagate where the reference has it), or
     when their NaN / +inf / -inf entries differ.
     An all-zero reference gives the absolute error ``||out||``.
+
+    Computed ``chunk`` elements at a time, on the tensors' device when they share one (a
+    (8,16,2048,2048) comparison on a GPU stays there, in temporaries of ~0.5 GiB), else on the CPU.
     """
     if out is None or ref is None:
         return 0.0 if out is None and ref is None else math.inf
     if tuple(out.shape) != tuple(ref.shape):
         return math.inf
-    if out.device == ref.device and out.device.type != "cpu":
-        # on the GPU itself, a chunk at a time: a (8,16,2048,2048) comparison copied to the host
-        # in float64 is 2 x 4 GiB and ~20 s of single-threaded host work per call
-        return _rel_err_on_device(out.detach().reshape(-1), ref.detach().reshape(-1))
-    o = out.detach().to("cpu", torch.float64)
-    r = ref.detach().to("cpu", torch.float64)
-    rf = torch.isfinite(r)
-    if not (torch.equal(torch.isfinite(o), rf) and torch.equal(torch.isnan(o), torch.isnan(r))
-            and torch.equal(torch.isposinf(o), torch.isposinf(r))):
-        return math.inf
-    o, r = o[rf], r[rf]
-    den = r.norm().item()
-    num = (o - r).norm().item()
-    return num / den if den > 0 else num
-
-
-def _rel_err_on_device(o_all: Tensor, r_all: Tensor, chunk: int = 1 << 24) -> float:
-    """:func:`rel_err` of two flat tensors on one (non-CPU) device, in float64, ``chunk``
-    elements at a time (temporaries stay ~0.5 GiB whatever the size). Same rules as rel_err."""
-    zero = torch.zeros((), dtype=torch.float64, device=o_all.device)
+    dev = ref.device if out.device == ref.device else torch.device("cpu")
+    o_all, r_all = out.detach().reshape(-1), ref.detach().reshape(-1)
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
     num2 = den2 = zero
     for i in range(0, o_all.numel(), chunk):
-        o = o_all[i:i + chunk].to(torch.float64)
-        r = r_all[i:i + chunk].to(torch.float64)
+        o = o_all[i:i + chunk].to(dev, torch.float64)
+        r = r_all[i:i + chunk].to(dev, torch.float64)
         rf = torch.isfinite(r)
         if not (torch.equal(torch.isfinite(o), rf) and torch.equal(torch.isnan(o), torch.isnan(r))
                 and torch.equal(torch.isposinf(o), torch.isposinf(r))):

@@ -30,16 +30,23 @@ namespace pyformer::cpu {
 
 namespace {
 
+// The sum of a vector's lanes, in lane order.
+template <typename acc_t>
+inline acc_t hsum(const Vectorized<acc_t>& v) {
+  acc_t t[Vectorized<acc_t>::size()];
+  v.store(t);
+  acc_t r = 0;
+  for (int64_t i = 0; i < Vectorized<acc_t>::size(); ++i) r += t[i];
+  return r;
+}
+
 template <typename acc_t>
 inline acc_t vsum(const acc_t* a, int64_t n) {
   using Vec = Vectorized<acc_t>;
   Vec s(0);
   int64_t j = 0;
   for (; j + Vec::size() <= n; j += Vec::size()) s = s + Vec::loadu(a + j);
-  acc_t t[Vec::size()];
-  s.store(t);
-  acc_t r = 0;
-  for (int64_t i = 0; i < Vec::size(); ++i) r += t[i];
+  acc_t r = hsum(s);
   for (; j < n; ++j) r += a[j];
   return r;
 }
@@ -56,14 +63,7 @@ inline std::pair<acc_t, acc_t> vsum_dev(const acc_t* a, int64_t n, acc_t c) {
     s1 = s1 + d;
     s2 = at::vec::fmadd(d, d, s2);
   }
-  acc_t t1[Vec::size()], t2[Vec::size()];
-  s1.store(t1);
-  s2.store(t2);
-  acc_t r1 = 0, r2 = 0;
-  for (int64_t i = 0; i < Vec::size(); ++i) {
-    r1 += t1[i];
-    r2 += t2[i];
-  }
+  acc_t r1 = hsum(s1), r2 = hsum(s2);
   for (; j < n; ++j) {
     r1 += a[j] - c;
     r2 += (a[j] - c) * (a[j] - c);
@@ -258,11 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
               vsg = vsg + gv;
               vsgx = at::vec::fmadd(gv, xhv, vsgx);
             }
-            acc_t t1[Vec::size()], t2[Vec::size()];
-            vsg.store(t1);
-            vsgx.store(t2);
-            acc_t sg = 0, sgx = 0;
-            for (int64_t t = 0; t < Vec::size(); ++t) sg += t1[t], sgx += t2[t];
+            acc_t sg = hsum(vsg), sgx = hsum(vsgx);
             for (int64_t jj = j; jj < N; ++jj) {
               const acc_t dy = gr[jj], xhv = (xr[jj] - mu) * rs, gv = W ? dy * W[jj] : dy;
               dw[jj] += dy * xhv;
