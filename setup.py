@@ -64,7 +64,8 @@ def extensions():
         return []
     cuda = _want_cuda()
     vec = _cpu_vec()
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "host", "*.cpp"))
+                     + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # -fopenmp: at::parallel_for is a header template that runs serially unless the extension
     # itself is compiled with OpenMP; at run time the libgomp.so.1 that torch loads is shared.
     # -ffp-contract=off: arithmetic as written (fused multiply-adds only where the kernels ask for

@@ -253,15 +253,4 @@ int64_t layer_norm_rows(const at::Tensor& x, at::IntArrayRef normalized_shape) {
   return r;
 }
 
-at::Tensor mask_for_kernel(const at::Tensor& mask, const at::Tensor& scores) {
-  if (mask.scalar_type() == at::kBool || mask.scalar_type() == scores.scalar_type()) return mask;
-  // Convert only the distinct values: a dim broadcast by stride 0 (an expand()) is narrowed to
-  // size 1 first, which the kernels broadcast again by index.
-  at::Tensor m = mask;
-  for (int64_t d = 0; d < m.dim(); ++d) {
-    if (m.stride(d) == 0 && m.size(d) > 1) m = m.narrow(d, 0, 1);
-  }
-  return m.to(scores.scalar_type());
-}
-
 }  // namespace pyformer

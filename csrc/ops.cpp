@@ -1,8 +1,8 @@
 // pyformer: the schema of every op, in one TORCH_LIBRARY block, and the `pyformer._C` module.
 //
-// Semantics: ../shared/design/ops.md. The kernels live in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu;
-// fake kernels and autograd in pyformer/ops/<op>.py. Backward passes are ops of their own so that
-// torch.compile sees (and can trace) every piece of the graph.
+// Semantics: docs/ops.md. Each op's host entry and autograd live in csrc/host/<op>.cpp, its kernels
+// in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu, its fake kernel in pyformer/ops/<op>.py. Backward
+// passes are ops of their own so that torch.compile sees (and can trace) every piece of the graph.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -37,8 +37,8 @@ TORCH_LIBRARY(pyformer, m) {
   // (out, probs, keep): out = dropout(probs) @ v, probs = masked_softmax(scaled_qk(q, k, scale)).
   // keep is the bool dropout mask (shape of probs), or an empty bool tensor when dropout_p == 0.
   // need_probs=False (inference without need_weights) returns an empty probs, and there is then
-  // no backward; the CPU kernel then never writes the (B,H,Lq,Lk) probs (it works per head in
-  // cache), the CUDA composition still forms them as the input of probs @ v.
+  // no backward; the fused CPU kernel then never writes the (B,H,Lq,Lk) probs (it works per head
+  // in cache), the composition still forms them as the input of probs @ v.
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal,"
       " Tensor? key_lengths, float dropout_p, bool need_probs=True) -> (Tensor, Tensor, Tensor)");

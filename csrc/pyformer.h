@@ -1,21 +1,25 @@
-// pyformer: declarations shared by the schema file (ops.cpp), the CPU kernels (csrc/cpu/*.cpp)
-// and the CUDA kernels (csrc/cuda/*.cu).
+// pyformer: declarations shared by the host entries of the ops (csrc/host/*.cpp) and the
+// argument checks (csrc/checks.cpp).
 //
-// Every op has the same four places, named alike:
+// Every op lives in the same places, named alike:
 //   schema           csrc/ops.cpp                 TORCH_LIBRARY(pyformer, m)
-//   CPU kernel       csrc/cpu/<op>.cpp            TORCH_LIBRARY_IMPL(pyformer, CPU, m)
-//   CUDA kernel      csrc/cuda/<op>.cu            TORCH_LIBRARY_IMPL(pyformer, CUDA, m)
-//   Python wrapper   pyformer/ops/<op>.py         fake kernel + autograd
+//   host entry       csrc/host/<op>.cpp           checks, allocation, composition; registered
+//                                                 for CPU and CUDA; C++ autograd (Autograd key)
+//   kernels          csrc/cpu/<op>.cpp, csrc/cuda/<op>.cu, behind csrc/kernels.h
+//   Python           pyformer/ops/<op>.py (fake kernel), pyformer/functional.py (the function)
+// See docs/contributing.md.
 //
-// The argument checks below are device-agnostic and called by both the CPU and the CUDA kernel
-// of an op, so a malformed input gets the same Python exception on every device. Messages name
-// the op, the argument, what was expected and what was given.
+// The argument checks below run once, in the host entry, whatever the device, so a malformed
+// input gets the same Python exception everywhere. Messages name the op, the argument, what was
+// expected and what was given.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <optional>
 #include <tuple>
+
+#include "mask_layout.h"
 
 namespace pyformer {
 
@@ -53,13 +57,31 @@ void check_attention_backward(const at::Tensor& grad_out, const std::optional<at
 // differentiable twice instead of failing inside.
 using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
-// ---- helpers shared by kernels ---------------------------------------------------------------
+// ---- helpers shared by the host entries ------------------------------------------------------
 // Number of rows when the trailing `normalized_shape` dims of x are flattened into one row.
 int64_t layer_norm_rows(const at::Tensor& x, at::IntArrayRef normalized_shape);
 int64_t layer_norm_cols(at::IntArrayRef normalized_shape);
 
-// The float mask converted to the scores' dtype (a copy of the small, unexpanded mask only when
-// the dtypes differ); a bool mask is returned as is.
-at::Tensor mask_for_kernel(const at::Tensor& mask, const at::Tensor& scores);
+// The dtype of saved statistics (layer norm's mean and rstd): float64 for float64, else float32.
+inline at::ScalarType stat_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Dropout keeps an element with probability 1 - p and scales it by 1 / (1 - p) (0 when p == 1).
+inline double dropout_keep_scale(double p) { return p < 1.0 ? 1.0 / (1.0 - p) : 0.0; }
+// The bool keep mask of `sizes` for dropout probability p > 0: uniform < 1 - p.
+at::Tensor dropout_keep_mask(at::IntArrayRef sizes, double p, const at::TensorOptions& options);
+
+// A MaskLayout (mask_layout.h) and the tensors it points into, which must outlive the kernel
+// (the float mask converted to the scores' dtype, key_lengths as contiguous int64).
+struct MaskArgs {
+  MaskLayout layout;
+  at::Tensor mask;
+  at::Tensor key_lengths;
+};
+// The mask layout over scores of `sizes` (..., Lq, Lk) and dtype `dtype`, from checked arguments.
+MaskArgs make_mask_args(at::IntArrayRef sizes, at::ScalarType dtype,
+                        const std::optional<at::Tensor>& mask, bool causal,
+                        const std::optional<at::Tensor>& key_lengths);
 
 }  // namespace pyformer

@@ -1,40 +1,39 @@
-// attention on the CPU: bmm-based multi-head attention, forward and backward.
+// attention on the CPU: the fused per-head kernels behind kernels::attention_fwd / _bwd.
 //
-//   q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv)
-//   -> out (B, H, Lq, Dv), probs (B, H, Lq, Lk), keep (B, H, Lq, Lk) bool or (0,) without dropout
-//   probs = masked_softmax(scale * q @ k^T + M);  out = (probs * keep / (1 - p)) @ v
+//   q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv) -> out (B, H, Lq, Dv), probs (B, H, Lq, Lk)
+//   probs = masked_softmax(scale * q @ k^T + M);  out = (probs * keep * keep_scale) @ v
 //
 // Algorithm (forward, float32/float64): heads are split across threads; each head runs
 // GEMM -> fused masked softmax -> GEMM while its scores are still in cache (a per-thread (Lq, Lk)
 // float buffer, 1 MB at Lq = Lk = 512), so the scores make one trip to memory (the write of
-// probs, which backward and need_weights need) instead of the textbook's five. The GEMMs are
-// BLAS sgemm/dgemm called directly on each head (resolved at load time from the BLAS that torch
-// links; without one, and for float16/bfloat16, the same composition runs as whole-batch ATen
-// GEMMs around the same row kernel). With key_lengths, keys past len[b] are skipped by all three
-// steps: the GEMMs run on the first len[b] keys only and the softmax writes zeros past them.
+// probs, which backward and need_weights need; none at all when probs are not wanted) instead of
+// the textbook's five. With key_lengths, keys past len[b] are skipped by all three steps: the
+// GEMMs run on the first len[b] keys only and the softmax writes zeros past them. float16 and
+// bfloat16 are declined (return false): the host's composition of batched ATen GEMMs around the
+// same softmax row kernel runs them.
 // Napkin math: 4 * B * H * Lq * Lk * D flops (times len/Lk with key_lengths); memory: q, k, v and
 // out once, probs written once.
-// Backward, per head in the same way (float32/float64 with a BLAS; whole-batch ATen GEMMs
-// otherwise), around the softmax backward row kernel (softmax_row.h):
+// Backward, per head in the same way, around the softmax backward row kernel (softmax_row.h):
 //   dP = dout @ v^T (through dropout, + grad_probs), dS = P * (dP - sum(dP * P)),
 //   dq = scale * dS @ k, dk = scale * dS^T @ q, dv = P_dropped^T @ dout;
 // dP and the dropout stay in a per-thread buffer, probs are read once and dS (dlogits, an output
 // of the op) written once. Napkin math: 8 * B * H * Lq * Lk * D flops (four GEMMs).
+//
+// The GEMMs are the BLAS's sgemm/dgemm called directly on each head's pointers, resolved at load
+// time from the BLAS that torch links. ATen's own CPU BLAS entry point for float/double
+// (at::native::cpublas::gemm) is not exported from libtorch_cpu in the released wheels (only its
+// non-BLAS fallback stub is), and at::mm_out per head would cost a dispatcher call and two
+// tensor headers per GEMM; without a BLAS symbol the kernels decline and the host composes.
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 #include <dlfcn.h>
 
 #include <climits>
 #include <vector>
 
-#include "../pyformer.h"
-#include "memory.h"
+#include "../kernels.h"
 #include "softmax_row.h"
 
 namespace pyformer::cpu {
-
-at::Tensor masked_softmax_backward_cpu(const at::Tensor& grad, const at::Tensor& out, double scale);
-
 namespace {
 
 // ---- BLAS, column-major (Fortran) interface, looked up in the process at first use ------------
@@ -80,31 +79,27 @@ bool have_blas() {
   else return false;
 }
 
-struct MaskView {
-  at::Tensor m;  // the mask as a stride-0 broadcast view of (B, H, Lq, Lk): no copy
-  const bool* b = nullptr;
-  const void* f = nullptr;
-  int64_t stride = 1;
-};
-
 // Per-head fused path (float32 / float64 with a BLAS).
 template <typename scalar_t>
 void attention_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     at::Tensor& out, at::Tensor* probs, const at::Tensor& keep,
-                     const MaskView& mv, const RowIndex& idx, double scale, bool causal,
-                     const int64_t* lens, double dropout_p, double keep_scale) {
+                     const at::Tensor& out, const at::Tensor& probs, const at::Tensor& keep,
+                     const MaskLayout& m, double scale, double keep_scale) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2), Dv = v.size(3);
-  const scalar_t *Q = q.data_ptr<scalar_t>(), *K = k.data_ptr<scalar_t>(), *V = v.data_ptr<scalar_t>();
-  scalar_t* P = probs ? probs->data_ptr<scalar_t>() : nullptr;  // null: probs not wanted
-  scalar_t* O = out.data_ptr<scalar_t>();
-  const bool* KEEP = dropout_p > 0 ? keep.data_ptr<bool>() : nullptr;
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end_bh) {
+  const int64_t H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2), Dv = v.size(3);
+  const int64_t BH = q.size(0) * H;
+  const scalar_t *Q = q.const_data_ptr<scalar_t>(), *K = k.const_data_ptr<scalar_t>(), *V = v.const_data_ptr<scalar_t>();
+  scalar_t* P = probs.defined() ? probs.mutable_data_ptr<scalar_t>() : nullptr;  // null: not wanted
+  scalar_t* O = out.mutable_data_ptr<scalar_t>();
+  const bool* KEEP = keep.defined() ? keep.const_data_ptr<bool>() : nullptr;
+  const bool* MB = m.kind == 1 ? static_cast<const bool*>(m.data) : nullptr;
+  const scalar_t* MF = m.kind == 2 ? static_cast<const scalar_t*>(m.data) : nullptr;
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end_bh) {
     // Inside this OpenMP region the BLAS (MKL, OpenBLAS built with OpenMP) runs single-threaded.
     std::vector<acc_t> S(Lq * Lk), buf(Lk), pd(KEEP ? Lq * Lk : 0);
     for (int64_t bh = begin; bh < end_bh; ++bh) {
-      const int64_t b = bh / H;
-      const int64_t len = lens ? lens[b] : Lk;
+      // the keys that any row of this head may read: key_lengths' limit (rows differ only by
+      // their causal limit, applied per row below)
+      const int64_t len = m.klen ? std::min<int64_t>(Lk, m.klen[m.batch(bh * Lq)]) : Lk;
       const scalar_t* qh = Q + bh * Lq * D;
       const scalar_t* kh = K + bh * Lk * D;
       const scalar_t* vh = V + bh * Lk * Dv;
@@ -117,15 +112,14 @@ void attention_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       for (int64_t i = 0; i < Lq; ++i) {
         const int64_t r = bh * Lq + i;
         RowMask<scalar_t> rm;
-        if (mv.m.defined()) {
-          const int64_t off = idx.mask_offset(r);
-          rm.b = mv.b ? mv.b + off : nullptr;
-          rm.f = mv.f ? static_cast<const scalar_t*>(mv.f) + off : nullptr;
-          rm.stride = mv.stride;
+        if (m.kind != 0) {
+          const int64_t off = m.offset(r);
+          rm.b = MB ? MB + off : nullptr;
+          rm.f = MF ? MF + off : nullptr;
+          rm.stride = m.mlast;
         }
         acc_t* srow = S.data() + i * len;
-        masked_softmax_row<acc_t, acc_t>(srow, srow, len, causal ? std::min(len, i + 1) : len,
-                                         acc_t(1), rm, buf.data());
+        masked_softmax_row<acc_t, acc_t>(srow, srow, len, m.limit(r, len), acc_t(1), rm, buf.data());
         // probs row: the len values, then zeros. A row that
         // came out NaN (NaN or inf among its unmasked scores) is NaN throughout, as torch.softmax.
         if (!ph) continue;
@@ -155,18 +149,19 @@ void attention_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 // dropout all happen in a per-thread (Lq, Lk) buffer while it is in cache; only dlogits is
 // written out, and probs, keep and grad_probs are read once.
 template <typename scalar_t>
-void attention_backward_fused(const at::Tensor& g, const at::Tensor* gp, const at::Tensor& q,
+void attention_backward_fused(const at::Tensor& g, const at::Tensor& gp, const at::Tensor& q,
                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& probs,
-                              const at::Tensor& keep, double scale, double keep_scale, bool dropped,
-                              at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dS) {
+                              const at::Tensor& keep, double scale, double keep_scale,
+                              const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                              const at::Tensor& dS) {
   using acc_t = acc_type<scalar_t>;
   const int64_t BH = q.size(0) * q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2), Dv = v.size(3);
-  const scalar_t *G = g.data_ptr<scalar_t>(), *Q = q.data_ptr<scalar_t>(), *K = k.data_ptr<scalar_t>();
-  const scalar_t *V = v.data_ptr<scalar_t>(), *P = probs.data_ptr<scalar_t>();
-  const scalar_t* GP = gp ? gp->data_ptr<scalar_t>() : nullptr;
-  const bool* KEEP = dropped ? keep.data_ptr<bool>() : nullptr;
-  scalar_t *DQ = dq.data_ptr<scalar_t>(), *DK = dk.data_ptr<scalar_t>(), *DV = dv.data_ptr<scalar_t>();
-  scalar_t* DS = dS.data_ptr<scalar_t>();
+  const scalar_t *G = g.const_data_ptr<scalar_t>(), *Q = q.const_data_ptr<scalar_t>(), *K = k.const_data_ptr<scalar_t>();
+  const scalar_t *V = v.const_data_ptr<scalar_t>(), *P = probs.const_data_ptr<scalar_t>();
+  const scalar_t* GP = gp.defined() ? gp.const_data_ptr<scalar_t>() : nullptr;
+  const bool* KEEP = keep.defined() ? keep.const_data_ptr<bool>() : nullptr;
+  scalar_t *DQ = dq.mutable_data_ptr<scalar_t>(), *DK = dk.mutable_data_ptr<scalar_t>(), *DV = dv.mutable_data_ptr<scalar_t>();
+  scalar_t* DS = dS.mutable_data_ptr<scalar_t>();
   const acc_t ks = static_cast<acc_t>(keep_scale);
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> dP(Lq * Lk), pd(KEEP ? Lq * Lk : 0);
@@ -203,109 +198,39 @@ void attention_backward_fused(const at::Tensor& g, const at::Tensor* gp, const a
   });
 }
 
+// Whether the fused kernels take these inputs: float32/float64 with a BLAS, sizes within the
+// BLAS's int.
+bool fused_takes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  const bool small = std::max({q.size(2), k.size(2), q.size(3), v.size(3)}) < INT_MAX / 2;
+  return small && ((q.scalar_type() == at::kFloat && have_blas<float>()) ||
+                   (q.scalar_type() == at::kDouble && have_blas<double>()));
+}
+
+bool attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& out, const at::Tensor& probs, const at::Tensor& keep,
+                       const MaskLayout& mask, double scale, double keep_scale) {
+  if (!fused_takes(q, k, v)) return false;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_cpu", [&] {
+    attention_fused<scalar_t>(q, k, v, out, probs, keep, mask, scale, keep_scale);
+  });
+  return true;
+}
+
+bool attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& grad_probs, const at::Tensor& q,
+                       const at::Tensor& k, const at::Tensor& v, const at::Tensor& probs,
+                       const at::Tensor& keep, double scale, double keep_scale, const at::Tensor& dq,
+                       const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& dlogits) {
+  if (!fused_takes(q, k, v)) return false;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_backward_cpu", [&] {
+    attention_backward_fused<scalar_t>(grad_out, grad_probs, q, k, v, probs, keep, scale,
+                                       keep_scale, dq, dk, dv, dlogits);
+  });
+  return true;
+}
+
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu(
-    const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-    const std::optional<at::Tensor>& mask, double scale, bool causal,
-    const std::optional<at::Tensor>& key_lengths, double dropout_p, bool need_probs) {
-  check_attention(q_, k_, v_, mask, scale, causal, key_lengths, dropout_p);
-  const BelowAutograd below_autograd;
-  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2), Dv = v.size(3);
-  const bool small = std::max({Lq, Lk, q.size(3), Dv}) < INT_MAX / 2;
-  const bool fused = small && ((q.scalar_type() == at::kFloat && have_blas<float>()) ||
-                               (q.scalar_type() == at::kDouble && have_blas<double>()));
-  // The fused path writes probs only when they are wanted; otherwise a meta tensor stands in
-  // for their shape and dtype (the mask's broadcast view and the row index need no storage).
-  at::Tensor probs = (fused && !need_probs) ? at::empty({B, H, Lq, Lk}, q.options().device(at::kMeta))
-                                            : empty_output({B, H, Lq, Lk}, q.options());
-  at::Tensor out = empty_output({B, H, Lq, Dv}, q.options());
-  at::Tensor keep = dropout_p > 0 ? at::rand({B, H, Lq, Lk}, q.options().dtype(at::kFloat)) < (1.0 - dropout_p)
-                                  : at::empty({0}, q.options().dtype(at::kBool));
-  const double keep_scale = dropout_p < 1 ? 1.0 / (1.0 - dropout_p) : 0.0;
-  auto result = [&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
-    return {out, need_probs ? probs : at::empty({0}, q.options()), keep};
-  };
-  if (B * H * Lq == 0) return result();
-  at::Tensor kl;
-  if (key_lengths) kl = key_lengths->to(at::kLong).contiguous();
-  const int64_t* lens = key_lengths ? kl.data_ptr<int64_t>() : nullptr;
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_cpu", [&] {
-    constexpr bool blas_type = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
-    if constexpr (blas_type) if (fused) {
-      MaskView mv;
-      if (mask) {
-        mv.m = mask_for_kernel(*mask, probs).expand(probs.sizes());
-        if (mv.m.scalar_type() == at::kBool) mv.b = mv.m.data_ptr<bool>();
-        else mv.f = mv.m.data_ptr<scalar_t>();
-        mv.stride = mv.m.stride(-1);
-      }
-      const RowIndex idx(probs, mask ? &mv.m : nullptr);
-      attention_fused<scalar_t>(q, k, v, out, need_probs ? &probs : nullptr, keep, mv, idx, scale,
-                                causal, lens, dropout_p, keep_scale);
-      return;
-    }
-    {  // whole-batch composition: GEMM, the same fused softmax rows, GEMM
-      at::Tensor s = at::empty({B * H, Lq, Lk}, q.options());
-      const int64_t D = q.size(3);
-      at::baddbmm_out(s, s, q.view({B * H, Lq, D}), k.view({B * H, Lk, D}).transpose(1, 2), 0, scale);
-      masked_softmax_rows<scalar_t>(s.view(probs.sizes()), probs, mask ? &*mask : nullptr, 1.0, causal,
-                                    key_lengths ? &*key_lengths : nullptr);
-      const at::Tensor pd = dropout_p > 0 ? probs * keep * keep_scale : probs;
-      at::Tensor out3 = out.view({B * H, Lq, Dv});
-      at::bmm_out(out3, pd.view({B * H, Lq, Lk}), v.view({B * H, Lk, Dv}));
-    }
-  });
-  return result();
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_probs, const at::Tensor& q,
-    const at::Tensor& k, const at::Tensor& v, const at::Tensor& probs, const at::Tensor& keep,
-    double scale, double dropout_p) {
-  check_attention_backward(grad_out, grad_probs, q, k, v, probs, keep, scale, dropout_p);
-  const BelowAutograd below_autograd;
-  const bool dropped = dropout_p > 0;
-  const double keep_scale = dropout_p < 1 ? 1.0 / (1.0 - dropout_p) : 0.0;
-  const int64_t BH = q.size(0) * q.size(1), Lq = q.size(2), Lk = k.size(2);
-  const bool small = std::max({Lq, Lk, q.size(3), v.size(3)}) < INT_MAX / 2;
-  if (BH * Lq * Lk > 0 && small && (q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble)) {
-    const at::Tensor g = grad_out.contiguous(), qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
-    const at::Tensor pc = probs.contiguous(), kp = dropped ? keep.contiguous() : keep;
-    const at::Tensor gp = grad_probs ? grad_probs->contiguous() : at::Tensor();
-    at::Tensor dq = empty_output_like(qc), dk = empty_output_like(kc), dv = empty_output_like(vc),
-               dS = empty_output_like(pc);
-    bool done = false;
-    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_backward_cpu", [&] {
-      if (have_blas<scalar_t>()) {
-        attention_backward_fused<scalar_t>(g, grad_probs ? &gp : nullptr, qc, kc, vc, pc, kp, scale,
-                                           keep_scale, dropped, dq, dk, dv, dS);
-        done = true;
-      }
-    });
-    if (done) return {dq, dk, dv, dS};
-  }
-  // whole-batch composition (float16/bfloat16, or without a BLAS)
-  auto bh3 = [](const at::Tensor& t) { return t.reshape({t.size(0) * t.size(1), t.size(-2), t.size(-1)}); };
-  const at::Tensor g = bh3(grad_out), v3 = bh3(v), q3 = bh3(q), k3 = bh3(k);
-  at::Tensor dP = at::bmm(g, v3.transpose(1, 2)).view(probs.sizes());
-  if (dropped) dP.mul_(keep).mul_(keep_scale);
-  if (grad_probs) dP.add_(*grad_probs);
-  at::Tensor dS = masked_softmax_backward_cpu(dP, probs, 1.0);
-  const at::Tensor dS3 = bh3(dS);
-  at::Tensor dq = at::empty_like(q3), dk = at::empty_like(k3);
-  at::baddbmm_out(dq, dq, dS3, k3, 0, scale);
-  at::baddbmm_out(dk, dk, dS3.transpose(1, 2), q3, 0, scale);
-  const at::Tensor Pd = dropped ? probs * keep * keep_scale : probs;
-  at::Tensor dv = at::bmm(bh3(Pd).transpose(1, 2), g);
-  return {dq.view(q.sizes()), dk.view(k.sizes()), dv.view(v.sizes()), dS};
-}
-
-TORCH_LIBRARY_IMPL(pyformer, CPU, m) {
-  m.impl("attention", &attention_cpu);
-  m.impl("attention_backward", &attention_backward_cpu);
-}
+PYFORMER_REGISTER_KERNEL(attention_fwd, CPU, &attention_fwd_cpu);
+PYFORMER_REGISTER_KERNEL(attention_bwd, CPU, &attention_bwd_cpu);
 
 }  // namespace pyformer::cpu

@@ -1,4 +1,4 @@
-// layer_norm and add_layer_norm on the CPU: forward and backward.
+// layer_norm and add_layer_norm on the CPU: the row kernels behind kernels::layer_norm_fwd / _bwd.
 //
 //   x (..., *normalized_shape) viewed as (R, N) rows; weight, bias (*normalized_shape) optional
 //   y = (x - mean) * rstd * weight + bias, mean and rstd (float32; float64 for float64 x) per row
@@ -15,15 +15,13 @@
 // number of contiguous row blocks, then one reduction over the blocks in a fixed order:
 // deterministic run to run, whatever the thread count.
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <utility>
 #include <vector>
 
-#include "../pyformer.h"
-#include "memory.h"
+#include "../kernels.h"
 #include "softmax_row.h"  // acc_type, Vectorized
 
 namespace pyformer::cpu {
@@ -73,9 +71,9 @@ inline std::pair<acc_t, acc_t> vsum_dev(const acc_t* a, int64_t n, acc_t c) {
 
 // weight / bias as accumulator arrays (the tensor itself for float32/float64; a converted copy
 // of N elements otherwise), or an empty tensor when absent.
-at::Tensor as_acc(const std::optional<at::Tensor>& t, at::ScalarType acc) {
-  if (!t) return at::Tensor();
-  return t->to(acc).contiguous();
+at::Tensor as_acc(const at::Tensor& t, at::ScalarType acc) {
+  if (!t.defined()) return t;
+  return t.to(acc).contiguous();
 }
 
 template <typename scalar_t>
@@ -146,87 +144,39 @@ void layer_norm_forward_rows(const scalar_t* x, const scalar_t* res, scalar_t* s
   });
 }
 
-// Shared by layer_norm and add_layer_norm: returns (y, mean, rstd), and writes s when residual.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_impl(
-    const at::Tensor& x_, const at::Tensor* residual, at::Tensor* s_out,
-    at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps) {
-  const at::Tensor x = x_.contiguous();
-  const int64_t N = layer_norm_cols(normalized_shape), R = layer_norm_rows(x, normalized_shape);
-  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto stat_shape = x.sizes().slice(0, x.dim() - normalized_shape.size());
-  at::Tensor y = empty_output_like(x);
-  at::Tensor mean = at::empty(stat_shape, x.options().dtype(acc));
-  at::Tensor rstd = at::empty(stat_shape, x.options().dtype(acc));
-  at::Tensor res, s;
-  if (residual) {
-    res = residual->contiguous();
-    s = empty_output_like(x);
-    *s_out = s;
-  }
-  if (N == 0) {  // empty rows: no statistics to speak of
-    mean.fill_(std::numeric_limits<double>::quiet_NaN());
-    rstd.fill_(std::numeric_limits<double>::quiet_NaN());
-  }
-  if (R == 0 || N == 0) return {y, mean, rstd};
+void layer_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& s,
+                        const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& y,
+                        const at::Tensor& mean, const at::Tensor& rstd, double eps) {
+  const int64_t R = mean.numel(), N = x.numel() / R;  // R, N > 0 (the host's contract)
+  const at::ScalarType acc = mean.scalar_type();
   const at::Tensor w = as_acc(weight, acc), b = as_acc(bias, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     layer_norm_forward_rows<scalar_t>(
-        x.data_ptr<scalar_t>(), residual ? res.data_ptr<scalar_t>() : nullptr,
-        residual ? s.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
-        w.defined() ? w.data_ptr<acc_t>() : nullptr, b.defined() ? b.data_ptr<acc_t>() : nullptr,
-        mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), R, N, eps);
+        x.const_data_ptr<scalar_t>(), residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr,
+        s.defined() ? s.mutable_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(),
+        w.defined() ? w.const_data_ptr<acc_t>() : nullptr, b.defined() ? b.const_data_ptr<acc_t>() : nullptr,
+        mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), R, N, eps);
   });
-  return {y, mean, rstd};
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cpu(
-    const at::Tensor& x, at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps) {
-  check_layer_norm(x, normalized_shape, weight, bias, eps);
-  const BelowAutograd below_autograd;
-  return layer_norm_impl(x, nullptr, nullptr, normalized_shape, weight, bias, eps);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_cpu(
-    const at::Tensor& x, const at::Tensor& residual, at::IntArrayRef normalized_shape,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps) {
-  check_add_layer_norm(x, residual, normalized_shape, weight, bias, eps);
-  const BelowAutograd below_autograd;
-  at::Tensor s;
-  auto [y, mean, rstd] = layer_norm_impl(x, &residual, &s, normalized_shape, weight, bias, eps);
-  return {y, s, mean, rstd};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
-    const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& mean_,
-    const at::Tensor& rstd_, const std::optional<at::Tensor>& weight,
-    at::IntArrayRef normalized_shape) {
-  check_layer_norm_backward(grad_, x_, mean_, rstd_, weight, normalized_shape);
-  const BelowAutograd below_autograd;
-  const at::Tensor x = x_.contiguous(), grad = grad_.contiguous();
-  const at::Tensor mean = mean_.contiguous(), rstd = rstd_.contiguous();
-  const int64_t N = layer_norm_cols(normalized_shape), R = layer_norm_rows(x, normalized_shape);
-  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor dx = empty_output_like(x);
-  if (R == 0 || N == 0) {
-    return {dx, at::zeros(normalized_shape, x.options()), at::zeros(normalized_shape, x.options())};
-  }
+void layer_norm_bwd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
+                        const at::Tensor& rstd, const at::Tensor& weight, const at::Tensor& dx,
+                        const at::Tensor& dweight, const at::Tensor& dbias) {
+  const int64_t R = mean.numel(), N = x.numel() / R;
+  const at::ScalarType acc = mean.scalar_type();
   // Fixed block count (independent of the thread count), capped so the partials stay <= 256 MB.
   const int64_t nblk = std::max<int64_t>(1, std::min<int64_t>({R, 32, (int64_t(32) << 20) / N}));
   at::Tensor part = at::empty({2, nblk, N}, x.options().dtype(acc));
   const at::Tensor w = as_acc(weight, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const scalar_t* X = x.data_ptr<scalar_t>();
-    const scalar_t* G = grad.data_ptr<scalar_t>();
-    const acc_t* MU = mean.data_ptr<acc_t>();
-    const acc_t* RS = rstd.data_ptr<acc_t>();
-    const acc_t* W = w.defined() ? w.data_ptr<acc_t>() : nullptr;
-    scalar_t* DX = dx.data_ptr<scalar_t>();
+    const scalar_t* X = x.const_data_ptr<scalar_t>();
+    const scalar_t* G = grad.const_data_ptr<scalar_t>();
+    const acc_t* MU = mean.const_data_ptr<acc_t>();
+    const acc_t* RS = rstd.const_data_ptr<acc_t>();
+    const acc_t* W = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
+    scalar_t* DX = dx.mutable_data_ptr<scalar_t>();
     acc_t* DW = part.data_ptr<acc_t>();
     acc_t* DB = DW + nblk * N;
     at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
@@ -297,14 +247,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
     });
   });
   // a fixed-order reduction over the blocks
-  return {dx, part[0].sum(0).to(x.scalar_type()).view(normalized_shape),
-          part[1].sum(0).to(x.scalar_type()).view(normalized_shape)};
+  dweight.view({-1}).copy_(part[0].sum(0));
+  dbias.view({-1}).copy_(part[1].sum(0));
 }
 
-TORCH_LIBRARY_IMPL(pyformer, CPU, m) {
-  m.impl("layer_norm", &layer_norm_cpu);
-  m.impl("layer_norm_backward", &layer_norm_backward_cpu);
-  m.impl("add_layer_norm", &add_layer_norm_cpu);
-}
+}  // namespace
+
+PYFORMER_REGISTER_KERNEL(layer_norm_fwd, CPU, &layer_norm_fwd_cpu);
+PYFORMER_REGISTER_KERNEL(layer_norm_bwd, CPU, &layer_norm_bwd_cpu);
 
 }  // namespace pyformer::cpu

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
@@ -26,40 +27,7 @@ using at::vec::Vectorized;
 
 // Accumulation type: float for float32/float16/bfloat16, double for float64.
 template <typename T>
-using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-// Offsets of each row of a (..., Lq, Lk) tensor into a mask broadcast to it by strides, and the
-// batch index (dim 0) and query index (dim -2) of the row: broadcasting by index arithmetic, so a
-// (B, 1, 1, Lk) mask is read in place and never expanded in memory.
-struct RowIndex {
-  int64_t nlead = 0;         // number of leading dims (all but the last)
-  int64_t sizes[16] = {};    // their sizes
-  int64_t mstrides[16] = {}; // the mask's strides in them (0 where broadcast)
-  int64_t rows_per_batch = 1;
-  int64_t lq = 1;
-
-  RowIndex(const at::Tensor& scores, const at::Tensor* mask_expanded) {
-    nlead = scores.dim() - 1;
-    TORCH_CHECK_VALUE(nlead <= 16, "pyformer: tensors of more than 17 dims are not supported");
-    for (int64_t d = 0; d < nlead; ++d) {
-      sizes[d] = scores.size(d);
-      mstrides[d] = mask_expanded ? mask_expanded->stride(d) : 0;
-    }
-    lq = nlead >= 1 ? sizes[nlead - 1] : 1;
-    rows_per_batch = 1;
-    for (int64_t d = 1; d < nlead; ++d) rows_per_batch *= sizes[d];
-  }
-  int64_t mask_offset(int64_t r) const {
-    int64_t off = 0;
-    for (int64_t d = nlead - 1; d >= 0; --d) {
-      off += (r % sizes[d]) * mstrides[d];
-      r /= sizes[d];
-    }
-    return off;
-  }
-  int64_t batch(int64_t r) const { return r / rows_per_batch; }
-  int64_t query(int64_t r) const { return r % lq; }
-};
+using acc_type = at::opmath_type<T>;
 
 // The mask of one row: none, bool (true = may attend) or additive (-inf = masked), with a stride
 // along the keys (1, or 0 for a mask broadcast along the keys).
@@ -222,10 +190,5 @@ inline void masked_softmax_backward_row(const scalar_t* dy, const scalar_t* y, s
       dx[j] = static_cast<scalar_t>(scale * static_cast<acc_t>(y[j]) * (static_cast<acc_t>(dy[j]) - dot));
   }
 }
-
-// Every row of contiguous `scores` (..., Lq, Lk) into `out` (masked_softmax.cpp).
-template <typename scalar_t>
-void masked_softmax_rows(const at::Tensor& scores, const at::Tensor& out, const at::Tensor* mask,
-                         double scale, bool causal, const at::Tensor* key_lengths);
 
 }  // namespace pyformer::cpu

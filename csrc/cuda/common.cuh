@@ -3,9 +3,7 @@
 // What lives here: the accumulator type of each dtype, 16-byte vector loads and stores, warp and
 // block reductions, the row kernels' common frame (layer_norm.cu and masked_softmax.cu: the
 // row -> thread mapping, the register-path sizes and the launcher that picks a path by row
-// length), launch-size helpers, the same-device check every op runs, and the declarations of the
-// few launchers one kernel file borrows from another (attention.cu calls the masked-softmax
-// launchers without re-running their argument checks).
+// length) and launch-size helpers. The kernel files implement the entries of csrc/kernels.h.
 //
 // Headers: only c10/cuda/* and ATen/ATen.h, because the CPU torch wheel (used for compile checks
 // in CI) lacks ATen/cuda/CUDAContext.h's cuSPARSE header.
@@ -13,6 +11,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -25,16 +24,14 @@
 #include <optional>
 #include <type_traits>
 
-#include "../pyformer.h"
+#include "../kernels.h"
 
 namespace pyformer {
 namespace cuda {
 
 // ---- types --------------------------------------------------------------------------------------
-// Reductions accumulate in float32, or float64 for float64 input (ops.md).
-template <typename T> struct AccType { using type = float; };
-template <> struct AccType<double> { using type = double; };
-template <typename T> using acc_t = typename AccType<T>::type;
+// Reductions accumulate in float32, or float64 for float64 input (docs/ops.md).
+template <typename T> using acc_t = at::opmath_type<T>;
 
 // A 16-byte (or smaller) aligned vector of N elements, for one wide load or store.
 template <typename T, int N>
@@ -274,42 +271,6 @@ void launch_rows(int64_t rows, int64_t n, Regs&& regs, Long&& long_rows) {
     long_rows(grid_for(rows, 1), kLongThreads);
   }
 }
-
-// ---- argument checks ----------------------------------------------------------------------------
-// Every tensor argument of a CUDA op must sit on the same CUDA device as the first one.
-struct NamedTensor {
-  const char* name;
-  const at::Tensor* t;  // null for an absent optional
-};
-
-inline void check_same_cuda_device(const char* op, std::initializer_list<NamedTensor> args) {
-  const at::Tensor* first = nullptr;
-  const char* first_name = nullptr;
-  for (const auto& a : args) {
-    if (a.t == nullptr || !a.t->defined()) continue;
-    TORCH_CHECK(a.t->is_cuda(), op, ": expected argument '", a.name,
-                "' to be a CUDA tensor, but it is on ", a.t->device());
-    if (first == nullptr) {
-      first = a.t;
-      first_name = a.name;
-      continue;
-    }
-    TORCH_CHECK(a.t->device() == first->device(), op, ": expected all tensors on one device, but '",
-                a.name, "' is on ", a.t->device(), " and '", first_name, "' on ", first->device());
-  }
-}
-
-inline const at::Tensor* opt_ptr(const std::optional<at::Tensor>& t) {
-  return (t.has_value() && t->defined()) ? &*t : nullptr;
-}
-
-// ---- launchers shared across files (no argument checks; callers have run them) ----------------
-// masked_softmax.cu
-at::Tensor masked_softmax_forward_launch(const at::Tensor& scores,
-                                         const std::optional<at::Tensor>& mask, double scale,
-                                         bool causal, const std::optional<at::Tensor>& key_lengths);
-at::Tensor masked_softmax_backward_launch(const at::Tensor& grad, const at::Tensor& out,
-                                          double scale);
 
 }  // namespace cuda
 }  // namespace pyformer

@@ -1,6 +1,6 @@
 // pyformer CUDA: masked_softmax forward and backward (fused scale + mask + causal + key_lengths).
 //
-// What it computes (ops.md):
+// What it computes (docs/ops.md):
 //   probs = softmax(scale * scores + M, dim=-1)                                      forward
 //   dscores = scale * probs * (grad - sum(grad * probs, -1))                         backward
 // where M is 0 or -inf per element, from (all combined):
@@ -33,21 +33,21 @@
 // give zeros, and a NaN row is NaN everywhere (0 * NaN), as torch's is. The long path's online
 // sums reach the same outputs (see rel_exp / finalize_inv).
 //
-// Napkin math (the issue's benchmark, scores (8,16,2048,2048) bf16 with a padding mask):
+// Napkin math (the gpu-targets benchmark, scores (8,16,2048,2048) bf16 with a padding mask):
 // 2^29 elements * 2 bytes read + 2 bytes written = 2 GiB of traffic; the padding mask is
 // (8,1,1,2048) bool = 16 KiB, L1/L2-resident. At ~3 TB/s of H100 copy bandwidth that is ~0.7 ms
 // per call if the kernel streams at copy speed; the textbook composition (div, masked_fill,
 // softmax) moves >= 3x the bytes. Each thread of the 128-thread block owning a 2048-key row
 // issues two 16-byte loads, all before the first reduction: 4 KiB per block, and with ~8 blocks
 // resident per SM ~32 KiB in flight, above the ~25 KiB per SM that Little's law asks for (3 TB/s
-// x ~1 us latency / 132 SMs). Unmeasured: no GPU was lent to the session that wrote this.
+// x ~1 us latency / 132 SMs).
 //
 // Register/spill report: .ci/compile_cuda.sh prints it. The register kernels hold 16 row values
 // per thread (2 x 16 in the backward); their __launch_bounds__ carry an explicit minimum of blocks
 // per SM (common.cuh, row_min_blocks) because without it ptxas 13 for sm_90 squeezed them to 32-80
 // registers and spilled a few bytes. With it no kernel spills on sm_80 or sm_90.
 //
-// Sections: device helpers, forward kernels, backward kernels, launchers, ops + registration.
+// Sections: device helpers, forward kernels, backward kernels, launchers, kernel entries.
 #include "common.cuh"
 
 namespace pyformer {
@@ -57,48 +57,22 @@ namespace {
 // The row kernels' sizes (kRowItems, kWarpRowsPerBlock, kMaxRowThreads, kLongThreads), RowMap,
 // store_row, load_vec / store_vec, can_vectorize and launch_rows are in common.cuh, shared with
 // layer_norm.cu.
-constexpr int kMaxLeadDims = 8;   // leading dims of the mask after merging (make_mask_params)
-
 // ---- device helpers -----------------------------------------------------------------------------
 
-// Everything that decides which keys of a row are allowed, passed by value to the kernels.
-struct MaskParams {
-  const void* data = nullptr;       // bool mask, or additive mask in the scores' dtype
-  int kind = 0;                     // 0 none, 1 bool, 2 additive
-  int nlead = 0;                    // leading dims of the scores, merged (make_mask_params)
-  int64_t size[kMaxLeadDims] = {};  // their sizes, outermost first
-  int64_t mstride[kMaxLeadDims] = {};  // the mask's strides over them (0 where broadcast)
-  int64_t mlast = 0;                // the mask's stride over keys (0 when its last dim is 1)
-  bool causal = false;
-  int64_t lq = 1;                   // scores.size(-2): row -> query index for causal
-  const int64_t* klen = nullptr;    // key_lengths as int64, or null
-  int64_t rows_per_batch = 1;       // rows / scores.size(0): row -> batch index
-};
-
+// Which keys of a row are allowed: the MaskLayout of csrc/mask_layout.h (built by the host),
+// passed by value to the kernels.
 struct RowInfo {
   int64_t moff;   // offset of this row in the mask
   int64_t limit;  // keys >= limit are masked by causal / key_lengths and never read
 };
 
-__device__ __forceinline__ RowInfo row_info(const MaskParams& p, int64_t row, int64_t L) {
-  RowInfo r{0, L};
-  if (p.causal) r.limit = min(r.limit, row % p.lq + 1);
-  if (p.klen != nullptr) r.limit = min(r.limit, p.klen[row / p.rows_per_batch]);
-  if (r.limit < 0) r.limit = 0;
-  if (p.kind != 0) {
-    int64_t rem = row;
-    for (int d = p.nlead - 1; d >= 0; --d) {
-      const int64_t idx = rem % p.size[d];
-      rem /= p.size[d];
-      r.moff += idx * p.mstride[d];
-    }
-  }
-  return r;
+__device__ __forceinline__ RowInfo row_info(const MaskLayout& p, int64_t row, int64_t L) {
+  return RowInfo{p.kind != 0 ? p.offset(row) : 0, p.limit(row, L)};
 }
 
 // scale * score + additive mask; `ok` is false where the mask forbids key j.
 template <typename T, typename A>
-__device__ __forceinline__ A masked_value(T score, A scale, const MaskParams& p, int64_t moff,
+__device__ __forceinline__ A masked_value(T score, A scale, const MaskLayout& p, int64_t moff,
                                           int64_t j, bool& ok) {
   A x = scale * static_cast<A>(score);
   ok = true;
@@ -148,7 +122,7 @@ template <typename T, int VEC, int CHUNKS, bool WARP>
 __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads,
                                       row_min_blocks<T, WARP, VEC>())
     softmax_fwd_regs_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int64_t L,
-                            acc_t<T> scale, MaskParams p) {
+                            acc_t<T> scale, MaskLayout p) {
   using A = acc_t<T>;
   using V = Vec<T, VEC>;
   static_assert(CHUNKS * VEC <= 32, "one bit per item");
@@ -199,7 +173,7 @@ __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kLongThreads, 1)
     softmax_fwd_long_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int64_t L,
-                            acc_t<T> scale, MaskParams p, bool cache) {
+                            acc_t<T> scale, MaskLayout p, bool cache) {
   using A = acc_t<T>;
   using V = Vec<T, VEC>;
   extern __shared__ __align__(16) unsigned char dyn_smem[];
@@ -361,7 +335,7 @@ __global__ void __launch_bounds__(kLongThreads, 1)
 
 template <typename T, int VEC>
 void launch_softmax_fwd(const T* x, T* y, int64_t rows, int64_t L, double scale,
-                        const MaskParams& p) {
+                        const MaskLayout& p) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const acc_t<T> sc = static_cast<acc_t<T>>(scale);
   launch_rows<VEC>(
@@ -402,100 +376,27 @@ void launch_softmax_bwd(const T* dy, const T* y, T* dx, int64_t rows, int64_t L,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-MaskParams make_mask_params(const at::Tensor& x, const at::Tensor* mask, bool causal,
-                            const at::Tensor* klen_long, int64_t rows) {
-  MaskParams p;
-  const int64_t sdim = x.dim();
-  if (mask != nullptr) {
-    p.data = mask->data_ptr();
-    p.kind = mask->scalar_type() == at::kBool ? 1 : 2;
-    const int64_t mdim = mask->dim();
-    // The mask's stride over each leading dim of the scores, dims aligned from the right; size-1
-    // dims broadcast (stride 0).
-    auto mstride = [&](int64_t sd) -> int64_t {
-      const int64_t md = sd - (sdim - mdim);
-      return md < 0 || mask->size(md) == 1 ? 0 : mask->stride(md);
-    };
-    p.mlast = sdim >= 1 ? mstride(sdim - 1) : 0;
-    // Leading dims, outermost first, size-1 dims dropped and neighbours merged where the mask's
-    // offset is linear across both (outer stride == inner stride * inner size, stride 0 on both
-    // included): a (B,1,1,Lk) mask over (B,H,Lq,Lk) scores becomes 2 dims, a dense mask 1. Fewer
-    // divisions per row, and scores of any rank fit.
-    for (int64_t sd = 0; sd + 1 < sdim; ++sd) {
-      const int64_t n = x.size(sd), st = mstride(sd);
-      if (n == 1) continue;
-      if (p.nlead > 0 && p.mstride[p.nlead - 1] == st * n) {
-        p.size[p.nlead - 1] *= n;
-        p.mstride[p.nlead - 1] = st;
-        continue;
-      }
-      TORCH_CHECK_VALUE(p.nlead < kMaxLeadDims,
-                  "pyformer.masked_softmax: argument 'mask': expected a mask whose strides merge "
-                  "into at most ", kMaxLeadDims, " leading dims on CUDA (make it contiguous), got "
-                  "sizes ", mask->sizes(), " and strides ", mask->strides());
-      p.size[p.nlead] = n;
-      p.mstride[p.nlead] = st;
-      ++p.nlead;
-    }
-  }
-  p.causal = causal;
-  p.lq = sdim >= 2 ? x.size(-2) : 1;
-  if (p.lq < 1) p.lq = 1;
-  if (klen_long != nullptr) {
-    p.klen = klen_long->data_ptr<int64_t>();
-    const int64_t b = sdim >= 1 ? x.size(0) : 1;
-    p.rows_per_batch = b > 0 ? rows / b : 1;
-    if (p.rows_per_batch < 1) p.rows_per_batch = 1;
-  }
-  return p;
-}
+// ---- kernel entries (kernels.h) ----------------------------------------------------------------
 
-}  // namespace
-
-// Forward on already-checked arguments (also called by attention.cu).
-at::Tensor masked_softmax_forward_launch(const at::Tensor& scores,
-                                         const std::optional<at::Tensor>& mask, double scale,
-                                         bool causal,
-                                         const std::optional<at::Tensor>& key_lengths) {
-  c10::cuda::CUDAGuard guard(scores.device());
-  const at::Tensor x = scores.contiguous();
-  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
-  if (x.numel() == 0) return y;
-  const int64_t L = x.dim() == 0 ? 1 : x.size(-1);
-  const int64_t rows = x.numel() / L;
-
-  // Kept alive until the end of this function; the caching allocator orders their reuse after
-  // the kernel on this stream.
-  at::Tensor m;
-  if (const at::Tensor* mp = opt_ptr(mask)) m = mask_for_kernel(*mp, x);
-  at::Tensor kl;
-  if (const at::Tensor* kp = opt_ptr(key_lengths)) kl = kp->to(at::kLong).contiguous();
-  const MaskParams p =
-      make_mask_params(x, m.defined() ? &m : nullptr, causal, kl.defined() ? &kl : nullptr, rows);
-
+void masked_softmax_fwd_cuda(const at::Tensor& x, const at::Tensor& y, const MaskLayout& mask,
+                             double scale) {
+  const int64_t L = x.size(-1), rows = x.numel() / L;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "masked_softmax_cuda", [&] {
     constexpr int V = vec16<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     if (can_vectorize(L, V, {xp, yp})) {
-      launch_softmax_fwd<scalar_t, V>(xp, yp, rows, L, scale, p);
+      launch_softmax_fwd<scalar_t, V>(xp, yp, rows, L, scale, mask);
     } else {
-      launch_softmax_fwd<scalar_t, 1>(xp, yp, rows, L, scale, p);
+      launch_softmax_fwd<scalar_t, 1>(xp, yp, rows, L, scale, mask);
     }
   });
-  return y;
 }
 
-at::Tensor masked_softmax_backward_launch(const at::Tensor& grad, const at::Tensor& out,
-                                          double scale) {
-  c10::cuda::CUDAGuard guard(out.device());
-  const at::Tensor dy = grad.contiguous();
-  const at::Tensor y = out.contiguous();
-  at::Tensor dx = at::empty_like(y, at::MemoryFormat::Contiguous);
-  if (y.numel() == 0) return dx;
-  const int64_t L = y.dim() == 0 ? 1 : y.size(-1);
-  const int64_t rows = y.numel() / L;
+void masked_softmax_bwd_cuda(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& dx,
+                             double scale) {
+  const int64_t L = y.size(-1), rows = y.numel() / L;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(),
                                   "masked_softmax_backward_cuda", [&] {
     constexpr int V = vec16<scalar_t>();
@@ -508,32 +409,12 @@ at::Tensor masked_softmax_backward_launch(const at::Tensor& grad, const at::Tens
       launch_softmax_bwd<scalar_t, 1>(dyp, yp, dxp, rows, L, scale);
     }
   });
-  return dx;
 }
 
-// ---- ops ----------------------------------------------------------------------------------------
+}  // namespace
 
-at::Tensor masked_softmax_cuda(const at::Tensor& scores, const std::optional<at::Tensor>& mask,
-                               double scale, bool causal,
-                               const std::optional<at::Tensor>& key_lengths) {
-  check_masked_softmax(scores, mask, scale, causal, key_lengths);
-  check_same_cuda_device("masked_softmax", {{"scores", &scores},
-                                            {"mask", opt_ptr(mask)},
-                                            {"key_lengths", opt_ptr(key_lengths)}});
-  return masked_softmax_forward_launch(scores, mask, scale, causal, key_lengths);
-}
-
-at::Tensor masked_softmax_backward_cuda(const at::Tensor& grad, const at::Tensor& out,
-                                        double scale) {
-  check_masked_softmax_backward(grad, out);
-  check_same_cuda_device("masked_softmax_backward", {{"grad", &grad}, {"out", &out}});
-  return masked_softmax_backward_launch(grad, out, scale);
-}
+PYFORMER_REGISTER_KERNEL(masked_softmax_fwd, CUDA, &masked_softmax_fwd_cuda);
+PYFORMER_REGISTER_KERNEL(masked_softmax_bwd, CUDA, &masked_softmax_bwd_cuda);
 
 }  // namespace cuda
 }  // namespace pyformer
-
-TORCH_LIBRARY_IMPL(pyformer, CUDA, m) {
-  m.impl("masked_softmax", &pyformer::cuda::masked_softmax_cuda);
-  m.impl("masked_softmax_backward", &pyformer::cuda::masked_softmax_backward_cuda);
-}

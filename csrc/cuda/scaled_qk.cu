@@ -1,6 +1,6 @@
 // pyformer CUDA: scaled_qk forward (a tiled batched GEMM with the scale fused) and backward.
 //
-// What it computes (ops.md):
+// What it computes (docs/ops.md):
 //   scores = scale * q @ k^T                                   forward
 //   dq = scale * grad @ k,  dk = scale * grad^T @ q            backward (cuBLAS, alpha = scale)
 //
@@ -23,13 +23,13 @@
 // by the scores write (~0.09 ms at 3 TB/s) more than by the ~0.02 ms of tensor-core time at ~800
 // TFLOP/s. The kernel's job is therefore to stream the output: each block reads 2 x 64 x D inputs
 // and writes 64 x 64 outputs as 16-byte stores. This is a straightforward WMMA kernel (no
-// cp.async / TMA / wgmma pipeline), so for large D cuBLAS should be faster; attention.cu uses
-// cuBLAS (at::baddbmm, alpha = scale) for that reason, and the benchmark reports both. Unmeasured:
-// no GPU was lent to the session that wrote this.
+// cp.async / TMA / wgmma pipeline), so for large D cuBLAS should be faster; attention's
+// composition (csrc/host/attention.cpp) uses cuBLAS (at::baddbmm, alpha = scale) for that reason,
+// and the benchmark reports both.
 //
 // Register/spill report: .ci/compile_cuda.sh prints it.
 //
-// Sections: device helpers, kernels, launchers, ops + registration.
+// Sections: device helpers, kernels, launchers, kernel entry.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -292,21 +292,18 @@ unsigned int tile_grid(int64_t batch, int64_t Lq, int64_t Lk) {
   return grid_for(batch * ceil_div(Lq, kBM) * ceil_div(Lk, kBN), 1);
 }
 
-}  // namespace
-
-// scale * q3 @ k3^T for contiguous q3 (batch, Lq, D), k3 (batch, Lk, D).
-at::Tensor scaled_qk_launch(const at::Tensor& q3, const at::Tensor& k3, double scale) {
+// out = scale * q3 @ k3^T for contiguous q3 (batch, Lq, D), k3 (batch, Lk, D); out non-empty
+// and D > 0 (the host's contract).
+void scaled_qk_fwd_cuda(const at::Tensor& q3, const at::Tensor& k3, const at::Tensor& out,
+                        double scale) {
   const int64_t batch = q3.size(0), Lq = q3.size(1), D = q3.size(2), Lk = k3.size(1);
-  at::Tensor out = at::empty({batch, Lq, Lk}, q3.options());
-  if (out.numel() == 0) return out;
-  if (D == 0) return out.zero_();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const unsigned grid = tile_grid(batch, Lq, Lk);
   const auto st = q3.scalar_type();
   if ((st == at::kHalf || st == at::kBFloat16) && compute_major() < 8) {
     // below sm_80 the WMMA kernel is compiled to a trap (no bfloat16 WMMA there): cuBLAS instead
-    BelowAutograd below;
-    at::baddbmm_out(out, out, q3, k3.transpose(1, 2), /*beta=*/0.0, /*alpha=*/scale);
+    at::Tensor o = out;
+    at::baddbmm_out(o, o, q3, k3.transpose(1, 2), /*beta=*/0.0, /*alpha=*/scale);
   } else if (st == at::kHalf || st == at::kBFloat16) {
     AT_DISPATCH_REDUCED_FLOATING_TYPES(st, "scaled_qk_cuda", [&] {
       const scalar_t* qp = q3.const_data_ptr<scalar_t>();
@@ -330,51 +327,11 @@ at::Tensor scaled_qk_launch(const at::Tensor& q3, const at::Tensor& k3, double s
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  return out;
 }
 
-// ---- ops ----------------------------------------------------------------------------------------
+}  // namespace
 
-at::Tensor scaled_qk_cuda(const at::Tensor& q, const at::Tensor& k, double scale) {
-  check_scaled_qk(q, k, scale);
-  check_same_cuda_device("scaled_qk", {{"q", &q}, {"k", &k}});
-  c10::cuda::CUDAGuard guard(q.device());
-  const int64_t Lq = q.size(-2), D = q.size(-1), Lk = k.size(-2);
-  const int64_t batch = c10::multiply_integers(q.sizes().slice(0, q.dim() - 2));
-  const at::Tensor q3 = q.reshape({batch, Lq, D}).contiguous();
-  const at::Tensor k3 = k.reshape({batch, Lk, D}).contiguous();
-  std::vector<int64_t> out_shape(q.sizes().begin(), q.sizes().end());
-  out_shape.back() = Lk;
-  return scaled_qk_launch(q3, k3, scale).view(out_shape);
-}
-
-std::tuple<at::Tensor, at::Tensor> scaled_qk_backward_cuda(const at::Tensor& grad,
-                                                           const at::Tensor& q,
-                                                           const at::Tensor& k, double scale) {
-  check_scaled_qk_backward(grad, q, k);
-  check_same_cuda_device("scaled_qk_backward", {{"grad", &grad}, {"q", &q}, {"k", &k}});
-  c10::cuda::CUDAGuard guard(q.device());
-  if (grad.numel() == 0 || q.numel() == 0 || k.numel() == 0) {
-    // an empty sum over Lk (or Lq) is zero; empty q / k give empty gradients
-    return {at::zeros_like(q, at::MemoryFormat::Contiguous),
-            at::zeros_like(k, at::MemoryFormat::Contiguous)};
-  }
-  const int64_t Lq = q.size(-2), D = q.size(-1), Lk = k.size(-2);
-  const int64_t batch = c10::multiply_integers(q.sizes().slice(0, q.dim() - 2));
-  const at::Tensor g3 = grad.reshape({batch, Lq, Lk});
-  const at::Tensor q3 = q.reshape({batch, Lq, D});
-  const at::Tensor k3 = k.reshape({batch, Lk, D});
-  // beta = 0: cuBLAS never reads the uninitialized `self`
-  at::Tensor dq = at::baddbmm(at::empty({batch, Lq, D}, q.options()), g3, k3, 0.0, scale);
-  at::Tensor dk =
-      at::baddbmm(at::empty({batch, Lk, D}, k.options()), g3.transpose(1, 2), q3, 0.0, scale);
-  return {dq.view(q.sizes()), dk.view(k.sizes())};
-}
+PYFORMER_REGISTER_KERNEL(scaled_qk_fwd, CUDA, &scaled_qk_fwd_cuda);
 
 }  // namespace cuda
 }  // namespace pyformer
-
-TORCH_LIBRARY_IMPL(pyformer, CUDA, m) {
-  m.impl("scaled_qk", &pyformer::cuda::scaled_qk_cuda);
-  m.impl("scaled_qk_backward", &pyformer::cuda::scaled_qk_backward_cuda);
-}

@@ -1,4 +1,4 @@
-"""scaled_qk: fake kernel and autograd.  scores = scale * q @ k^T."""
+"""scaled_qk: fake kernels.  scores = scale * q @ k^T.  Autograd: csrc/host/scaled_qk.cpp."""
 
 import torch
 
@@ -17,18 +17,3 @@ def _scaled_qk_backward_fake(grad, q, k, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
         k, memory_format=torch.contiguous_format
     )
-
-
-def _setup(ctx, inputs, output):
-    q, k, scale = inputs
-    ctx.scale = scale
-    ctx.save_for_backward(q, k)
-
-
-def _backward(ctx, grad):
-    q, k = ctx.saved_tensors
-    dq, dk = torch.ops.pyformer.scaled_qk_backward(grad, q, k, ctx.scale)
-    return dq, dk, None
-
-
-torch.library.register_autograd(lib, _backward, setup_context=_setup)

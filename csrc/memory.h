@@ -1,4 +1,4 @@
-// pyformer CPU: output allocation that asks Linux for transparent huge pages.
+// pyformer: output allocation that asks Linux for transparent huge pages.
 //
 // A large CPU tensor is memory that glibc maps fresh for each allocation (above its mmap
 // threshold, 32 MiB at most); its first touch then page-faults once per 4 KiB page, which for a
@@ -19,7 +19,7 @@
 #include <sys/mman.h>
 #endif
 
-namespace pyformer::cpu {
+namespace pyformer {
 
 // Advise huge pages for the 2 MiB-aligned part of t's storage (tensors of at least 4 MiB).
 inline void advise_huge_pages(const at::Tensor& t) {
@@ -47,4 +47,4 @@ inline at::Tensor empty_output_like(const at::Tensor& like) {
   return t;
 }
 
-}  // namespace pyformer::cpu
+}  // namespace pyformer

@@ -1,0 +1,204 @@
+// attention: host entry (both devices) and autograd. bmm-based multi-head attention.
+//
+//   q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv)
+//   -> out (B, H, Lq, Dv), probs (B, H, Lq, Lk), keep (B, H, Lq, Lk) bool or (0,) without dropout
+//   probs = masked_softmax(scale * q @ k^T + M)  (docs/ops.md);  out = (probs * keep / (1 - p)) @ v
+// backward (attention_backward), from the saved probs and keep:
+//   dP = grad_out @ v^T, through dropout, + grad_probs;  dS = probs * (dP - sum(dP * probs, -1))
+//   dq = scale * dS @ k, dk = scale * dS^T @ q, dv = (probs * keep / (1 - p))^T @ grad_out
+//   returns (dq, dk, dv, dS); dS is the gradient w.r.t. the logits scale * q @ k^T + M, which
+//   autograd sums to the shape of a floating mask that requires grad.
+//
+// The host draws the dropout mask, builds the mask layout and allocates every output. A device
+// with a fused per-head kernel (the CPU, float32/float64: GEMM -> softmax -> GEMM while the
+// scores are in cache, csrc/cpu/attention.cpp) runs it; otherwise, and for the inputs the fused
+// kernel declines, the composition below runs: a batched GEMM with the scale as alpha, the
+// device's masked-softmax row kernel, the dropout, a batched GEMM. need_probs=False (inference
+// without need_weights) returns an empty probs and keeps nothing for a backward; the fused kernel
+// then never writes the (B,H,Lq,Lk) probabilities.
+// Napkin math: 4 * B * H * Lq * Lk * D flops forward, 8 * ... backward; memory: q, k, v, out
+// once, probs written once (and, in the composition, the scores written and read once).
+#include "../kernels.h"
+#include "../memory.h"
+#include "autograd.h"
+
+namespace pyformer::host {
+namespace {
+
+// (B, H, L, D) -> (B*H, L, D); sizes spelled out, since reshape cannot infer a -1 when D == 0.
+at::Tensor bh3(const at::Tensor& t) {
+  return t.reshape({t.size(0) * t.size(1), t.size(2), t.size(3)});
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
+    const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const std::optional<at::Tensor>& mask, double scale, bool causal,
+    const std::optional<at::Tensor>& key_lengths, double dropout_p, bool need_probs) {
+  check_attention(q_, k_, v_, mask, scale, causal, key_lengths, dropout_p);
+  const BelowAutograd below_autograd;
+  const c10::OptionalDeviceGuard guard(q_.device());
+  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
+  const int64_t Lk = k.size(2), Dv = v.size(3);
+  const bool dropped = dropout_p > 0;
+  const double keep_scale = dropout_keep_scale(dropout_p);
+  const std::vector<int64_t> ps{B, H, Lq, Lk};
+  at::Tensor keep = dropped ? dropout_keep_mask(ps, dropout_p, q.options())
+                            : at::empty({0}, q.options().dtype(at::kBool));
+  at::Tensor out = empty_output({B, H, Lq, Dv}, q.options());
+  at::Tensor probs = need_probs ? empty_output(ps, q.options()) : at::Tensor();
+  auto result = [&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
+    return {out, need_probs ? probs : at::empty({0}, q.options()), keep};
+  };
+  if (B * H * Lq == 0) return result();
+  if (Lk == 0) {  // no keys: every row fully masked, zero output rows
+    out.zero_();
+    return result();
+  }
+  const MaskArgs m = make_mask_args(ps, q.scalar_type(), mask, causal, key_lengths);
+  if (const auto fused = kernels::attention_fwd(q.device())) {
+    if (fused(q, k, v, out, probs, dropped ? keep : at::Tensor(), m.layout, scale, keep_scale))
+      return result();
+  }
+  // the composition: scores = scale * q @ k^T, probs = the masked softmax rows, out = probs @ v
+  at::Tensor scores = at::empty({B * H, Lq, Lk}, q.options());
+  if (D == 0) scores.zero_();
+  else at::baddbmm_out(scores, scores, bh3(q), bh3(k).transpose(1, 2), /*beta=*/0, /*alpha=*/scale);
+  if (!probs.defined()) probs = empty_output(ps, q.options());  // the product's input anyway
+  kernels::masked_softmax_fwd.require(q.device())(scores, probs, m.layout, 1.0);
+  scores.reset();  // let the allocator reuse it for the product below
+  if (Dv > 0) {
+    const at::Tensor pd = dropped ? probs * keep * keep_scale : probs;
+    at::Tensor out3 = out.view({B * H, Lq, Dv});
+    at::bmm_out(out3, bh3(pd), bh3(v));
+  }
+  return result();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad_out_, const std::optional<at::Tensor>& grad_probs, const at::Tensor& q_,
+    const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& probs_, const at::Tensor& keep_,
+    double scale, double dropout_p) {
+  check_attention_backward(grad_out_, grad_probs, q_, k_, v_, probs_, keep_, scale, dropout_p);
+  const BelowAutograd below_autograd;
+  const c10::OptionalDeviceGuard guard(q_.device());
+  const bool dropped = dropout_p > 0;
+  const double keep_scale = dropout_keep_scale(dropout_p);
+  const at::Tensor g = grad_out_.contiguous(), q = q_.contiguous(), k = k_.contiguous();
+  const at::Tensor v = v_.contiguous(), probs = probs_.contiguous();
+  const at::Tensor keep = dropped ? keep_.contiguous() : at::Tensor();
+  const at::Tensor gp = grad_probs ? grad_probs->contiguous() : at::Tensor();
+  at::Tensor dq = empty_output_like(q), dk = empty_output_like(k), dv = empty_output_like(v);
+  at::Tensor dS = empty_output_like(probs);
+  if (probs.numel() == 0) {  // nothing flows: zero gradients
+    dq.zero_(), dk.zero_(), dv.zero_();
+    return {dq, dk, dv, dS};
+  }
+  if (const auto fused = kernels::attention_bwd(q.device())) {
+    if (fused(g, gp, q, k, v, probs, keep, scale, keep_scale, dq, dk, dv, dS)) return {dq, dk, dv, dS};
+  }
+  // the composition
+  const at::Tensor g3 = bh3(g), q3 = bh3(q), k3 = bh3(k), v3 = bh3(v);
+  at::Tensor dP = at::bmm(g3, v3.transpose(1, 2)).view(probs.sizes());
+  if (dropped) dP.mul_(keep).mul_(keep_scale);
+  if (gp.defined()) dP.add_(gp);
+  kernels::masked_softmax_bwd.require(q.device())(dP, probs, dS, 1.0);
+  dP.reset();
+  const at::Tensor dS3 = bh3(dS);
+  at::Tensor dq3 = dq.view(q3.sizes()), dk3 = dk.view(k3.sizes()), dv3 = dv.view(v3.sizes());
+  at::baddbmm_out(dq3, dq3, dS3, k3, /*beta=*/0, /*alpha=*/scale);
+  at::baddbmm_out(dk3, dk3, dS3.transpose(1, 2), q3, /*beta=*/0, /*alpha=*/scale);
+  const at::Tensor pd = dropped ? probs * keep * keep_scale : probs;
+  at::bmm_out(dv3, bh3(pd).transpose(1, 2), g3);
+  return {dq, dk, dv, dS};
+}
+
+// ---- autograd -----------------------------------------------------------------------------------
+
+using AttentionSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    double, bool, const std::optional<at::Tensor>&, double, bool);
+using AttentionBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double);
+PYFORMER_OP_HANDLE(attention, AttentionSig)
+PYFORMER_OP_HANDLE(attention_backward, AttentionBwdSig)
+
+struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                               double scale, bool causal,
+                               const std::optional<at::Tensor>& key_lengths, double dropout_p,
+                               bool need_probs) {
+    at::Tensor out, probs, keep;
+    {
+      const at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(out, probs, keep) =
+          attention_op().call(q, k, v, mask, scale, causal, key_lengths, dropout_p, need_probs);
+    }
+    ctx->saved_data["need_probs"] = need_probs;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["mask_grad"] = requires_grad(mask);
+    if (requires_grad(mask)) {
+      ctx->saved_data["mask_sizes"] = mask->sizes().vec();
+      ctx->saved_data["mask_dtype"] = static_cast<int64_t>(mask->scalar_type());
+    }
+    ctx->mark_non_differentiable({keep});
+    // a probs output that nothing differentiates arrives undefined, not as a (B,H,Lq,Lk) tensor
+    // of zeros that the backward would then read and add
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({q, k, v, probs, keep});
+    return {out, probs, keep};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(ctx->saved_data["need_probs"].toBool(),
+                "pyformer.attention: called with need_probs=False, which keeps nothing for "
+                "backward; pass need_probs=True to differentiate");
+    const variable_list s = ctx->get_saved_variables();
+    const at::Tensor &q = s[0], &k = s[1], &v = s[2];
+    at::Tensor grad_out = grads[0];
+    if (!grad_out.defined()) grad_out = at::zeros({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+    const std::optional<at::Tensor> grad_probs =
+        grads[1].defined() ? std::optional<at::Tensor>(grads[1]) : std::nullopt;
+    auto [dq, dk, dv, dlogits] = attention_backward_op().call(
+        grad_out, grad_probs, q, k, v, s[3], s[4], ctx->saved_data["scale"].toDouble(),
+        ctx->saved_data["dropout_p"].toDouble());
+    at::Tensor dmask;
+    if (ctx->saved_data["mask_grad"].toBool()) {
+      dmask = mask_grad(dlogits, ctx->saved_data["mask_sizes"].toIntVector(),
+                        static_cast<at::ScalarType>(ctx->saved_data["mask_dtype"].toInt()));
+    }
+    return {dq, dk, dv, dmask, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, double scale, bool causal,
+    const std::optional<at::Tensor>& key_lengths, double dropout_p, bool need_probs) {
+  const variable_list r = AttentionFunction::apply(q, k, v, mask, scale, causal, key_lengths,
+                                                   dropout_p, need_probs);
+  return {r[0], r[1], r[2]};
+}
+
+static void register_host(torch::Library& m) {
+  m.impl("attention", &attention);
+  m.impl("attention_backward", &attention_backward);
+}
+TORCH_LIBRARY_IMPL(pyformer, CPU, m) { register_host(m); }
+TORCH_LIBRARY_IMPL(pyformer, CUDA, m) { register_host(m); }
+TORCH_LIBRARY_IMPL(pyformer, Autograd, m) {
+  m.impl("attention", &attention_autograd);
+  register_no_double_backward(m, "attention_backward");
+}
+
+}  // namespace pyformer::host
+
+namespace pyformer::kernels {
+Slot<AttentionFwd> attention_fwd{"attention forward"};
+Slot<AttentionBwd> attention_bwd{"attention backward"};
+}  // namespace pyformer::kernels

@@ -1,0 +1,42 @@
+// pyformer: helpers for the ops' C++ autograd (each csrc/host/<op>.cpp holds its op's
+// torch::autograd::Function, registered for the Autograd dispatch key).
+//
+// Autograd lives in C++ so that a call costs what a PyTorch op costs: the Python wrapper of an
+// op runs no Python autograd machinery. The forward of each Function calls the op again below
+// autograd through the dispatcher (so torch.compile's fake kernels, pyformer/ops/<op>.py, serve
+// it when tracing) and the backward calls the op's backward op, also through the dispatcher (so
+// a traced backward is made of pyformer ops too).
+#pragma once
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "../pyformer.h"
+
+namespace pyformer::host {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// name##_op(): the typed handle of pyformer::<name>, looked up once.
+#define PYFORMER_OP_HANDLE(name, Sig)                                                     \
+  static const c10::TypedOperatorHandle<Sig>& name##_op() {                               \
+    static const auto handle =                                                            \
+        c10::Dispatcher::singleton().findSchemaOrThrow("pyformer::" #name, "").typed<Sig>(); \
+    return handle;                                                                        \
+  }
+
+inline bool requires_grad(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() && t->requires_grad();
+}
+
+// The gradient of an additive mask from that of the logits: summed over its broadcast dims,
+// in the mask's dtype (masked_softmax and attention).
+at::Tensor mask_grad(const at::Tensor& dlogits, at::IntArrayRef mask_sizes, at::ScalarType dtype);
+
+// The Autograd kernel of a backward op: differentiating a backward op again (double backward)
+// is not supported and says so when it is attempted, rather than silently giving zeros.
+void register_no_double_backward(torch::Library& m, const char* backward_op);
+
+}  // namespace pyformer::host

@@ -1,0 +1,205 @@
+// layer_norm and add_layer_norm: host entries (both devices) and autograd.
+//
+//   y = (x - mean) * rstd * weight + bias per row of N = prod(normalized_shape) (docs/ops.md);
+//   mean and rstd saved per row in the statistics dtype (float32; float64 for float64 x)
+//   add_layer_norm: s = x + residual (rounded to x's dtype), y = layer_norm(s); returns y and s
+//   backward (layer_norm_backward): dx, and dweight, dbias of shape normalized_shape
+//
+// The host checks, makes the rows contiguous, allocates y, s and the statistics, handles empty
+// rows (N == 0: NaN statistics) and calls the device's row kernels. add_layer_norm shares the
+// backward: the gradient reaching s is that of y through the norm plus the one flowing into s
+// directly, and x and residual both receive it.
+#include <limits>
+
+#include "../kernels.h"
+#include "../memory.h"
+#include "autograd.h"
+
+namespace pyformer::host {
+namespace {
+
+// (y, s, mean, rstd); s is undefined without a residual.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_forward(
+    const at::Tensor& x_, const at::Tensor& residual, at::IntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps) {
+  const BelowAutograd below_autograd;
+  const c10::OptionalDeviceGuard guard(x_.device());
+  const at::Tensor x = x_.contiguous();
+  const at::Tensor res = residual.defined() ? residual.contiguous() : at::Tensor();
+  const int64_t N = layer_norm_cols(normalized_shape), R = layer_norm_rows(x, normalized_shape);
+  const auto stat_shape = x.sizes().slice(0, x.dim() - normalized_shape.size());
+  const auto stats = x.options().dtype(stat_dtype(x.scalar_type()));
+  at::Tensor y = empty_output_like(x);
+  at::Tensor s = res.defined() ? empty_output_like(x) : at::Tensor();
+  at::Tensor mean = at::empty(stat_shape, stats), rstd = at::empty(stat_shape, stats);
+  if (N == 0) {  // empty rows: no statistics to speak of
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    rstd.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  if (R == 0 || N == 0) return {y, s, mean, rstd};
+  const at::Tensor w = weight ? weight->contiguous() : at::Tensor();
+  const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+  kernels::layer_norm_fwd.require(x.device())(x, res, s, w, b, y, mean, rstd, eps);
+  return {y, s, mean, rstd};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(
+    const at::Tensor& x, at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps) {
+  check_layer_norm(x, normalized_shape, weight, bias, eps);
+  auto [y, s, mean, rstd] = norm_forward(x, at::Tensor(), normalized_shape, weight, bias, eps);
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm(
+    const at::Tensor& x, const at::Tensor& residual, at::IntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps) {
+  check_add_layer_norm(x, residual, normalized_shape, weight, bias, eps);
+  return norm_forward(x, residual, normalized_shape, weight, bias, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(
+    const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& mean_,
+    const at::Tensor& rstd_, const std::optional<at::Tensor>& weight,
+    at::IntArrayRef normalized_shape) {
+  check_layer_norm_backward(grad_, x_, mean_, rstd_, weight, normalized_shape);
+  const BelowAutograd below_autograd;
+  const c10::OptionalDeviceGuard guard(x_.device());
+  const at::Tensor x = x_.contiguous(), grad = grad_.contiguous();
+  const at::Tensor mean = mean_.contiguous(), rstd = rstd_.contiguous();
+  const int64_t N = layer_norm_cols(normalized_shape), R = layer_norm_rows(x, normalized_shape);
+  at::Tensor dx = empty_output_like(x);
+  if (R == 0 || N == 0) {
+    return {dx, at::zeros(normalized_shape, x.options()), at::zeros(normalized_shape, x.options())};
+  }
+  at::Tensor dw = at::empty(normalized_shape, x.options()), db = at::empty(normalized_shape, x.options());
+  const at::Tensor w = weight ? weight->contiguous() : at::Tensor();
+  kernels::layer_norm_bwd.require(x.device())(grad, x, mean, rstd, w, dx, dw, db);
+  return {dx, dw, db};
+}
+
+// ---- autograd -----------------------------------------------------------------------------------
+
+using LayerNormSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, at::IntArrayRef, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, double);
+using AddLayerNormSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, at::IntArrayRef, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, double);
+using LayerNormBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, at::IntArrayRef);
+PYFORMER_OP_HANDLE(layer_norm, LayerNormSig)
+PYFORMER_OP_HANDLE(add_layer_norm, AddLayerNormSig)
+PYFORMER_OP_HANDLE(layer_norm_backward, LayerNormBwdSig)
+
+namespace {
+
+void save_norm(AutogradContext* ctx, at::IntArrayRef normalized_shape,
+               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
+  ctx->saved_data["shape"] = normalized_shape.vec();
+  ctx->saved_data["has_weight"] = weight.has_value() && weight->defined();
+  ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+  ctx->set_materialize_grads(false);
+}
+
+// (dx, dweight, dbias) of the norm itself; undefined where there is no such input.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(AutogradContext* ctx, at::Tensor grad_y,
+                                                             const variable_list& saved) {
+  const at::Tensor& x = saved[0];
+  if (!grad_y.defined()) grad_y = at::zeros_like(x);
+  const at::Tensor& w = saved[3];
+  auto [dx, dw, db] = layer_norm_backward_op().call(
+      grad_y, x, saved[1], saved[2], w.defined() ? std::optional<at::Tensor>(w) : std::nullopt,
+      ctx->saved_data["shape"].toIntVector());
+  return {dx, ctx->saved_data["has_weight"].toBool() ? dw : at::Tensor(),
+          ctx->saved_data["has_bias"].toBool() ? db : at::Tensor()};
+}
+
+at::Tensor or_undefined(const std::optional<at::Tensor>& t) { return t ? *t : at::Tensor(); }
+
+}  // namespace
+
+struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
+                               at::IntArrayRef normalized_shape,
+                               const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& bias, double eps) {
+    at::Tensor y, mean, rstd;
+    {
+      const at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(y, mean, rstd) = layer_norm_op().call(x, normalized_shape, weight, bias, eps);
+    }
+    save_norm(ctx, normalized_shape, weight, bias);
+    ctx->mark_non_differentiable({mean, rstd});
+    ctx->save_for_backward({x, mean, rstd, or_undefined(weight)});
+    return {y, mean, rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    auto [dx, dw, db] = norm_backward(ctx, grads[0], ctx->get_saved_variables());
+    return {dx, at::Tensor(), dw, db, at::Tensor()};
+  }
+};
+
+struct AddLayerNormFunction : torch::autograd::Function<AddLayerNormFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& residual,
+                               at::IntArrayRef normalized_shape,
+                               const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& bias, double eps) {
+    at::Tensor y, s, mean, rstd;
+    {
+      const at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(y, s, mean, rstd) =
+          add_layer_norm_op().call(x, residual, normalized_shape, weight, bias, eps);
+    }
+    save_norm(ctx, normalized_shape, weight, bias);
+    ctx->mark_non_differentiable({mean, rstd});
+    ctx->save_for_backward({s, mean, rstd, or_undefined(weight)});
+    return {y, s, mean, rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    auto [ds, dw, db] = norm_backward(ctx, grads[0], saved);
+    if (grads[1].defined()) ds = ds + grads[1];
+    return {ds, ds, at::Tensor(), dw, db, at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_autograd(
+    const at::Tensor& x, at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps) {
+  const variable_list r = LayerNormFunction::apply(x, normalized_shape, weight, bias, eps);
+  return {r[0], r[1], r[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_autograd(
+    const at::Tensor& x, const at::Tensor& residual, at::IntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps) {
+  const variable_list r = AddLayerNormFunction::apply(x, residual, normalized_shape, weight, bias, eps);
+  return {r[0], r[1], r[2], r[3]};
+}
+
+static void register_host(torch::Library& m) {
+  m.impl("layer_norm", &layer_norm);
+  m.impl("layer_norm_backward", &layer_norm_backward);
+  m.impl("add_layer_norm", &add_layer_norm);
+}
+TORCH_LIBRARY_IMPL(pyformer, CPU, m) { register_host(m); }
+TORCH_LIBRARY_IMPL(pyformer, CUDA, m) { register_host(m); }
+TORCH_LIBRARY_IMPL(pyformer, Autograd, m) {
+  m.impl("layer_norm", &layer_norm_autograd);
+  m.impl("add_layer_norm", &add_layer_norm_autograd);
+  register_no_double_backward(m, "layer_norm_backward");
+}
+
+}  // namespace pyformer::host
+
+namespace pyformer::kernels {
+Slot<LayerNormFwd> layer_norm_fwd{"layer_norm forward"};
+Slot<LayerNormBwd> layer_norm_bwd{"layer_norm backward"};
+}  // namespace pyformer::kernels

@@ -1,0 +1,101 @@
+// pyformer: the narrow interface between each op's host entry (csrc/host/<op>.cpp) and its
+// device kernels (csrc/cpu/<op>.cpp, csrc/cuda/<op>.cu).
+//
+// The host entry has done everything that is not arithmetic: argument checks, contiguity,
+// allocation of every output, empty inputs, the statistics dtype, the dropout draw, the mask
+// layout. A kernel gets contiguous tensors (their data pointers, sizes and dtype) and writes the
+// outputs it is given. Each kernel file registers its launchers at load time:
+//
+//     PYFORMER_REGISTER_KERNEL(masked_softmax_fwd, CPU, &masked_softmax_fwd_cpu);
+//
+// and the host entry finds them by the tensor's device: kernels::masked_softmax_fwd(x.device()).
+// A slot a device leaves empty means "no kernel of its own": the host composes ATen ops there
+// (scaled_qk on the CPU is one BLAS GEMM with the scale as alpha) or, where a kernel is the only
+// way, raises a clear error (a CUDA tensor in a build without CUDA kernels).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "mask_layout.h"
+
+namespace pyformer::kernels {
+
+// One function pointer per device type (CPU, CUDA) for one kernel entry.
+template <typename Fn>
+struct Slot {
+  const char* name;
+  Fn cpu = nullptr;
+  Fn cuda = nullptr;
+
+  // The kernel for `device`, or null when that device has none.
+  Fn operator()(const at::Device& device) const {
+    if (device.is_cpu()) return cpu;
+    if (device.is_cuda()) return cuda;
+    return nullptr;
+  }
+  // As operator(), but raises when the device has no kernel.
+  Fn require(const at::Device& device) const {
+    Fn fn = (*this)(device);
+    TORCH_CHECK_NOT_IMPLEMENTED(fn != nullptr, "pyformer: no ", name, " kernel for ", device,
+                                device.is_cuda() ? " (this build of pyformer has no CUDA kernels)"
+                                                 : "");
+    return fn;
+  }
+  bool set(c10::DeviceType type, Fn fn) {
+    (type == c10::DeviceType::CUDA ? cuda : cpu) = fn;
+    return true;
+  }
+};
+
+#define PYFORMER_REGISTER_KERNEL(slot, device, fn)                                 \
+  static const bool pyformer_registered_##slot##_##device [[maybe_unused]] =       \
+      ::pyformer::kernels::slot.set(c10::DeviceType::device, fn)
+
+// ---- scaled_qk ---------------------------------------------------------------------------------
+// out (N, Lq, Lk) = scale * q (N, Lq, D) @ k (N, Lk, D)^T; N * Lq * Lk > 0 and D > 0.
+using ScaledQkFwd = void (*)(const at::Tensor& q, const at::Tensor& k, const at::Tensor& out,
+                             double scale);
+extern Slot<ScaledQkFwd> scaled_qk_fwd;
+
+// ---- masked_softmax ----------------------------------------------------------------------------
+// y = softmax(scale * x + M) per row of x (rows, L), M from `mask`; rows * L > 0.
+using MaskedSoftmaxFwd = void (*)(const at::Tensor& x, const at::Tensor& y, const MaskLayout& mask,
+                                  double scale);
+// dx = scale * y * (dy - sum(dy * y)) per row; rows * L > 0.
+using MaskedSoftmaxBwd = void (*)(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& dx,
+                                  double scale);
+extern Slot<MaskedSoftmaxFwd> masked_softmax_fwd;
+extern Slot<MaskedSoftmaxBwd> masked_softmax_bwd;
+
+// ---- layer_norm / add_layer_norm ---------------------------------------------------------------
+// Rows of x (R, N), R * N > 0. residual and s are undefined for layer_norm; weight and bias
+// (N,) in x's dtype or undefined; mean and rstd (R,) in the statistics dtype.
+using LayerNormFwd = void (*)(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& s,
+                              const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& y,
+                              const at::Tensor& mean, const at::Tensor& rstd, double eps);
+// dx (R, N); dweight and dbias (N,) in x's dtype, always written.
+using LayerNormBwd = void (*)(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+                              const at::Tensor& rstd, const at::Tensor& weight, const at::Tensor& dx,
+                              const at::Tensor& dweight, const at::Tensor& dbias);
+extern Slot<LayerNormFwd> layer_norm_fwd;
+extern Slot<LayerNormBwd> layer_norm_bwd;
+
+// ---- attention ---------------------------------------------------------------------------------
+// A fused per-head path for the whole forward (GEMM -> masked softmax -> dropout -> GEMM in
+// cache). q (B,H,Lq,D), k (B,H,Lk,D), v (B,H,Lk,Dv), out (B,H,Lq,Dv); probs (B,H,Lq,Lk) or
+// undefined when not wanted; keep (B,H,Lq,Lk) bool or undefined without dropout. Returns false
+// when it does not take these inputs (the host then composes GEMMs around masked_softmax_fwd).
+using AttentionFwd = bool (*)(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& out, const at::Tensor& probs, const at::Tensor& keep,
+                              const MaskLayout& mask, double scale, double keep_scale);
+// The fused backward: (dq, dk, dv, dlogits) from grad_out, grad_probs (or undefined), the saved
+// probs and keep (undefined without dropout). Returns false when it does not take the inputs.
+using AttentionBwd = bool (*)(const at::Tensor& grad_out, const at::Tensor& grad_probs,
+                              const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& probs, const at::Tensor& keep, double scale,
+                              double keep_scale, const at::Tensor& dq, const at::Tensor& dk,
+                              const at::Tensor& dv, const at::Tensor& dlogits);
+extern Slot<AttentionFwd> attention_fwd;
+extern Slot<AttentionBwd> attention_bwd;
+
+}  // namespace pyformer::kernels
