@@ -3,7 +3,6 @@
 // Semantics: docs/ops.md. Each op's host entry and autograd live in csrc/host/<op>.cpp, its kernels
 // in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu, its fake kernel in pyformer/ops/<op>.py. Backward
 // passes are ops of their own so that torch.compile sees (and can trace) every piece of the graph.
-#include <Python.h>
 #include <torch/library.h>
 
 #include "pyformer.h"
@@ -49,31 +48,3 @@ TORCH_LIBRARY(pyformer, m) {
       "attention_backward(Tensor grad_out, Tensor? grad_probs, Tensor q, Tensor k, Tensor v,"
       " Tensor probs, Tensor keep, float scale, float dropout_p) -> (Tensor, Tensor, Tensor, Tensor)");
 }
-
-// ---- the Python module -------------------------------------------------------------------------
-// `import pyformer._C` loads this library (and with it the registrations above); no pybind11.
-#ifndef PYFORMER_CUDA_ARCHS
-#define PYFORMER_CUDA_ARCHS ""
-#endif
-#ifndef PYFORMER_CPU_VEC
-#define PYFORMER_CPU_VEC "default"
-#endif
-
-static PyObject* build_info(PyObject*, PyObject*) {
-#ifdef PYFORMER_WITH_CUDA
-  PyObject* cuda = Py_True;
-#else
-  PyObject* cuda = Py_False;
-#endif
-  return Py_BuildValue("{s:O,s:O,s:s,s:s}", "cpu", Py_True, "cuda", cuda, "cuda_archs",
-                       PYFORMER_CUDA_ARCHS, "cpu_vec", PYFORMER_CPU_VEC);
-}
-
-static PyMethodDef methods[] = {
-    {"build_info", build_info, METH_NOARGS,
-     "What this build of pyformer._C holds: {'cpu', 'cuda', 'cuda_archs', 'cpu_vec'}."},
-    {nullptr, nullptr, 0, nullptr}};
-
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
-
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }

@@ -20,11 +20,27 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from . import _C
 from . import ops as _ops  # noqa: F401  (registers the ops)
 
 __all__ = ["scaled_qk", "masked_softmax", "layer_norm", "add_layer_norm", "attention"]
 
 _P = torch.ops.pyformer
+_is_compiling = torch.compiler.is_compiling
+_has_torch_function = torch._C._has_torch_function_variadic
+
+
+# Each function below takes ``pyformer._C``'s direct entry (the same dispatcher call as
+# ``torch.ops.pyformer``, without the generic OpOverload's per-call Python cost) unless
+# torch.compile is tracing or an argument or a mode overrides ``__torch_function__``; the test is
+# written out in each function rather than called, a Python call being a fair share of a small
+# op's cost.
+
+
+def _causal(causal) -> bool:
+    if causal is True or causal is False:
+        return causal
+    raise TypeError(f"pyformer: argument 'causal': expected a bool, got {type(causal).__name__}")
 
 
 def _default_scale(q: Tensor, scale: Optional[float]) -> float:
@@ -35,9 +51,16 @@ def _default_scale(q: Tensor, scale: Optional[float]) -> float:
 
 
 def _shape(normalized_shape: Union[int, Sequence[int], torch.Size]) -> List[int]:
-    if isinstance(normalized_shape, int):
+    if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
         return [normalized_shape]
-    return [int(s) for s in normalized_shape]
+    out = []
+    for s in normalized_shape:
+        if isinstance(s, bool) or not isinstance(s, (int, torch.SymInt)):
+            raise TypeError(
+                "pyformer: argument 'normalized_shape': expected an int or a sequence of ints, "
+                f"got an element of type {type(s).__name__}")
+        out.append(s)
+    return out
 
 
 def scaled_qk(q: Tensor, k: Tensor, scale: Optional[float] = None) -> Tensor:
@@ -57,6 +80,8 @@ def scaled_qk(q: Tensor, k: Tensor, scale: Optional[float] = None) -> Tensor:
         >>> pyformer.functional.scaled_qk(q, k).shape
         torch.Size([2, 4, 7, 9])
     """
+    if not _is_compiling() and not _has_torch_function(q, k):
+        return _C.scaled_qk(q, k, _default_scale(q, scale))
     return _P.scaled_qk(q, k, _default_scale(q, scale))
 
 
@@ -92,7 +117,9 @@ def masked_softmax(
         >>> p[1, 0, 4]  # keys 3 and 4 are padding
         tensor([..., ..., ..., 0., 0.])
     """
-    return _P.masked_softmax(scores, mask, float(scale), bool(causal), key_lengths)
+    if not _is_compiling() and not _has_torch_function(scores, mask, key_lengths):
+        return _C.masked_softmax(scores, mask, scale, causal, key_lengths)
+    return _P.masked_softmax(scores, mask, float(scale), _causal(causal), key_lengths)
 
 
 def layer_norm(
@@ -121,6 +148,8 @@ def layer_norm(
         >>> pyformer.functional.layer_norm(x, (768,)).shape
         torch.Size([4, 10, 768])
     """
+    if not _is_compiling() and not _has_torch_function(x, weight, bias):
+        return _C.layer_norm(x, normalized_shape, weight, bias, eps)
     y, _, _ = _P.layer_norm(x, _shape(normalized_shape), weight, bias, float(eps))
     return y
 
@@ -143,6 +172,8 @@ def add_layer_norm(
         ``(y, s)``: the normalized sum and the sum itself (the next residual, for pre-norm
         stacks). Both are differentiable.
     """
+    if not _is_compiling() and not _has_torch_function(x, residual, weight, bias):
+        return _C.add_layer_norm(x, residual, normalized_shape, weight, bias, eps)
     y, s, _, _ = _P.add_layer_norm(x, residual, _shape(normalized_shape), weight, bias, float(eps))
     return y, s
 
@@ -182,6 +213,9 @@ def attention(
         >>> q = k = v = torch.randn(2, 8, 16, 64)
         >>> out, _ = pyformer.functional.attention(q, k, v, key_lengths=torch.tensor([16, 9]))
     """
+    if not _is_compiling() and not _has_torch_function(q, k, v, mask, key_lengths):
+        return _C.attention(q, k, v, mask, _default_scale(q, scale), causal, key_lengths,
+                            dropout_p, need_weights)
     # The probabilities are written out only when someone will read them: need_weights, or a
     # backward pass (inference skips a (B, H, Lq, Lk) write).
     need_probs = bool(need_weights) or (
@@ -189,7 +223,7 @@ def attention(
         and any(t is not None and t.requires_grad for t in (q, k, v, mask))
     )
     out, probs, _ = _P.attention(
-        q, k, v, mask, _default_scale(q, scale), bool(causal), key_lengths, float(dropout_p),
+        q, k, v, mask, _default_scale(q, scale), _causal(causal), key_lengths, float(dropout_p),
         need_probs,
     )
     return out, (probs if need_weights else None)

@@ -180,6 +180,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, double scale, bool causal,
     const std::optional<at::Tensor>& key_lengths, double dropout_p, bool need_probs) {
+  if (!recording(q, k, v, mask)) {
+    const at::AutoDispatchBelowADInplaceOrView below;
+    return attention_op().call(q, k, v, mask, scale, causal, key_lengths, dropout_p, need_probs);
+  }
   const variable_list r = AttentionFunction::apply(q, k, v, mask, scale, causal, key_lengths,
                                                    dropout_p, need_probs);
   return {r[0], r[1], r[2]};

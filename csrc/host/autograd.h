@@ -30,6 +30,15 @@ using torch::autograd::variable_list;
 inline bool requires_grad(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() && t->requires_grad();
 }
+inline bool requires_grad(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
+
+// Whether a call must be recorded for autograd: grad mode on and some input requires grad. When
+// not, the Autograd kernels call the op below autograd directly, skipping the Function's context
+// and node (what a PyTorch op's generated autograd kernel does too).
+template <typename... Ts>
+bool recording(const Ts&... inputs) {
+  return at::GradMode::is_enabled() && (requires_grad(inputs) || ...);
+}
 
 // The gradient of an additive mask from that of the logits: summed over its broadcast dims,
 // in the mask's dtype (masked_softmax and attention).

@@ -173,6 +173,10 @@ struct AddLayerNormFunction : torch::autograd::Function<AddLayerNormFunction> {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_autograd(
     const at::Tensor& x, at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps) {
+  if (!recording(x, weight, bias)) {
+    const at::AutoDispatchBelowADInplaceOrView below;
+    return layer_norm_op().call(x, normalized_shape, weight, bias, eps);
+  }
   const variable_list r = LayerNormFunction::apply(x, normalized_shape, weight, bias, eps);
   return {r[0], r[1], r[2]};
 }
@@ -180,6 +184,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_autograd(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_autograd(
     const at::Tensor& x, const at::Tensor& residual, at::IntArrayRef normalized_shape,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps) {
+  if (!recording(x, residual, weight, bias)) {
+    const at::AutoDispatchBelowADInplaceOrView below;
+    return add_layer_norm_op().call(x, residual, normalized_shape, weight, bias, eps);
+  }
   const variable_list r = AddLayerNormFunction::apply(x, residual, normalized_shape, weight, bias, eps);
   return {r[0], r[1], r[2], r[3]};
 }

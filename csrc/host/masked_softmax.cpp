@@ -88,6 +88,10 @@ struct MaskedSoftmaxFunction : torch::autograd::Function<MaskedSoftmaxFunction> 
 at::Tensor masked_softmax_autograd(const at::Tensor& scores, const std::optional<at::Tensor>& mask,
                                    double scale, bool causal,
                                    const std::optional<at::Tensor>& key_lengths) {
+  if (!recording(scores, mask)) {
+    const at::AutoDispatchBelowADInplaceOrView below;
+    return masked_softmax_op().call(scores, mask, scale, causal, key_lengths);
+  }
   return MaskedSoftmaxFunction::apply(scores, mask, scale, causal, key_lengths);
 }
 

@@ -90,6 +90,10 @@ struct ScaledQkFunction : torch::autograd::Function<ScaledQkFunction> {
 };
 
 at::Tensor scaled_qk_autograd(const at::Tensor& q, const at::Tensor& k, double scale) {
+  if (!recording(q, k)) {
+    const at::AutoDispatchBelowADInplaceOrView below;
+    return scaled_qk_op().call(q, k, scale);
+  }
   return ScaledQkFunction::apply(q, k, scale);
 }
 

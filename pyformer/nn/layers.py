@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 import torch.nn.functional as TF
 
-from ._backend import BackendMixin, kernels_support, reference
+from ._backend import BackendMixin, kernels_support
 
 __all__ = ["LayerNorm", "MultiheadAttention"]
 
@@ -69,22 +69,26 @@ class LayerNorm(BackendMixin, torch.nn.LayerNorm):
         return super().forward(s), s
 
 
-def _float_mask(m: Tensor, dtype: torch.dtype) -> Tensor:
-    """An additive mask: a bool "may attend" mask becomes 0 / -inf; a float one is cast."""
+def _additive(m: Tensor, dtype: torch.dtype) -> Tensor:
+    """An additive mask of ``dtype``: a bool "may attend" mask becomes 0 / -inf."""
     if m.dtype == torch.bool:
         return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
-    return m.to(dtype)
+    return m
 
 
-def _combine(a: Optional[Tensor], b: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    """Both masks applied: AND of bool "may attend" masks, else the sum of additive ones."""
+def _combine(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    """Both masks applied: AND of bool "may attend" masks, else the sum of additive ones (in the
+    floating dtype they promote to; the op converts the result to the scores' dtype itself, from
+    the unexpanded mask)."""
     if a is None:
         return b
     if b is None:
         return a
     if a.dtype == torch.bool and b.dtype == torch.bool:
         return a & b
-    return _float_mask(a, dtype) + _float_mask(b, dtype)
+    floats = [m.dtype for m in (a, b) if m.dtype != torch.bool]
+    dtype = floats[0] if len(floats) == 1 else torch.promote_types(*floats)
+    return _additive(a, dtype) + _additive(b, dtype)
 
 
 def _right_padding_lengths(valid: Tensor) -> Optional[Tensor]:
@@ -233,7 +237,7 @@ class MultiheadAttention(BackendMixin, torch.nn.MultiheadAttention):
         mask = None
         if attn_mask is not None and not causal:
             am = attn_mask.view(1, 1, lq, lk) if attn_mask.dim() == 2 else attn_mask.view(n, h, lq, lk)
-            mask = ~am if am.dtype == torch.bool else am.to(q.dtype)
+            mask = ~am if am.dtype == torch.bool else am
         key_lengths = None
         if key_padding_mask is not None:
             if key_padding_mask.dtype == torch.bool:
@@ -241,13 +245,10 @@ class MultiheadAttention(BackendMixin, torch.nn.MultiheadAttention):
                 key_lengths = _right_padding_lengths(valid)
                 kp = None if key_lengths is not None else valid.view(n, 1, 1, lk)
             else:
-                kp = key_padding_mask.to(q.dtype).view(n, 1, 1, lk)
-            mask = _combine(mask, kp, q.dtype)
+                kp = key_padding_mask.view(n, 1, 1, lk)
+            mask = _combine(mask, kp)
 
-        ops = self.F
-        if mask is not None and mask.requires_grad:  # a learned additive mask: autograd through torch
-            ops = reference()
-        out, probs = ops.attention(
+        out, probs = self.F.attention(
             q, k, v, mask, causal=causal, key_lengths=key_lengths,
             dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights)
 
