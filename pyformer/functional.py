@@ -53,6 +53,10 @@ def _default_scale(q: Tensor, scale: Optional[float]) -> float:
 def _shape(normalized_shape: Union[int, Sequence[int], torch.Size]) -> List[int]:
     if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
         return [normalized_shape]
+    if not isinstance(normalized_shape, (list, tuple, torch.Size)):
+        raise TypeError(
+            "pyformer: argument 'normalized_shape': expected an int or a sequence of ints, "
+            f"got {type(normalized_shape).__name__}")
     out = []
     for s in normalized_shape:
         if isinstance(s, bool) or not isinstance(s, (int, torch.SymInt)):
