@@ -91,8 +91,6 @@ void attention_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   scalar_t* P = probs.defined() ? probs.mutable_data_ptr<scalar_t>() : nullptr;  // null: not wanted
   scalar_t* O = out.mutable_data_ptr<scalar_t>();
   const bool* KEEP = keep.defined() ? keep.const_data_ptr<bool>() : nullptr;
-  const bool* MB = m.kind == 1 ? static_cast<const bool*>(m.data) : nullptr;
-  const scalar_t* MF = m.kind == 2 ? static_cast<const scalar_t*>(m.data) : nullptr;
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end_bh) {
     // Inside this OpenMP region the BLAS (MKL, OpenBLAS built with OpenMP) runs single-threaded.
     std::vector<acc_t> S(Lq * Lk), buf(Lk), pd(KEEP ? Lq * Lk : 0);
@@ -111,15 +109,9 @@ void attention_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       // softmax in place in the cached scores, rows of `len` (keys past len are not stored)
       for (int64_t i = 0; i < Lq; ++i) {
         const int64_t r = bh * Lq + i;
-        RowMask<scalar_t> rm;
-        if (m.kind != 0) {
-          const int64_t off = m.offset(r);
-          rm.b = MB ? MB + off : nullptr;
-          rm.f = MF ? MF + off : nullptr;
-          rm.stride = m.mlast;
-        }
         acc_t* srow = S.data() + i * len;
-        masked_softmax_row<acc_t, acc_t>(srow, srow, len, m.limit(r, len), acc_t(1), rm, buf.data());
+        masked_softmax_row<acc_t, acc_t>(srow, srow, len, m.limit(r, len), acc_t(1),
+                                         row_mask<scalar_t>(m, r), buf.data());
         // probs row: the len values, then zeros. A row that
         // came out NaN (NaN or inf among its unmasked scores) is NaN throughout, as torch.softmax.
         if (!ph) continue;

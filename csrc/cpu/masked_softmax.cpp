@@ -24,21 +24,12 @@ template <typename scalar_t>
 void softmax_rows(const scalar_t* x, scalar_t* y, int64_t rows, int64_t lk, double scale,
                   const MaskLayout& m) {
   using acc_t = acc_type<scalar_t>;
-  const bool* mb = m.kind == 1 ? static_cast<const bool*>(m.data) : nullptr;
-  const scalar_t* mf = m.kind == 2 ? static_cast<const scalar_t*>(m.data) : nullptr;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(lk, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end_row) {
     std::vector<acc_t> buf(lk);
     for (int64_t r = begin; r < end_row; ++r) {
-      RowMask<scalar_t> rm;
-      if (m.kind != 0) {
-        const int64_t off = m.offset(r);
-        rm.b = mb ? mb + off : nullptr;
-        rm.f = mf ? mf + off : nullptr;
-        rm.stride = m.mlast;
-      }
       masked_softmax_row<scalar_t>(x + r * lk, y + r * lk, lk, m.limit(r, lk),
-                                   static_cast<acc_t>(scale), rm, buf.data());
+                                   static_cast<acc_t>(scale), row_mask<scalar_t>(m, r), buf.data());
     }
   });
 }

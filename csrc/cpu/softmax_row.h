@@ -17,6 +17,8 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+
+#include "../mask_layout.h"
 #if defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
@@ -37,6 +39,18 @@ struct RowMask {
   const scalar_t* f = nullptr;
   int64_t stride = 1;
 };
+
+// The mask of row `row` of scores described by a MaskLayout (csrc/mask_layout.h).
+template <typename scalar_t>
+inline RowMask<scalar_t> row_mask(const MaskLayout& m, int64_t row) {
+  RowMask<scalar_t> rm;
+  if (m.kind == 0) return rm;
+  const int64_t off = m.offset(row);
+  if (m.kind == 1) rm.b = static_cast<const bool*>(m.data) + off;
+  else rm.f = static_cast<const scalar_t*>(m.data) + off;
+  rm.stride = m.mlast;
+  return rm;
+}
 
 // Stage 1: buf[j] = scale * x[j] (+ mask), -inf where masked, for j < end. Returns the number of
 // unmasked keys. KIND: 0 none, 1 bool, 2 additive; UNIT: the mask's key stride is 1.
