@@ -212,7 +212,7 @@ def check(device, ops, dtypes, quick, seed, json_path):
 
     Each case draws fresh random inputs, rounds them to the dtype under test, and compares the
     op's outputs and every gradient with pyformer.reference run in float64 on the same values,
-    by the relative error ||out - ref|| / ||ref||. Bounds (shared/design/ops.md): float64 1e-12,
+    by the relative error ||out - ref|| / ||ref||. Bounds (docs/ops.md): float64 1e-12,
     float32 1e-5, float16 2e-3, bfloat16 1.6e-2; half types must also stay within twice the
     error of the pure-PyTorch composition in the same dtype, plus 1e-5.
 

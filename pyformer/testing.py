@@ -1,6 +1,6 @@
 """Accuracy criteria shared by the tests, ``pyformer check`` and the benchmarks' sanity checks.
 
-The rule of ``shared/design/ops.md``: compare against the reference computed in float64 from the
+The rule of ``docs/ops.md``: compare against the reference computed in float64 from the
 same inputs by the relative error ``||out - ref|| / ||ref||``, within a bound per dtype and, for
 half types, within twice the error of the pure-PyTorch composition run in the same dtype, plus
 1e-5. NaN (or inf) where the reference has none always fails.
