@@ -363,13 +363,13 @@ def _free(device: str) -> None:
 @dtype_option("float32 on the CPU, bfloat16 on CUDA")
 @click.option("--mode", "modes", type=click.Choice(MODES), multiple=True,
               help="forward, backward or both (forward+backward); repeat for several. "
-                   "Default: all three (for --sizes issue2/issue3: the modes of their targets).")
+                   "Default: all three (for the target sweeps: the modes of their targets).")
 @click.option("--sizes", default="default", show_default=True,
               help="A sweep: 'default' (gpu on CUDA, cpu on the CPU, quick with --quick), "
                    "'cpu' (L 128-1024, N 768-4096), 'gpu' (L 128-8192, N 768-8192, causal "
-                   "attention too), 'quick' (tiny), 'issue2' (the three CPU targets of issue 2, "
-                   "float32), 'issue3' (the GPU targets of issue 3, bf16 and fp16), or sizes "
-                   "such as 256,1024 used as both sequence lengths and hidden sizes. The issue "
+                   "attention too), 'quick' (tiny), 'cpu-targets' (the three CPU speed targets, "
+                   "float32), 'gpu-targets' (the GPU speed targets, bf16 and fp16), or sizes "
+                   "such as 256,1024 used as both sequence lengths and hidden sizes. The target "
                    "sweeps end with their targets, met or not.")
 @click.option("--quick", is_flag=True,
               help="Tiny shapes and short timings: a smoke test, not a measurement.")
@@ -387,8 +387,8 @@ def bench(device, ops, dtypes, modes, sizes, quick, seed, threads, json_path, cs
     """Time pyformer against the textbook composition and PyTorch's fused ops.
 
     \b
-    Issue 2's CPU targets:  pyformer bench --device cpu --sizes issue2
-    Issue 3's GPU targets:  pyformer bench --device cuda --sizes issue3
+    The CPU speed targets:  pyformer bench --device cpu --sizes cpu-targets
+    The GPU speed targets:  pyformer bench --device cuda --sizes gpu-targets
     A smoke test:           pyformer bench --device cpu --quick
     """
     devices = resolve_devices(device)

@@ -321,7 +321,7 @@ def check_targets(targets: Sequence[Target], rows) -> List[dict]:
 
 @dataclass(frozen=True)
 class FixedSweep(Sweep):
-    """A sweep of fixed configs (an issue's targets, exactly), each with its own modes."""
+    """A sweep of fixed configs (a set of speed targets, exactly), each with its own modes."""
 
     make_configs: Callable[[], List[BenchConfig]] = list
 
@@ -333,15 +333,15 @@ def _with_modes(cfg: BenchConfig, *modes: str) -> BenchConfig:
     return dataclasses.replace(cfg, modes=modes)
 
 
-def _issue2_configs() -> List[BenchConfig]:
-    """Issue 2's three CPU targets, exactly: float32, forward."""
+def _cpu_target_configs() -> List[BenchConfig]:
+    """The three CPU speed targets, exactly: float32, forward."""
     return [masked_softmax_config(8, 12, 512, scale=1 / 8),
             layer_norm_config(8192, 1024),
             attention_config(8, 12, 512, 64)]
 
 
-def _issue3_configs() -> List[BenchConfig]:
-    """Issue 3's GPU targets, exactly (bf16 and fp16): masked_softmax forward on scores
+def _gpu_target_configs() -> List[BenchConfig]:
+    """The GPU speed targets, exactly (bf16 and fp16): masked_softmax forward on scores
     (8,16,2048,2048) with a padding mask; layer_norm (32768,4096) forward and backward;
     attention (8,16,1024,64) with a padding mask, forward+backward, as key_lengths and as the
     (B,1,1,Lk) bool mask (F.sdpa gets the same bool mask)."""
@@ -356,19 +356,19 @@ SWEEPS = {
     "cpu": Sweep("cpu", seq=(128, 256, 512, 1024), hidden=(768, 1024, 2048, 4096)),
     "gpu": Sweep("gpu", seq=(128, 256, 512, 1024, 2048, 4096, 8192),
                  hidden=(768, 1024, 2048, 4096, 8192), causal=True),
-    "issue2": FixedSweep("issue2", (), (), make_configs=_issue2_configs, modes=("forward",),
-                         dtypes=("float32",),
-                         targets=(Target("masked_softmax", "forward", "textbook", 2.0),
-                                  Target("layer_norm", "forward", "torch", 1.0),
-                                  Target("attention", "forward", "textbook", 2.0))),
-    "issue3": FixedSweep("issue3", (), (), make_configs=_issue3_configs,
-                         dtypes=("bfloat16", "float16"),
-                         targets=(Target("masked_softmax", "forward", "copy", 85.0),
-                                  Target("masked_softmax", "forward", "textbook", 2.5),
-                                  Target("layer_norm", "forward", "copy", 85.0),
-                                  Target("layer_norm", "forward", "torch", 1.2),
-                                  Target("layer_norm", "backward", "torch", 1.0),
-                                  Target("attention", "both", "textbook", 2.0))),
+    "cpu-targets": FixedSweep("cpu-targets", (), (), make_configs=_cpu_target_configs,
+                              modes=("forward",), dtypes=("float32",),
+                              targets=(Target("masked_softmax", "forward", "textbook", 2.0),
+                                       Target("layer_norm", "forward", "torch", 1.0),
+                                       Target("attention", "forward", "textbook", 2.0))),
+    "gpu-targets": FixedSweep("gpu-targets", (), (), make_configs=_gpu_target_configs,
+                              dtypes=("bfloat16", "float16"),
+                              targets=(Target("masked_softmax", "forward", "copy", 85.0),
+                                       Target("masked_softmax", "forward", "textbook", 2.5),
+                                       Target("layer_norm", "forward", "copy", 85.0),
+                                       Target("layer_norm", "forward", "torch", 1.2),
+                                       Target("layer_norm", "backward", "torch", 1.0),
+                                       Target("attention", "both", "textbook", 2.0))),
 }
 
 
