@@ -262,18 +262,32 @@ _SHAPES = {"cpu": _Shape(heads=12, head_dim=64, max_batch=8, max_scores=2 ** 25,
 _QUICK_SHAPE = _Shape(heads=4, head_dim=32, max_batch=2, max_scores=2 ** 20, rows=512)
 
 
-def _config(op: str, size: int, s: _Shape, causal: bool) -> List[BenchConfig]:
+def _attention_configs(size: int, s: _Shape, causal: bool) -> List[BenchConfig]:
     b, h, d = s.batch(size), s.heads, s.head_dim
-    if op == "scaled_qk":
-        return [scaled_qk_config(b, h, size, d)]
-    if op == "masked_softmax":
-        return [masked_softmax_config(b, h, size, scale=1 / math.sqrt(d))]
-    if op == "attention":
-        return [attention_config(b, h, size, d)] + (
-            [attention_config(b, h, size, d, causal=True)] if causal else [])
-    if op == "layer_norm":
-        return [layer_norm_config(s.rows, size)]
-    return [add_layer_norm_config(s.rows, size)]
+    return [attention_config(b, h, size, d)] + (
+        [attention_config(b, h, size, d, causal=True)] if causal else [])
+
+
+# How each op is shaped at one size of a sweep: op name -> (size, device shape, causal) -> configs.
+# Every op in OPS has an entry (tests/test_cli.py checks it); an op without one is an error.
+SWEEP_CONFIGS: Dict[str, Callable[[int, _Shape, bool], List[BenchConfig]]] = {
+    "scaled_qk": lambda size, s, causal: [
+        scaled_qk_config(s.batch(size), s.heads, size, s.head_dim)],
+    "masked_softmax": lambda size, s, causal: [
+        masked_softmax_config(s.batch(size), s.heads, size, scale=1 / math.sqrt(s.head_dim))],
+    "layer_norm": lambda size, s, causal: [layer_norm_config(s.rows, size)],
+    "add_layer_norm": lambda size, s, causal: [add_layer_norm_config(s.rows, size)],
+    "attention": _attention_configs,
+}
+
+
+def _config(op: str, size: int, s: _Shape, causal: bool) -> List[BenchConfig]:
+    try:
+        make = SWEEP_CONFIGS[op]
+    except KeyError:
+        raise ValueError(f"pyformer bench has no configs for op {op!r}; known: "
+                         f"{', '.join(SWEEP_CONFIGS)}") from None
+    return make(size, s, causal)
 
 
 @dataclass(frozen=True)

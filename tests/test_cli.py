@@ -369,3 +369,16 @@ def test_bench_cpu_targets_sweep_prints_its_targets(tmp_path):
     (verdict,) = data["devices"][0]["targets"]
     assert verdict["value"] == pytest.approx(rows[0]["speedup"]["textbook"])
     assert verdict["met"] == (verdict["value"] >= 2.0)
+
+
+def test_every_bench_op_has_sweep_configs():
+    from pyformer.cli.benchcases import SWEEP_CONFIGS
+    assert set(SWEEP_CONFIGS) == set(OPS)
+    for sweep in ("quick", "cpu", "gpu"):
+        ops = {c.op for c in parse_sizes(sweep, quick=False, device="cpu").configs("cpu", OPS)}
+        assert ops == set(OPS)
+
+
+def test_bench_configs_of_an_unknown_op_raise():
+    with pytest.raises(ValueError, match="no configs for op 'rms_norm'"):
+        parse_sizes("quick", quick=True, device="cpu").configs("cpu", ["rms_norm"])
