@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train the textbook Transformer (pyformer.nn.Transformer) to reverse token sequences, on CPU.
+"""Train the textbook Transformer (pyformer.models.Transformer) to reverse token sequences, on CPU.
 
 Reversal needs attention: output token t is source token L-1-t, a position that depends on the
 length of each sequence, so the decoder has to look it up in the encoder output. A trained model's
@@ -84,9 +84,9 @@ class ReverseTask:
 
 
 def build_model(args, backend: str):
-    import pyformer.nn as pnn
+    from pyformer.models import Transformer
 
-    return pnn.Transformer(
+    return Transformer(
         src_pad_idx=PAD, trg_pad_idx=PAD, enc_voc_size=args.vocab, dec_voc_size=args.vocab,
         d_model=args.d_model, n_head=args.heads, max_len=args.max_len + 2,
         ffn_hidden=args.ffn, n_layers=args.layers, drop_prob=args.dropout, backend=backend)
@@ -283,7 +283,7 @@ def main(argv=None) -> dict:
     model = build_model(args, "pyformer")
     init_state = {k: v.clone() for k, v in model.state_dict().items()}
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"pyformer.nn.Transformer: {n_params} parameters; reversing sequences of "
+    print(f"pyformer.models.Transformer: {n_params} parameters; reversing sequences of "
           f"{args.min_len}-{args.max_len} tokens from a vocabulary of {args.vocab - FIRST_TOKEN}; "
           f"{args.steps} steps of {args.batch_size}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads", flush=True)
