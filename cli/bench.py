@@ -16,7 +16,7 @@ import click
 import torch
 from torch import Tensor
 
-from pyformer.testing import BOUNDS, rel_err
+from pyformer.testing import bound, judge
 
 from .benchcases import (COMPUTE_OPS, MODES, OPS, BenchConfig, Problem, Provider, check_targets,
                          parse_sizes)
@@ -93,19 +93,21 @@ def _first_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def _agreement(problem: Problem) -> Optional[float]:
-    """pyformer's forward vs the textbook's, same dtype: checked before anything is timed."""
+def _agreement(problem: Problem, dtype: torch.dtype) -> Optional[float]:
+    """pyformer's forward vs the textbook's, same dtype, by :func:`pyformer.testing.judge` (the
+    tests' and ``pyformer check``'s criteria, the textbook standing in for the reference, within
+    the dtype's bound): checked before anything is timed; returns the relative error."""
     with torch.no_grad():
         ours = _outputs(problem.providers["pyformer"].fn())[0]
         theirs = _outputs(problem.providers["textbook"].fn())[0]
-    return rel_err(ours, theirs)
+    return judge(ours, theirs, dtype).err
 
 
 def time_problem(cfg: BenchConfig, problem: Problem, dtype: torch.dtype, device: str,
                  modes: Sequence[str], budget: Budget, rates: dict) -> List[BenchRow]:
     """Time every provider of ``problem`` in every mode; one :class:`BenchRow` per mode."""
     try:
-        err = _agreement(problem)
+        err = _agreement(problem, dtype)
     except Exception:  # the provider's own timing below reports the error
         err = None
     rows = []
@@ -464,13 +466,13 @@ def run_device(dev: str, ops: Sequence[str], dtypes: Sequence[str], modes: Seque
     for r in rows:
         for name, why in r.errors.items():
             lines.append(f"  ! {r.op} {r.shape} {r.dtype} {r.mode}: {name} failed: {why}")
-        bound = BOUNDS[DTYPES[r.dtype]]
+        tol = bound(DTYPES[r.dtype])
         err = r.fwd_err_vs_textbook
         key = (r.op, r.variant, r.shape, r.dtype)
-        if err is not None and not err <= bound and key not in warned:
+        if err is not None and not err <= tol and key not in warned:
             warned.add(key)
             lines.append(f"  ! {r.op} {r.shape} {r.dtype}: pyformer's forward differs from the "
-                         f"textbook's by {err:.1e} (> {bound:.0e})")
+                         f"textbook's by {err:.1e} (> {tol:.0e})")
     verdicts = check_targets(sweep.targets, rows)
     lines += target_lines(sweep.name, verdicts)
     summary = {"device": dev, "device_name": rates["name"], "sweep": sweep.name,

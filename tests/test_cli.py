@@ -16,10 +16,10 @@ import pyformer.functional
 import pyformer.reference
 from pyformer.cli import main
 from pyformer.cli import cases as case_registry
-from pyformer.cli.accuracy import compare
 from pyformer.cli.benchcases import OPS, SWEEPS, parse_sizes
 from pyformer.cli.check import run_case
 from pyformer.cli.common import cuda_unavailable_reason
+from pyformer.testing import compare
 
 FINAL = re.compile(r"^(\d+) passed, (\d+) failed$")
 
