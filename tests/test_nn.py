@@ -17,6 +17,9 @@ from pyformer.testing import rel_err as rel
 import pyformer.nn as pnn
 
 from pyformer.testing import BOUNDS as BOUND
+
+from conftest import NEEDS_CUDA
+
 pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask:UserWarning")
 
 
@@ -271,7 +274,7 @@ def _cuda_ok():
     return torch.cuda.is_available() and pyformer.backends().get("cuda", False)
 
 
-@pytest.mark.skipif(not _cuda_ok(), reason="needs a GPU and pyformer's CUDA kernels")
+@pytest.mark.skipif(not _cuda_ok(), reason=NEEDS_CUDA)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layers_on_cuda(dtype, calls):
     """The same modules on CUDA tensors, against PyTorch's modules in float64 on the CPU."""
