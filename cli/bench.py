@@ -370,7 +370,8 @@ def _free(device: str) -> None:
               help="A sweep: 'default' (gpu on CUDA, cpu on the CPU, quick with --quick), "
                    "'cpu' (L 128-1024, N 768-4096), 'gpu' (L 128-8192, N 768-8192, causal "
                    "attention too), 'quick' (tiny), 'cpu-targets' (the three CPU speed targets, "
-                   "float32), 'gpu-targets' (the GPU speed targets, bf16 and fp16), or sizes "
+                   "float32), 'gpu-targets' (the GPU speed targets, bf16 and fp16), 'per-call' "
+                   "(tiny shapes: each op's per-call cost against torch's, float32), or sizes "
                    "such as 256,1024 used as both sequence lengths and hidden sizes. The target "
                    "sweeps end with their targets, met or not.")
 @click.option("--quick", is_flag=True,

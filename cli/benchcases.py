@@ -219,6 +219,26 @@ def attention_config(b: int, h: int, l: int, d: int, causal: bool = False,
     return BenchConfig("attention", variant, f"q,k,v{shape_str((b, h, l, d))}", l, "F.sdpa", make)
 
 
+def attention_decode_config(b: int, h: int, lq: int, lk: int, d: int) -> BenchConfig:
+    """``attention`` of a few queries against a longer cache: q (B,H,Lq,D), k, v (B,H,Lk,D),
+    no mask (decode-sized calls, where the per-call cost is most of the time)."""
+
+    def make(dtype, device, g):
+        import pyformer.functional as pf
+        import pyformer.reference as ref
+        q = _rand(g, (b, h, lq, d), dtype, device)
+        k, v = (_rand(g, (b, h, lk, d), dtype, device) for _ in range(2))
+        flops = 4 * b * h * lq * lk * d
+        providers = {"pyformer": lambda: pf.attention(q, k, v),
+                     "textbook": lambda: ref.attention(q, k, v, zero_masked_rows=False),
+                     "torch": lambda: F.scaled_dot_product_attention(q, k, v)}
+        return Problem({name: Provider(fn, [q, k, v]) for name, fn in providers.items()},
+                       flops=_modes(flops, 2 * flops))
+
+    return BenchConfig("attention", f"decode, {lk} keys", f"q{shape_str((b, h, lq, d))}", lk,
+                       "F.sdpa", make)
+
+
 # ----------------------------------------------------------------------------- sweeps
 
 
@@ -365,6 +385,14 @@ def _gpu_target_configs() -> List[BenchConfig]:
             _with_modes(attention_config(8, 16, 1024, 64, bool_mask=True), "both")]
 
 
+def _per_call_configs() -> List[BenchConfig]:
+    """Tiny shapes, where a call's fixed cost (Python, dispatch, allocation) is the time: the
+    forward without autograd and forward+backward with it."""
+    return [layer_norm_config(4, 128), add_layer_norm_config(4, 128),
+            masked_softmax_config(4, 4, 16), scaled_qk_config(4, 4, 16, 32),
+            attention_decode_config(4, 4, 1, 16, 32)]
+
+
 SWEEPS = {
     "quick": Sweep("quick", seq=(64, 128), hidden=(256, 1024)),
     "cpu": Sweep("cpu", seq=(128, 256, 512, 1024), hidden=(768, 1024, 2048, 4096)),
@@ -375,6 +403,12 @@ SWEEPS = {
                               targets=(Target("masked_softmax", "forward", "textbook", 2.0),
                                        Target("layer_norm", "forward", "torch", 1.0),
                                        Target("attention", "forward", "textbook", 2.0))),
+    "per-call": FixedSweep("per-call", (), (), make_configs=_per_call_configs,
+                           modes=("forward", "both"), dtypes=("float32",),
+                           targets=tuple(Target(op, mode, "torch", 1 / 1.5)
+                                         for op in ("layer_norm", "add_layer_norm",
+                                                    "masked_softmax", "attention")
+                                         for mode in ("forward", "both"))),
     "gpu-targets": FixedSweep("gpu-targets", (), (), make_configs=_gpu_target_configs,
                               dtypes=("bfloat16", "float16"),
                               targets=(Target("masked_softmax", "forward", "copy", 85.0),
