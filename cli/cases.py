@@ -238,23 +238,22 @@ def _norm_inputs(xs, ns, affine, residual):
     return make
 
 
-@register("layer_norm")
-def _layer_norm_cases(quick: bool):
-    for xs, ns, affine, q in NORM_SHAPES:
-        impl, ref = op_pair("layer_norm", normalized_shape=ns)
-        yield CheckCase("layer_norm", f"{shape_str(xs)} N={math.prod(ns)}",
-                        "weight+bias" if affine else "no affine",
-                        _norm_inputs(xs, ns, affine, False), impl, ref, outputs=("y",), quick=q)
+def _norm_cases(op: str, residual: bool, outputs: Tuple[str, ...], quick_affine_only: bool):
+    """The builder of ``op`` (``layer_norm`` or ``add_layer_norm``) over NORM_SHAPES."""
+
+    def build(quick: bool):
+        for xs, ns, affine, q in NORM_SHAPES:
+            impl, ref = op_pair(op, normalized_shape=ns)
+            yield CheckCase(op, f"{shape_str(xs)} N={math.prod(ns)}",
+                            "weight+bias" if affine else "no affine",
+                            _norm_inputs(xs, ns, affine, residual), impl, ref, outputs=outputs,
+                            quick=q and (affine or not quick_affine_only))
+
+    return build
 
 
-@register("add_layer_norm")
-def _add_layer_norm_cases(quick: bool):
-    for xs, ns, affine, q in NORM_SHAPES:
-        impl, ref = op_pair("add_layer_norm", normalized_shape=ns)
-        yield CheckCase("add_layer_norm", f"{shape_str(xs)} N={math.prod(ns)}",
-                        "weight+bias" if affine else "no affine",
-                        _norm_inputs(xs, ns, affine, True), impl, ref, outputs=("y", "s"),
-                        quick=q and affine)
+register("layer_norm")(_norm_cases("layer_norm", False, ("y",), quick_affine_only=False))
+register("add_layer_norm")(_norm_cases("add_layer_norm", True, ("y", "s"), quick_affine_only=True))
 
 
 # ----------------------------------------------------------------------------- nn layers
