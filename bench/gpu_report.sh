@@ -162,10 +162,10 @@ if want check; then
 fi
 if want bench; then
   if [[ $HAVE_CLI -eq 1 ]]; then
-    # the issue-3 sweep when the CLI knows it, else its default CUDA sweep
+    # the GPU targets sweep when the CLI knows it, else its default CUDA sweep
     SIZES=()
     # (no pipe into grep -q: under pipefail an early-exiting grep can fail the pipeline)
-    [[ "$("${PYFORMER_CLI[@]}" bench --help 2>/dev/null)" == *issue3* ]] && SIZES=(--sizes issue3)
+    [[ "$("${PYFORMER_CLI[@]}" bench --help 2>/dev/null)" == *gpu-targets* ]] && SIZES=(--sizes gpu-targets)
     # shellcheck disable=SC2086
     run_step bench "${BENCH_TIMEOUT:-900}" "${PYFORMER_CLI[@]}" bench --device cuda "${SIZES[@]}" \
       --json "$OUT/bench.json" --plot "$OUT/bench.png" ${BENCH_ARGS:-}

@@ -16,7 +16,7 @@ import click
 import torch
 from torch import Tensor
 
-from pyformer.testing import BOUNDS, rel_err
+from pyformer.testing import bound, judge
 
 from .benchcases import (COMPUTE_OPS, MODES, OPS, BenchConfig, Problem, Provider, check_targets,
                          parse_sizes)
@@ -93,19 +93,21 @@ def _first_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def _agreement(problem: Problem) -> Optional[float]:
-    """pyformer's forward vs the textbook's, same dtype: checked before anything is timed."""
+def _agreement(problem: Problem, dtype: torch.dtype) -> Optional[float]:
+    """pyformer's forward vs the textbook's, same dtype, by :func:`pyformer.testing.judge` (the
+    tests' and ``pyformer check``'s criteria, the textbook standing in for the reference, within
+    the dtype's bound): checked before anything is timed; returns the relative error."""
     with torch.no_grad():
         ours = _outputs(problem.providers["pyformer"].fn())[0]
         theirs = _outputs(problem.providers["textbook"].fn())[0]
-    return rel_err(ours, theirs)
+    return judge(ours, theirs, dtype).err
 
 
 def time_problem(cfg: BenchConfig, problem: Problem, dtype: torch.dtype, device: str,
                  modes: Sequence[str], budget: Budget, rates: dict) -> List[BenchRow]:
     """Time every provider of ``problem`` in every mode; one :class:`BenchRow` per mode."""
     try:
-        err = _agreement(problem)
+        err = _agreement(problem, dtype)
     except Exception:  # the provider's own timing below reports the error
         err = None
     rows = []
@@ -363,13 +365,14 @@ def _free(device: str) -> None:
 @dtype_option("float32 on the CPU, bfloat16 on CUDA")
 @click.option("--mode", "modes", type=click.Choice(MODES), multiple=True,
               help="forward, backward or both (forward+backward); repeat for several. "
-                   "Default: all three (for --sizes issue2/issue3: the modes of their targets).")
+                   "Default: all three (for the target sweeps: the modes of their targets).")
 @click.option("--sizes", default="default", show_default=True,
               help="A sweep: 'default' (gpu on CUDA, cpu on the CPU, quick with --quick), "
                    "'cpu' (L 128-1024, N 768-4096), 'gpu' (L 128-8192, N 768-8192, causal "
-                   "attention too), 'quick' (tiny), 'issue2' (the three CPU targets of issue 2, "
-                   "float32), 'issue3' (the GPU targets of issue 3, bf16 and fp16), or sizes "
-                   "such as 256,1024 used as both sequence lengths and hidden sizes. The issue "
+                   "attention too), 'quick' (tiny), 'cpu-targets' (the three CPU speed targets, "
+                   "float32), 'gpu-targets' (the GPU speed targets, bf16 and fp16), 'per-call' "
+                   "(tiny shapes: each op's per-call cost against torch's, float32), or sizes "
+                   "such as 256,1024 used as both sequence lengths and hidden sizes. The target "
                    "sweeps end with their targets, met or not.")
 @click.option("--quick", is_flag=True,
               help="Tiny shapes and short timings: a smoke test, not a measurement.")
@@ -387,8 +390,8 @@ def bench(device, ops, dtypes, modes, sizes, quick, seed, threads, json_path, cs
     """Time pyformer against the textbook composition and PyTorch's fused ops.
 
     \b
-    Issue 2's CPU targets:  pyformer bench --device cpu --sizes issue2
-    Issue 3's GPU targets:  pyformer bench --device cuda --sizes issue3
+    The CPU speed targets:  pyformer bench --device cpu --sizes cpu-targets
+    The GPU speed targets:  pyformer bench --device cuda --sizes gpu-targets
     A smoke test:           pyformer bench --device cpu --quick
     """
     devices = resolve_devices(device)
@@ -464,13 +467,13 @@ def run_device(dev: str, ops: Sequence[str], dtypes: Sequence[str], modes: Seque
     for r in rows:
         for name, why in r.errors.items():
             lines.append(f"  ! {r.op} {r.shape} {r.dtype} {r.mode}: {name} failed: {why}")
-        bound = BOUNDS[DTYPES[r.dtype]]
+        tol = bound(DTYPES[r.dtype])
         err = r.fwd_err_vs_textbook
         key = (r.op, r.variant, r.shape, r.dtype)
-        if err is not None and not err <= bound and key not in warned:
+        if err is not None and not err <= tol and key not in warned:
             warned.add(key)
             lines.append(f"  ! {r.op} {r.shape} {r.dtype}: pyformer's forward differs from the "
-                         f"textbook's by {err:.1e} (> {bound:.0e})")
+                         f"textbook's by {err:.1e} (> {tol:.0e})")
     verdicts = check_targets(sweep.targets, rows)
     lines += target_lines(sweep.name, verdicts)
     summary = {"device": dev, "device_name": rates["name"], "sweep": sweep.name,

@@ -219,6 +219,26 @@ def attention_config(b: int, h: int, l: int, d: int, causal: bool = False,
     return BenchConfig("attention", variant, f"q,k,v{shape_str((b, h, l, d))}", l, "F.sdpa", make)
 
 
+def attention_decode_config(b: int, h: int, lq: int, lk: int, d: int) -> BenchConfig:
+    """``attention`` of a few queries against a longer cache: q (B,H,Lq,D), k, v (B,H,Lk,D),
+    no mask (decode-sized calls, where the per-call cost is most of the time)."""
+
+    def make(dtype, device, g):
+        import pyformer.functional as pf
+        import pyformer.reference as ref
+        q = _rand(g, (b, h, lq, d), dtype, device)
+        k, v = (_rand(g, (b, h, lk, d), dtype, device) for _ in range(2))
+        flops = 4 * b * h * lq * lk * d
+        providers = {"pyformer": lambda: pf.attention(q, k, v),
+                     "textbook": lambda: ref.attention(q, k, v, zero_masked_rows=False),
+                     "torch": lambda: F.scaled_dot_product_attention(q, k, v)}
+        return Problem({name: Provider(fn, [q, k, v]) for name, fn in providers.items()},
+                       flops=_modes(flops, 2 * flops))
+
+    return BenchConfig("attention", f"decode, {lk} keys", f"q{shape_str((b, h, lq, d))}", lk,
+                       "F.sdpa", make)
+
+
 # ----------------------------------------------------------------------------- sweeps
 
 
@@ -262,18 +282,32 @@ _SHAPES = {"cpu": _Shape(heads=12, head_dim=64, max_batch=8, max_scores=2 ** 25,
 _QUICK_SHAPE = _Shape(heads=4, head_dim=32, max_batch=2, max_scores=2 ** 20, rows=512)
 
 
-def _config(op: str, size: int, s: _Shape, causal: bool) -> List[BenchConfig]:
+def _attention_configs(size: int, s: _Shape, causal: bool) -> List[BenchConfig]:
     b, h, d = s.batch(size), s.heads, s.head_dim
-    if op == "scaled_qk":
-        return [scaled_qk_config(b, h, size, d)]
-    if op == "masked_softmax":
-        return [masked_softmax_config(b, h, size, scale=1 / math.sqrt(d))]
-    if op == "attention":
-        return [attention_config(b, h, size, d)] + (
-            [attention_config(b, h, size, d, causal=True)] if causal else [])
-    if op == "layer_norm":
-        return [layer_norm_config(s.rows, size)]
-    return [add_layer_norm_config(s.rows, size)]
+    return [attention_config(b, h, size, d)] + (
+        [attention_config(b, h, size, d, causal=True)] if causal else [])
+
+
+# How each op is shaped at one size of a sweep: op name -> (size, device shape, causal) -> configs.
+# Every op in OPS has an entry (tests/test_cli.py checks it); an op without one is an error.
+SWEEP_CONFIGS: Dict[str, Callable[[int, _Shape, bool], List[BenchConfig]]] = {
+    "scaled_qk": lambda size, s, causal: [
+        scaled_qk_config(s.batch(size), s.heads, size, s.head_dim)],
+    "masked_softmax": lambda size, s, causal: [
+        masked_softmax_config(s.batch(size), s.heads, size, scale=1 / math.sqrt(s.head_dim))],
+    "layer_norm": lambda size, s, causal: [layer_norm_config(s.rows, size)],
+    "add_layer_norm": lambda size, s, causal: [add_layer_norm_config(s.rows, size)],
+    "attention": _attention_configs,
+}
+
+
+def _config(op: str, size: int, s: _Shape, causal: bool) -> List[BenchConfig]:
+    try:
+        make = SWEEP_CONFIGS[op]
+    except KeyError:
+        raise ValueError(f"pyformer bench has no configs for op {op!r}; known: "
+                         f"{', '.join(SWEEP_CONFIGS)}") from None
+    return make(size, s, causal)
 
 
 @dataclass(frozen=True)
@@ -321,7 +355,7 @@ def check_targets(targets: Sequence[Target], rows) -> List[dict]:
 
 @dataclass(frozen=True)
 class FixedSweep(Sweep):
-    """A sweep of fixed configs (an issue's targets, exactly), each with its own modes."""
+    """A sweep of fixed configs (a set of speed targets, exactly), each with its own modes."""
 
     make_configs: Callable[[], List[BenchConfig]] = list
 
@@ -333,15 +367,15 @@ def _with_modes(cfg: BenchConfig, *modes: str) -> BenchConfig:
     return dataclasses.replace(cfg, modes=modes)
 
 
-def _issue2_configs() -> List[BenchConfig]:
-    """Issue 2's three CPU targets, exactly: float32, forward."""
+def _cpu_target_configs() -> List[BenchConfig]:
+    """The three CPU speed targets, exactly: float32, forward."""
     return [masked_softmax_config(8, 12, 512, scale=1 / 8),
             layer_norm_config(8192, 1024),
             attention_config(8, 12, 512, 64)]
 
 
-def _issue3_configs() -> List[BenchConfig]:
-    """Issue 3's GPU targets, exactly (bf16 and fp16): masked_softmax forward on scores
+def _gpu_target_configs() -> List[BenchConfig]:
+    """The GPU speed targets, exactly (bf16 and fp16): masked_softmax forward on scores
     (8,16,2048,2048) with a padding mask; layer_norm (32768,4096) forward and backward;
     attention (8,16,1024,64) with a padding mask, forward+backward, as key_lengths and as the
     (B,1,1,Lk) bool mask (F.sdpa gets the same bool mask)."""
@@ -351,24 +385,38 @@ def _issue3_configs() -> List[BenchConfig]:
             _with_modes(attention_config(8, 16, 1024, 64, bool_mask=True), "both")]
 
 
+def _per_call_configs() -> List[BenchConfig]:
+    """Tiny shapes, where a call's fixed cost (Python, dispatch, allocation) is the time: the
+    forward without autograd and forward+backward with it."""
+    return [layer_norm_config(4, 128), add_layer_norm_config(4, 128),
+            masked_softmax_config(4, 4, 16), scaled_qk_config(4, 4, 16, 32),
+            attention_decode_config(4, 4, 1, 16, 32)]
+
+
 SWEEPS = {
     "quick": Sweep("quick", seq=(64, 128), hidden=(256, 1024)),
     "cpu": Sweep("cpu", seq=(128, 256, 512, 1024), hidden=(768, 1024, 2048, 4096)),
     "gpu": Sweep("gpu", seq=(128, 256, 512, 1024, 2048, 4096, 8192),
                  hidden=(768, 1024, 2048, 4096, 8192), causal=True),
-    "issue2": FixedSweep("issue2", (), (), make_configs=_issue2_configs, modes=("forward",),
-                         dtypes=("float32",),
-                         targets=(Target("masked_softmax", "forward", "textbook", 2.0),
-                                  Target("layer_norm", "forward", "torch", 1.0),
-                                  Target("attention", "forward", "textbook", 2.0))),
-    "issue3": FixedSweep("issue3", (), (), make_configs=_issue3_configs,
-                         dtypes=("bfloat16", "float16"),
-                         targets=(Target("masked_softmax", "forward", "copy", 85.0),
-                                  Target("masked_softmax", "forward", "textbook", 2.5),
-                                  Target("layer_norm", "forward", "copy", 85.0),
-                                  Target("layer_norm", "forward", "torch", 1.2),
-                                  Target("layer_norm", "backward", "torch", 1.0),
-                                  Target("attention", "both", "textbook", 2.0))),
+    "cpu-targets": FixedSweep("cpu-targets", (), (), make_configs=_cpu_target_configs,
+                              modes=("forward",), dtypes=("float32",),
+                              targets=(Target("masked_softmax", "forward", "textbook", 2.0),
+                                       Target("layer_norm", "forward", "torch", 1.0),
+                                       Target("attention", "forward", "textbook", 2.0))),
+    "per-call": FixedSweep("per-call", (), (), make_configs=_per_call_configs,
+                           modes=("forward", "both"), dtypes=("float32",),
+                           targets=tuple(Target(op, mode, "torch", 1 / 1.5)
+                                         for op in ("layer_norm", "add_layer_norm",
+                                                    "masked_softmax", "attention")
+                                         for mode in ("forward", "both"))),
+    "gpu-targets": FixedSweep("gpu-targets", (), (), make_configs=_gpu_target_configs,
+                              dtypes=("bfloat16", "float16"),
+                              targets=(Target("masked_softmax", "forward", "copy", 85.0),
+                                       Target("masked_softmax", "forward", "textbook", 2.5),
+                                       Target("layer_norm", "forward", "copy", 85.0),
+                                       Target("layer_norm", "forward", "torch", 1.2),
+                                       Target("layer_norm", "backward", "torch", 1.0),
+                                       Target("attention", "both", "textbook", 2.0))),
 }
 
 

@@ -31,6 +31,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from pyformer.testing import make_mask
+
 from .common import shape_str
 
 F64 = torch.float64
@@ -132,68 +134,14 @@ def lengths(g: torch.Generator, batch: int, lk: int, low: int = 1) -> Tensor:
     return torch.randint(low, lk + 1, (batch,), generator=g, dtype=torch.int64)
 
 
-def _at_least_one(ok: Tensor, g: torch.Generator) -> Tensor:
-    """``ok`` with one random position per row set True, so no row is fully masked."""
-    col = torch.randint(0, ok.shape[-1], ok.shape[:-1] + (1,), generator=g)
-    return ok.scatter(-1, col, True)
+# The mask kinds check runs, from the one generator of pyformer.testing (the tests run them all).
+MASK_KINDS: Tuple[str, ...] = ("none", "bool (B,1,1,Lk)", "bool (B,H,Lq,Lk)", "float (B,1,Lq,Lk)",
+                               "causal", "key_lengths", "bool+causal+lengths", "fully masked rows")
 
 
-# Mask kinds: each draws (tensor inputs, static kwargs such as causal) for shape (B, H, Lq, Lk).
-def _mask_none(g, b, h, lq, lk):
-    return {}, {}
-
-
-def _mask_padding(g, b, h, lq, lk):
-    valid = torch.arange(lk) < lengths(g, b, lk).view(b, 1)
-    return {"mask": valid.view(b, 1, 1, lk)}, {}
-
-
-def _mask_bool_full(g, b, h, lq, lk):
-    ok = torch.rand(b, h, lq, lk, generator=g) < 0.7
-    return {"mask": _at_least_one(ok, g)}, {}
-
-
-def _mask_float(g, b, h, lq, lk):
-    add = randn(g, b, 1, lq, lk)
-    ok = _at_least_one(torch.rand(b, 1, lq, lk, generator=g) < 0.8, g)
-    return {"mask": add.masked_fill(~ok, -math.inf)}, {}
-
-
-def _mask_causal(g, b, h, lq, lk):
-    return {}, {"causal": True}
-
-
-def _mask_key_lengths(g, b, h, lq, lk):
-    return {"key_lengths": lengths(g, b, lk)}, {}
-
-
-def _mask_combined(g, b, h, lq, lk):
-    # Key 0 passes all three, so no row is fully masked.
-    pad, _ = _mask_padding(g, b, h, lq, lk)
-    return {**pad, "key_lengths": lengths(g, b, lk)}, {"causal": True}
-
-
-def _mask_fully_masked(g, b, h, lq, lk):
-    # Every third query row masked out entirely by the bool mask, and batch element 0 has no
-    # valid key at all (key_lengths 0): those rows must come out as zeros, not NaN.
-    ok = torch.rand(b, 1, lq, lk, generator=g) < 0.7
-    ok = _at_least_one(ok, g)
-    ok[:, :, ::3, :] = False
-    lens = lengths(g, b, lk)
-    lens[0] = 0
-    return {"mask": ok, "key_lengths": lens}, {}
-
-
-MASK_KINDS: Dict[str, Callable] = {
-    "none": _mask_none,
-    "bool (B,1,1,Lk)": _mask_padding,
-    "bool (B,H,Lq,Lk)": _mask_bool_full,
-    "float (B,1,Lq,Lk)": _mask_float,
-    "causal": _mask_causal,
-    "key_lengths": _mask_key_lengths,
-    "bool+causal+lengths": _mask_combined,
-    "fully masked rows": _mask_fully_masked,
-}
+def _mask_tensors(g: torch.Generator, kind: str, b: int, h: int, lq: int, lk: int) -> Inputs:
+    """The tensor inputs (``mask``, ``key_lengths``) of one draw of a mask kind."""
+    return make_mask(kind, b, h, lq, lk, generator=g).tensors()
 
 
 # ----------------------------------------------------------------------------- built-in ops
@@ -222,14 +170,13 @@ def _scaled_qk_cases(quick: bool):
 
 def _softmax_inputs(b, h, lq, lk, kind):
     def make(g):
-        tensors, _ = MASK_KINDS[kind](g, b, h, lq, lk)
-        return {"scores": randn(g, b, h, lq, lk, scale=3.0), **tensors}
+        return {"scores": randn(g, b, h, lq, lk, scale=3.0), **_mask_tensors(g, kind, b, h, lq, lk)}
     return make
 
 
 def _static(kind: str) -> dict:
     """The non-tensor kwargs of a mask kind (``causal``); independent of the random draw."""
-    return MASK_KINDS[kind](torch.Generator().manual_seed(0), 1, 1, 1, 1)[1]
+    return {"causal": True} if make_mask(kind, 1, 1, 1, 1, torch.Generator()).causal else {}
 
 
 @register("masked_softmax")
@@ -245,9 +192,8 @@ def _masked_softmax_cases(quick: bool):
 
 def _attention_inputs(b, h, lq, lk, d, kind):
     def make(g):
-        tensors, _ = MASK_KINDS[kind](g, b, h, lq, lk)
         return {"q": randn(g, b, h, lq, d), "k": randn(g, b, h, lk, d),
-                "v": randn(g, b, h, lk, d), **tensors}
+                "v": randn(g, b, h, lk, d), **_mask_tensors(g, kind, b, h, lq, lk)}
     return make
 
 
@@ -292,23 +238,22 @@ def _norm_inputs(xs, ns, affine, residual):
     return make
 
 
-@register("layer_norm")
-def _layer_norm_cases(quick: bool):
-    for xs, ns, affine, q in NORM_SHAPES:
-        impl, ref = op_pair("layer_norm", normalized_shape=ns)
-        yield CheckCase("layer_norm", f"{shape_str(xs)} N={math.prod(ns)}",
-                        "weight+bias" if affine else "no affine",
-                        _norm_inputs(xs, ns, affine, False), impl, ref, outputs=("y",), quick=q)
+def _norm_cases(op: str, residual: bool, outputs: Tuple[str, ...], quick_affine_only: bool):
+    """The builder of ``op`` (``layer_norm`` or ``add_layer_norm``) over NORM_SHAPES."""
+
+    def build(quick: bool):
+        for xs, ns, affine, q in NORM_SHAPES:
+            impl, ref = op_pair(op, normalized_shape=ns)
+            yield CheckCase(op, f"{shape_str(xs)} N={math.prod(ns)}",
+                            "weight+bias" if affine else "no affine",
+                            _norm_inputs(xs, ns, affine, residual), impl, ref, outputs=outputs,
+                            quick=q and (affine or not quick_affine_only))
+
+    return build
 
 
-@register("add_layer_norm")
-def _add_layer_norm_cases(quick: bool):
-    for xs, ns, affine, q in NORM_SHAPES:
-        impl, ref = op_pair("add_layer_norm", normalized_shape=ns)
-        yield CheckCase("add_layer_norm", f"{shape_str(xs)} N={math.prod(ns)}",
-                        "weight+bias" if affine else "no affine",
-                        _norm_inputs(xs, ns, affine, True), impl, ref, outputs=("y", "s"),
-                        quick=q and affine)
+register("layer_norm")(_norm_cases("layer_norm", False, ("y",), quick_affine_only=False))
+register("add_layer_norm")(_norm_cases("add_layer_norm", True, ("y", "s"), quick_affine_only=True))
 
 
 # ----------------------------------------------------------------------------- nn layers

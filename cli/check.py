@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import math
 import re
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional
 
 import click
 import torch
-from torch import Tensor
 
-from pyformer.testing import BOUNDS, HALF
+from pyformer.testing import BOUNDS, verify
 
 from . import cases as case_registry
-from .accuracy import compare
 from .common import (DTYPE_NAMES, DTYPES, EXIT_DISAGREE, EXIT_OK, TableFormat, device_option,
                      dtype_option, environment, fmt_err, json_option, op_option,
                      resolve_devices, write_json)
@@ -49,58 +46,6 @@ def _seed(seed: int, key: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2 ** 63)
 
 
-def _as_dict(names: Sequence[str], result) -> Dict[str, Tensor]:
-    """Name an op's results (a tensor or a tuple), dropping ``None`` entries."""
-    if isinstance(result, Tensor):
-        result = (result,)
-    return {n: t for n, t in zip(names, result) if t is not None}
-
-
-def _prepare(base: Dict[str, Tensor], case, dtype, device) -> Dict[str, Tensor]:
-    """The case's inputs in ``dtype`` on ``device``; differentiable ones require grad."""
-    out = {}
-    for name, t in base.items():
-        if t.is_floating_point():
-            t = t.to(device=device, dtype=dtype)
-            if name not in case.constants:
-                t.requires_grad_(True)
-        else:
-            t = t.to(device)
-        out[name] = t
-    return out
-
-
-def _upcast(inputs: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """The same values in float64 (fresh leaves, requires_grad kept): the reference's inputs."""
-    from pyformer.reference import upcast
-
-    values = upcast(*inputs.values())
-    if len(inputs) == 1:
-        values = [values]
-    return dict(zip(inputs, values))
-
-
-def _pull_back(outs: Dict[str, Tensor], inputs: Dict[str, Tensor],
-               cotangents: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """Gradients (named ``"d" + input name``) of ``sum(out * cotangent)`` for every input that
-    requires grad; an input that gets none is left out, which the comparison reports as missing.
-    """
-    leaves = {n: t for n, t in inputs.items() if t.requires_grad}
-    pairs = [(o, cotangents[n]) for n, o in outs.items() if o.requires_grad and n in cotangents]
-    if not leaves or not pairs:
-        return {}
-    grads = torch.autograd.grad([o for o, _ in pairs], list(leaves.values()),
-                                [c.to(o.dtype) for o, c in pairs], allow_unused=True)
-    return {"d" + n: g for n, g in zip(leaves, grads) if g is not None}
-
-
-def _forward_backward(fn, names, inputs, cotangents) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
-    """Run ``fn(**inputs)`` and pull ``cotangents`` back; returns (outputs, gradients)."""
-    outs = _as_dict(names, fn(**inputs))
-    grads = _pull_back(outs, inputs, cotangents)
-    return {n: o.detach() for n, o in outs.items()}, grads
-
-
 # torch's own name of each dtype in error messages (c10::toString) and pyformer's.
 _C10_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
               torch.bfloat16: "BFloat16"}
@@ -123,59 +68,38 @@ def _rejects_dtype(exc: Exception, dtype: torch.dtype) -> bool:
     return False
 
 
-def _poison_cuda(tensors: Sequence[Tensor], dtype: torch.dtype) -> None:
-    """Fill freed CUDA memory of the outputs' sizes with NaN, so an unwritten element shows."""
-    blocks = [torch.full(t.shape, math.nan, dtype=dtype, device="cuda") for t in tensors]
-    del blocks
-
-
 def run_case(case, device: str, dtype: torch.dtype, seed: int) -> CheckResult:
-    """Run one case in ``dtype`` on ``device`` and compare it with the float64 reference.
+    """Run one case in ``dtype`` on ``device`` and compare it with the float64 reference, by
+    :func:`pyformer.testing.verify` (the tests' harness).
 
     The inputs are drawn in float64, rounded to ``dtype``; the reference runs on those rounded
-    values in float64. Cotangents for the backward pass are drawn fresh too. For half types the
-    reference also runs in ``dtype`` itself (PyTorch's own error, which bounds ours).
+    values in float64. Cotangents for the backward pass are drawn from the case's generator too.
+    For half types the reference also runs in ``dtype`` itself (PyTorch's own error, which bounds
+    ours). An exception of the op is the case's result: a SKIP when it says that the op does not
+    support ``dtype``, else a FAIL.
     """
     res = CheckResult(case.op, device, DTYPE_NAMES[dtype], case.shape, case.mask,
                       bound=BOUNDS[dtype])
     start = time.perf_counter()
     g = torch.Generator().manual_seed(_seed(seed, f"{case.key}|{res.dtype}|{device}"))
-    inputs = _prepare(case.make_inputs(g), case, dtype, device)
-
-    ref_in = _upcast(inputs)
-    ref_outs = _as_dict(case.outputs, case.ref(**ref_in))
-    cot = {n: torch.randn(o.shape, generator=g, dtype=torch.float64).to(device)
-           for n, o in ref_outs.items()}
-    ref_grads = _pull_back(ref_outs, ref_in, cot)
-    ref_outs = {n: o.detach() for n, o in ref_outs.items()}
-
-    comp_outs = comp_grads = None
-    if dtype in HALF:
-        comp_outs, comp_grads = _forward_backward(case.ref, case.outputs, inputs, cot)
-
-    if device == "cuda":
-        _poison_cuda(list(ref_outs.values()) + list(ref_grads.values()), dtype)
-    try:
-        outs, grads = _forward_backward(case.impl, case.outputs, inputs, cot)
-        if device == "cuda":
-            torch.cuda.synchronize()  # an asynchronous kernel error is this case's, reported here
-    except Exception as exc:  # an op error is a result to report, not a crash of the command
-        res.seconds = time.perf_counter() - start
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        if _rejects_dtype(exc, dtype):
+    inputs = case.make_inputs(g)
+    grad = [n for n, t in inputs.items() if t.is_floating_point() and n not in case.constants]
+    v = verify(case.impl, case.ref, inputs, dtype=dtype, device=device, grad=grad,
+               outputs=case.outputs, generator=g, ref_device=device)
+    res.seconds = time.perf_counter() - start
+    if v.raised is not None:
+        if _rejects_dtype(v.raised, dtype):
+            first_line = (str(v.raised).strip().splitlines() or [""])[0]
             res.status = "SKIP"
             res.details.append(f"{res.dtype} not supported on {device}: {first_line}")
         else:
             res.status = "FAIL"
-            res.details.append(f"raised {type(exc).__name__}: {first_line}")
+            res.details = v.failures
         return res
-
-    res.fwd_err, e1, t1, f1 = compare(outs, ref_outs, comp_outs, dtype)
-    res.grad_err, e2, t2, f2 = compare(grads, ref_grads, comp_grads, dtype)
-    res.errors, res.torch_errors = {**e1, **e2}, {**t1, **t2}
-    res.details = f1 + f2
+    res.fwd_err, res.grad_err = v.fwd_err, v.grad_err
+    res.errors, res.torch_errors = v.errors, v.torch_errors
+    res.details = v.failures
     res.status = "FAIL" if res.details else "PASS"
-    res.seconds = time.perf_counter() - start
     return res
 
 
@@ -212,7 +136,7 @@ def check(device, ops, dtypes, quick, seed, json_path):
 
     Each case draws fresh random inputs, rounds them to the dtype under test, and compares the
     op's outputs and every gradient with pyformer.reference run in float64 on the same values,
-    by the relative error ||out - ref|| / ||ref||. Bounds (shared/design/ops.md): float64 1e-12,
+    by the relative error ||out - ref|| / ||ref||. Bounds (docs/ops.md): float64 1e-12,
     float32 1e-5, float16 2e-3, bfloat16 1.6e-2; half types must also stay within twice the
     error of the pure-PyTorch composition in the same dtype, plus 1e-5.
 

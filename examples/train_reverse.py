@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train the textbook Transformer (pyformer.nn.Transformer) to reverse token sequences, on CPU.
+"""Train the textbook Transformer (pyformer.models.Transformer) to reverse token sequences, on CPU.
 
 Reversal needs attention: output token t is source token L-1-t, a position that depends on the
 length of each sequence, so the decoder has to look it up in the encoder output. A trained model's
@@ -14,10 +14,12 @@ What the script does:
    two loss curves;
 4. decodes the held-out set greedily and reports the exact-match accuracy;
 5. writes ``loss.png``, ``attention.png`` (a held-out sequence's cross-attention),
-   ``report.json`` and ``report.txt`` into ``--out``.
+   ``report.json`` and ``report.txt`` into ``--out``: by default ``examples/results/`` for the
+   full run (the committed results) and a folder under the system's temporary directory for a
+   ``--quick`` smoke run, which never writes into ``examples/results/``.
 
-    python examples/train_reverse.py                      # the full run (a few minutes, 2 cores)
-    python examples/train_reverse.py --quick --out /tmp/r # a short smoke run (seconds)
+    python examples/train_reverse.py           # the full run (a few minutes, 2 cores)
+    python examples/train_reverse.py --quick   # a short smoke run (seconds)
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -84,9 +87,9 @@ class ReverseTask:
 
 
 def build_model(args, backend: str):
-    import pyformer.nn as pnn
+    from pyformer.models import Transformer
 
-    return pnn.Transformer(
+    return Transformer(
         src_pad_idx=PAD, trg_pad_idx=PAD, enc_voc_size=args.vocab, dec_voc_size=args.vocab,
         d_model=args.d_model, n_head=args.heads, max_len=args.max_len + 2,
         ffn_hidden=args.ffn, n_layers=args.layers, drop_prob=args.dropout, backend=backend)
@@ -201,6 +204,9 @@ def compare_curves(a: Sequence[float], b: Sequence[float], early: int) -> Dict[s
 
 # ---------------------------------------------------------------------------------------- main
 
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # the full run's
+QUICK_OUT = os.path.join(tempfile.gettempdir(), "pyformer_train_reverse_quick")  # --quick's
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -221,8 +227,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (0: leave as is); this model is small enough that one "
                         "thread is fastest, and on a shared machine much faster")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                 "results"))
+    p.add_argument("--out", default=None,
+                   help=f"where the files go; default: {RESULTS} (the committed results) for a "
+                        f"full run, {QUICK_OUT} for --quick")
     p.add_argument("--no-compare", dest="compare", action="store_false",
                    help="skip the second run with the pure-PyTorch reference backend")
     p.add_argument("--early", type=int, default=50,
@@ -236,6 +243,11 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="a short smoke run (for the tests)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = QUICK_OUT if args.quick else RESULTS
+    if args.quick and os.path.realpath(args.out) == os.path.realpath(RESULTS):
+        p.error(f"--quick is a smoke run and does not write over the committed results in "
+                f"{RESULTS}: give another --out")
     if args.quick:
         args.steps, args.eval_size, args.warmup = min(args.steps, 30), min(args.eval_size, 64), 10
         args.early = min(args.early, 10)
@@ -283,7 +295,7 @@ def main(argv=None) -> dict:
     model = build_model(args, "pyformer")
     init_state = {k: v.clone() for k, v in model.state_dict().items()}
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"pyformer.nn.Transformer: {n_params} parameters; reversing sequences of "
+    print(f"pyformer.models.Transformer: {n_params} parameters; reversing sequences of "
           f"{args.min_len}-{args.max_len} tokens from a vocabulary of {args.vocab - FIRST_TOKEN}; "
           f"{args.steps} steps of {args.batch_size}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads", flush=True)
@@ -424,6 +436,7 @@ def main(argv=None) -> dict:
     with open(os.path.join(args.out, "report.txt"), "w") as f:
         f.write(text)
     print(text, flush=True)
+    print(f"files written to {args.out}", flush=True)
     return report
 
 

@@ -2,7 +2,8 @@
 
 ``pyformer.functional`` holds the ops (scaled_qk, masked_softmax, layer_norm, add_layer_norm,
 attention); ``pyformer.reference`` their pure-PyTorch textbook versions, the truth for the tests,
-``pyformer check`` and ``pyformer bench``; ``pyformer.nn`` the layers, up to a full Transformer;
+``pyformer check`` and ``pyformer bench``; ``pyformer.nn`` the drop-in LayerNorm and
+MultiheadAttention; ``pyformer.models`` the textbook Transformer built on them;
 ``pyformer.convert(model)`` swaps torch.nn.LayerNorm / MultiheadAttention for pyformer's in place;
 ``pyformer.integrations.transformers.register()`` plugs the kernels into Hugging Face models.
 """
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 from . import ops  # noqa: E402,F401  (loads pyformer._C and registers fake kernels and autograd)
 from . import functional, reference  # noqa: E402,F401
 from . import nn  # noqa: E402,F401
+from . import models  # noqa: E402,F401
 from .convert import convert  # noqa: E402,F401
 
 

@@ -2,7 +2,7 @@
 
 Every function here runs on the CPU and CUDA kernels compiled into ``pyformer._C``, is
 differentiable (autograd everywhere; backward passes are ops of their own) and traces under
-``torch.compile(fullgraph=True)``. Semantics: ``shared/design/ops.md``; the pure-PyTorch
+``torch.compile(fullgraph=True)``. Semantics: ``docs/ops.md``; the pure-PyTorch
 equivalents are in :mod:`pyformer.reference`.
 
 Masks follow :func:`torch.nn.functional.scaled_dot_product_attention`: a bool ``mask`` is True

@@ -3,7 +3,7 @@
 This one module is the truth for the tests, ``pyformer check`` and ``pyformer bench``: it uses
 nothing but plain PyTorch ops (matmul, divide by sqrt(d), masked_fill, softmax, matmul; layer norm
 from mean and var), runs in any dtype including float64 and on any device, and follows
-``shared/design/ops.md`` to the letter, fully masked rows included.
+``docs/ops.md`` to the letter, fully masked rows included.
 
 For benchmarks, ``zero_masked_rows=False`` gives the plain textbook composition (no extra pass for
 fully masked rows), which is what people write by hand and what pyformer is timed against.

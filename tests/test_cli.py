@@ -16,10 +16,10 @@ import pyformer.functional
 import pyformer.reference
 from pyformer.cli import main
 from pyformer.cli import cases as case_registry
-from pyformer.cli.accuracy import compare
 from pyformer.cli.benchcases import OPS, SWEEPS, parse_sizes
 from pyformer.cli.check import run_case
 from pyformer.cli.common import cuda_unavailable_reason
+from pyformer.testing import compare
 
 FINAL = re.compile(r"^(\d+) passed, (\d+) failed$")
 
@@ -158,7 +158,7 @@ def test_check_reports_an_op_that_raises(monkeypatch):
 @pytest.mark.parametrize("args", [["check", "--op", "softmax"], ["check", "--dtype", "float8"],
                                   ["check", "--device", "tpu"], ["bench", "--op", "nope"],
                                   ["bench", "--sizes", "big"], ["bench", "--mode", "sideways"],
-                                  ["bench", "--sizes", "issue2", "--op", "scaled_qk"]])
+                                  ["bench", "--sizes", "cpu-targets", "--op", "scaled_qk"]])
 def test_usage_errors_exit_2(args):
     res = invoke(*args)
     assert res.exit_code == 2, res.output
@@ -299,9 +299,9 @@ def test_bench_plot_needs_matplotlib(monkeypatch, tmp_path):
     assert "--plot needs matplotlib" in res.output
 
 
-def test_issue2_sweep_is_exactly_issue2s_cpu_targets():
-    sweep = parse_sizes("issue2", quick=False, device="cpu")
-    assert sweep is SWEEPS["issue2"] and sweep.modes == ("forward",)
+def test_cpu_targets_sweep_is_exactly_the_cpu_speed_targets():
+    sweep = parse_sizes("cpu-targets", quick=False, device="cpu")
+    assert sweep is SWEEPS["cpu-targets"] and sweep.modes == ("forward",)
     assert sweep.dtypes == ("float32",)
     got = {(c.op, c.shape, c.variant) for c in sweep.configs("cpu", OPS)}
     assert got == {("masked_softmax", "(8,12,512,512)", "bool (B,1,1,Lk), scale 0.125"),
@@ -312,9 +312,9 @@ def test_issue2_sweep_is_exactly_issue2s_cpu_targets():
     assert got <= default
 
 
-def test_issue3_sweep_is_exactly_issue3s_gpu_targets():
-    sweep = parse_sizes("issue3", quick=False, device="cuda")
-    assert sweep is SWEEPS["issue3"] and sweep.dtypes == ("bfloat16", "float16")
+def test_gpu_targets_sweep_is_exactly_the_gpu_speed_targets():
+    sweep = parse_sizes("gpu-targets", quick=False, device="cuda")
+    assert sweep is SWEEPS["gpu-targets"] and sweep.dtypes == ("bfloat16", "float16")
     got = {(c.op, c.shape, c.variant, c.modes) for c in sweep.configs("cuda", OPS)}
     assert got == {
         ("masked_softmax", "(8,16,2048,2048)", "bool (B,1,1,Lk), scale 0.125", ("forward",)),
@@ -355,12 +355,12 @@ def test_targets_judge_the_measured_rows():
                    ("layer_norm forward: >= 1.2x torch op", None, False)]
 
 
-def test_bench_issue2_sweep_prints_its_targets(tmp_path):
+def test_bench_cpu_targets_sweep_prints_its_targets(tmp_path):
     j = tmp_path / "b.json"
-    res = invoke("bench", "--device", "cpu", "--quick", "--sizes", "issue2", "--op",
+    res = invoke("bench", "--device", "cpu", "--quick", "--sizes", "cpu-targets", "--op",
                  "masked_softmax", "--json", str(j))
     assert res.exit_code == 0, res.output
-    assert "targets of sweep 'issue2':" in res.stdout
+    assert "targets of sweep 'cpu-targets':" in res.stdout
     assert "masked_softmax forward: >= 2x textbook" in res.stdout
     data = json.loads(j.read_text())
     rows = data["rows"]
@@ -369,3 +369,16 @@ def test_bench_issue2_sweep_prints_its_targets(tmp_path):
     (verdict,) = data["devices"][0]["targets"]
     assert verdict["value"] == pytest.approx(rows[0]["speedup"]["textbook"])
     assert verdict["met"] == (verdict["value"] >= 2.0)
+
+
+def test_every_bench_op_has_sweep_configs():
+    from pyformer.cli.benchcases import SWEEP_CONFIGS
+    assert set(SWEEP_CONFIGS) == set(OPS)
+    for sweep in ("quick", "cpu", "gpu"):
+        ops = {c.op for c in parse_sizes(sweep, quick=False, device="cpu").configs("cpu", OPS)}
+        assert ops == set(OPS)
+
+
+def test_bench_configs_of_an_unknown_op_raise():
+    with pytest.raises(ValueError, match="no configs for op 'rms_norm'"):
+        parse_sizes("quick", quick=True, device="cpu").configs("cpu", ["rms_norm"])

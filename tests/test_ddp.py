@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import pyformer.nn as pnn
+from pyformer.models import Transformer
 
 WORLD = 2
 STEPS = 3
@@ -23,9 +23,9 @@ BATCH = 8  # per step, split in halves between the ranks
 
 def _model():
     torch.manual_seed(0)
-    return pnn.Transformer(src_pad_idx=0, trg_pad_idx=0, enc_voc_size=17, dec_voc_size=17,
-                           d_model=32, n_head=4, max_len=16, ffn_hidden=64, n_layers=2,
-                           drop_prob=0.0)
+    return Transformer(src_pad_idx=0, trg_pad_idx=0, enc_voc_size=17, dec_voc_size=17,
+                       d_model=32, n_head=4, max_len=16, ffn_hidden=64, n_layers=2,
+                       drop_prob=0.0)
 
 
 def _data():

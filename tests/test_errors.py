@@ -8,6 +8,8 @@ import torch
 
 import pyformer.functional as F
 
+from conftest import NEEDS_CUDA
+
 f32 = lambda *s: torch.randn(*s)
 q4, k4, v4 = f32(2, 3, 4, 8), f32(2, 3, 5, 8), f32(2, 3, 5, 6)
 
@@ -67,7 +69,7 @@ def test_at_least_fifteen_cases():
     assert len(CASES) >= 15
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NEEDS_CUDA)
 def test_mixed_devices_raise():
     with pytest.raises(ValueError, match="'k'"):
         F.scaled_qk(f32(2, 3, 8).cuda(), f32(2, 5, 8))

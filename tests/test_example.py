@@ -50,6 +50,18 @@ def test_train_reverse_quick(tmp_path):
         assert (tmp_path / name).stat().st_size > 1000
 
 
+def test_only_a_full_run_writes_the_committed_results():
+    ex = _load()
+    results = os.path.realpath(os.path.join(HERE, "..", "examples", "results"))
+    assert os.path.realpath(ex.parse_args([]).out) == results
+    quick = os.path.realpath(ex.parse_args(["--quick"]).out)
+    repo = os.path.realpath(os.path.join(HERE, ".."))
+    assert os.path.commonpath([quick, repo]) != repo  # outside the repository
+    with pytest.raises(SystemExit) as exc:
+        ex.parse_args(["--quick", "--out", os.path.join(HERE, "..", "examples", "results")])
+    assert exc.value.code == 2
+
+
 def test_task_and_decoding_helpers():
     ex = _load()
     task = ex.ReverseTask(vocab=8, min_len=2, max_len=5)

@@ -18,8 +18,8 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ._backend import BackendMixin, check_backend, kernels_support, reference, set_backend
-from .layers import LayerNorm
+from ..nn._backend import BackendMixin, check_backend, kernels_support, reference, set_backend
+from ..nn.layers import LayerNorm
 
 __all__ = [
     "ScaledDotProductAttention",
@@ -339,8 +339,8 @@ class Transformer(nn.Module):
 
     Examples::
 
-        >>> model = pyformer.nn.Transformer(0, 0, 100, 100, d_model=64, n_head=4, max_len=32,
-        ...                                 ffn_hidden=128, n_layers=2, drop_prob=0.1)
+        >>> model = pyformer.models.Transformer(0, 0, 100, 100, d_model=64, n_head=4, max_len=32,
+        ...                                     ffn_hidden=128, n_layers=2, drop_prob=0.1)
         >>> logits = model(src, trg_in)                      # (B, T, 100)
         >>> logits, maps = model(src, trg_in, return_attention=True)
         >>> maps["decoder.layers.1.enc_dec_attention"].shape  # (B, 4, T, S)
