@@ -59,8 +59,7 @@ class ScaledDotProductAttention(BackendMixin, nn.Module):
                 dropout_p: float = 0.0, need_weights: bool = False
                 ) -> Tuple[Tensor, Optional[Tensor]]:
         ops = self.F
-        if self.backend == "pyformer" and (
-                not kernels_support((q, k, v, mask)) or (mask is not None and mask.requires_grad)):
+        if self.backend == "pyformer" and not kernels_support((q, k, v, mask)):
             ops = reference()  # PyTorch ops for what the kernels do not take
         return ops.attention(q, k, v, mask, causal=causal, key_lengths=key_lengths,
                              dropout_p=dropout_p, need_weights=need_weights)
