@@ -8,14 +8,18 @@ Environment:
   TORCH_CUDA_ARCH_LIST     CUDA architectures; default "8.0;9.0" when no GPU is visible
   PYFORMER_CPU_VEC         avx2 | none | auto (default: avx2 when this machine's CPU has AVX2+FMA)
   MAX_JOBS                 parallel compile jobs (ninja)
-  PYFORMER_PREBUILT=1      compile nothing: install around the pyformer/_C*.so already in the tree
-                           (built earlier on a machine with the same torch; bench/gpu_report.sh
-                           uses it to carry one build across device calls)
+
+The objects are kept in build/temp.<platform>-<python>/ in the source tree, editable installs
+included (pip's editable install would otherwise compile in a fresh temporary folder each time),
+so a second install, or one after an edit, recompiles only what changed (ninja's incremental
+build; without ninja every install compiles everything). Delete build/ to start from scratch.
 """
 
 import glob
 import os
 import shutil
+import sys
+import sysconfig
 
 from setuptools import setup
 
@@ -58,10 +62,6 @@ def _cpu_vec() -> str:
 
 
 def extensions():
-    if os.environ.get("PYFORMER_PREBUILT", "").strip() == "1":
-        if not glob.glob(os.path.join(ROOT, "pyformer", "_C*.so")):
-            raise RuntimeError("PYFORMER_PREBUILT=1 but there is no pyformer/_C*.so to install around")
-        return []
     cuda = _want_cuda()
     vec = _cpu_vec()
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "host", "*.cpp"))
@@ -96,7 +96,18 @@ def extensions():
     ]
 
 
+class PersistentBuildExtension(BuildExtension):
+    """torch's BuildExtension, with the objects (and ninja's build files) in one folder of the
+    source tree that outlives the install: build/temp.<platform>-<python>/."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        tag = f"{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+        self.build_temp = os.path.join(ROOT, "build", f"temp.{tag}")
+
+
 setup(
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+    cmdclass={"build_ext": PersistentBuildExtension.with_options(
+        use_ninja=shutil.which("ninja") is not None)},
 )

@@ -14,6 +14,7 @@
 #                        summary line, the sanitizer verdicts, the check and bench tables
 #   $OUT/bench.json, $OUT/bench.png   pyformer bench's results (when it ran)
 #   $OUT/logs.tar.gz     every step's full log
+#   $OUT/build.tar.gz    the build folder, for a later call to carry (below)
 # (at most a handful of files: the device tool returns at most 8.)
 #
 # It never stops at a failing step: each step's exit code is recorded and the next one runs. The
@@ -25,19 +26,24 @@
 # numbers first; a slow sanitizer then only shortens itself).
 #
 # The device machine goes back 30 s after a call, so a second call starts bare. Two calls cover
-# every step without compiling twice: the build step also leaves the extension in $OUT (gzipped
-# when over the 16 MiB that comes back), and a later call that carries it (in pyformer/) installs
-# around it with PYFORMER_PREBUILT=1:
+# every step without compiling twice. setup.py keeps the objects in build/ (ninja's incremental
+# build); the build step leaves that folder in $OUT as build.tar.gz (split into build.tar.gz.part-*
+# files of 15 MiB when over the 16 MiB that comes back), with a hash of csrc/. A later call that
+# carries it as build/carried.tar.gz unpacks it and, where csrc/ is what it was built from, dates
+# the sources back to before that build (the copy onto the machine gave them new times, and ninja
+# compares times), so that ninja recompiles nothing and only the link runs:
 #   call 1: PYFORMER_COMMIT=<sha> STEPS="build test check bench" bench/gpu_report.sh
-#   here:   cp <files_at>/_C*.so pyformer/   (or gunzip -c <files_at>/_C*.so.gz >pyformer/...)
-#   call 2 (carry pyformer/_C.cpython-312-x86_64-linux-gnu.so):
-#           PYFORMER_COMMIT=<sha> PYFORMER_PREBUILT=1 STEPS="build sanitize" bench/gpu_report.sh
+#   here:   mkdir -p build && cat <files_at>/build.tar.gz* >build/carried.tar.gz
+#   call 2 (carry build/carried.tar.gz):
+#           PYFORMER_COMMIT=<sha> STEPS="build sanitize" bench/gpu_report.sh
 #           (adding "check bench" there if call 1 ran out of time before them)
+# ninja's records hold absolute paths: the repository must sit at the same path in both calls,
+# else everything compiles again (correct, only slower). A changed source recompiles what it feeds.
 #
 # Environment: OUT (default /tmp/pyformer_gpu_report), STEPS, PYTHON (default python3), MAX_JOBS,
-# PYFORMER_COMMIT (the commit measured, when the tree has no .git), PYFORMER_PREBUILT,
-# PYTEST_ARGS (default -q), DEADLINE, TEST_TIMEOUT / SANITIZE_TIMEOUT / BENCH_TIMEOUT (seconds),
-# BENCH_ARGS (extra bench options).
+# PYFORMER_COMMIT (the commit measured, when the tree has no .git), PYTEST_ARGS (default -q),
+# DEADLINE, TEST_TIMEOUT / SANITIZE_TIMEOUT / BENCH_TIMEOUT (seconds), BENCH_ARGS (extra bench
+# options).
 set -u
 set -o pipefail
 
@@ -117,19 +123,35 @@ NVCC_VERSION="$([[ -n "$NVCC" ]] && "$NVCC" --version | tail -1 || echo "nvcc no
 echo "pyformer GPU report: $GPU | $VERSIONS | $NVCC_VERSION | commit $COMMIT"
 
 # ---- steps --------------------------------------------------------------------------------------
+EXTENSION="built in this call"
 if want build; then
-  # with PYFORMER_PREBUILT=1 this installs around a carried pyformer/_C*.so (no compile)
+  if [[ -f build/carried.tar.gz ]]; then  # a build folder from an earlier call (see the header)
+    if ! tar -xzf build/carried.tar.gz; then
+      EXTENSION="built in this call (the carried build folder did not unpack)"
+    elif [[ -f build/csrc.sha256 && -f build/csrc.older ]] \
+        && sha256sum --quiet --strict -c build/csrc.sha256 >/dev/null 2>&1; then
+      find csrc -type f -exec touch -d "@$(cat build/csrc.older)" {} +
+      EXTENSION="on the build folder carried from an earlier call (csrc/ unchanged)"
+    else
+      EXTENSION="on the build folder carried from an earlier call (csrc/ changed since)"
+    fi
+  fi
   run_step build 1200 "$PYTHON" -m pip install --no-build-isolation --no-deps -v -e .
+  grep -q "ninja: no work to do" "$LOGS/build.log" 2>/dev/null && EXTENSION="$EXTENSION; nothing recompiled"
   run_step backends 120 "$PYTHON" -c "import pyformer; print(pyformer.__version__, pyformer.backends())"
-  if [[ "${PYFORMER_PREBUILT:-}" != 1 ]]; then  # for a later call to carry (<= 16 MiB comes back)
-    for so in pyformer/_C*.so; do
-      [[ -f "$so" ]] || continue
-      if (( $(stat -c %s "$so") <= (16 << 20) )); then
-        cp "$so" "$OUT/"
-      else  # over what comes back: gzip it (here: gunzip -c <files_at>/_C*.so.gz >pyformer/...)
-        gzip -c "$so" >"$OUT/$(basename "$so").gz"
-      fi
-    done
+  # the build folder for a later call to carry: what csrc/ was, and a time before every object
+  # and before every time ninja's log recorded for one (newer ninjas record when the command
+  # started; a source newer than that counts as changed)
+  oldest="$( (find build -name '*.o' -printf '%T@\n'
+              awk '!/^#/ { t = $3; if (t > 1e12) t /= 1e9; printf "%.0f\n", t }' \
+                build/*/.ninja_log) 2>/dev/null | sort -n | head -1)"
+  if [[ -n "$oldest" ]]; then
+    find csrc -type f | sort | xargs sha256sum >build/csrc.sha256
+    echo $(( ${oldest%.*} - 1 )) >build/csrc.older
+    tar -czf "$OUT/build.tar.gz" --exclude=build/carried.tar.gz build
+    if (( $(stat -c %s "$OUT/build.tar.gz") > (16 << 20) )); then  # over what comes back
+      split -b 15M "$OUT/build.tar.gz" "$OUT/build.tar.gz.part-" && rm -f "$OUT/build.tar.gz"
+    fi
   fi
 fi
 
@@ -218,7 +240,7 @@ status=0
   echo "| nvcc | $NVCC_VERSION |"
   echo "| commit | $COMMIT |"
   echo "| TORCH_CUDA_ARCH_LIST | $TORCH_CUDA_ARCH_LIST |"
-  echo "| extension | $([[ "${PYFORMER_PREBUILT:-}" == 1 ]] && echo "carried from an earlier call's build (PYFORMER_PREBUILT=1)" || echo "built in this call") |"
+  echo "| extension | $(want build && echo "$EXTENSION" || echo "not built in this call") |"
   echo "| steps run | $STEPS |"
   echo "| tests | $TEST_SUMMARY |"
   echo "| memcheck | $SAN_MEM |"
