@@ -92,7 +92,7 @@ def set_backend(module: torch.nn.Module, name: str) -> torch.nn.Module:
 
     Example::
 
-        >>> model = pyformer.nn.Transformer(0, 0, 10, 10, 32, 4, 16, 64, 2, 0.0)
+        >>> model = pyformer.models.Transformer(0, 0, 10, 10, 32, 4, 16, 64, 2, 0.0)
         >>> pyformer.nn.set_backend(model, "reference")  # same weights, pure-PyTorch ops
     """
     check_backend(name)
