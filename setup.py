@@ -1,6 +1,6 @@
 """Builds pyformer and its extension pyformer._C with torch.utils.cpp_extension.
 
-The C++ sources (csrc/*.cpp, csrc/cpu/*.cpp) are always built. The CUDA sources (csrc/cuda/*.cu)
+The C++ sources (csrc/*.cpp, csrc/host/*.cpp, csrc/cpu/*.cpp) are always built. The CUDA sources (csrc/cuda/*.cu)
 are added when the installed torch was built with CUDA (torch.version.cuda) and nvcc is found.
 
 Environment:

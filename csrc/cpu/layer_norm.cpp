@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -167,7 +168,6 @@ void layer_norm_bwd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::T
   const at::ScalarType acc = mean.scalar_type();
   // Fixed block count (independent of the thread count), capped so the partials stay <= 256 MB.
   const int64_t nblk = std::max<int64_t>(1, std::min<int64_t>({R, 32, (int64_t(32) << 20) / N}));
-  at::Tensor part = at::empty({2, nblk, N}, x.options().dtype(acc));
   const at::Tensor w = as_acc(weight, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -177,7 +177,9 @@ void layer_norm_bwd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::T
     const acc_t* RS = rstd.const_data_ptr<acc_t>();
     const acc_t* W = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
     scalar_t* DX = dx.mutable_data_ptr<scalar_t>();
-    acc_t* DW = part.data_ptr<acc_t>();
+    // the per-block partials, uninitialized (each block zeroes its own)
+    const std::unique_ptr<acc_t[]> part(new acc_t[2 * nblk * N]);
+    acc_t* DW = part.get();
     acc_t* DB = DW + nblk * N;
     at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
       constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
@@ -245,10 +247,32 @@ void layer_norm_bwd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::T
         }
       }
     });
+    // a fixed-order reduction over the blocks (block 0 first), columns in chunks so the
+    // inner loop runs along contiguous partials
+    scalar_t* GW = dweight.mutable_data_ptr<scalar_t>();
+    scalar_t* GB = dbias.mutable_data_ptr<scalar_t>();
+    constexpr int64_t kChunk = 256;
+    at::parallel_for(0, (N + kChunk - 1) / kChunk, 16, [&](int64_t c0, int64_t c1) {
+      acc_t sw[kChunk], sb[kChunk];
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t j0 = c * kChunk, n = std::min(kChunk, N - j0);
+        std::fill(sw, sw + n, acc_t(0));
+        std::fill(sb, sb + n, acc_t(0));
+        for (int64_t blk = 0; blk < nblk; ++blk) {
+          const acc_t* dw = DW + blk * N + j0;
+          const acc_t* db = DB + blk * N + j0;
+          for (int64_t j = 0; j < n; ++j) {
+            sw[j] += dw[j];
+            sb[j] += db[j];
+          }
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          GW[j0 + j] = static_cast<scalar_t>(sw[j]);
+          GB[j0 + j] = static_cast<scalar_t>(sb[j]);
+        }
+      }
+    });
   });
-  // a fixed-order reduction over the blocks
-  dweight.view({-1}).copy_(part[0].sum(0));
-  dbias.view({-1}).copy_(part[1].sum(0));
 }
 
 }  // namespace
