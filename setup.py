@@ -64,8 +64,11 @@ def _cpu_vec() -> str:
 def extensions():
     cuda = _want_cuda()
     vec = _cpu_vec()
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "host", "*.cpp"))
-                     + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = sorted(
+        glob.glob(os.path.join("csrc", "*.cpp"))
+        + glob.glob(os.path.join("csrc", "host", "*.cpp"))
+        + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
+    )
     # -fopenmp: at::parallel_for is a header template that runs serially unless the extension
     # itself is compiled with OpenMP; at run time the libgomp.so.1 that torch loads is shared.
     # -ffp-contract=off: arithmetic as written (fused multiply-adds only where the kernels ask for
@@ -77,7 +80,11 @@ def extensions():
         # extension is built for the machine that builds it, like -march builds.
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     if not cuda:
-        return [CppExtension("pyformer._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)]
+        return [
+            CppExtension(
+                "pyformer._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link
+            )
+        ]
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "native")
@@ -85,12 +92,16 @@ def extensions():
     defs = ["-DPYFORMER_WITH_CUDA", f'-DPYFORMER_CUDA_ARCHS="{archs}"']
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + defs
     if "+cpu" in torch.__version__ or not os.path.exists(
-        os.path.join(os.path.dirname(torch.__file__), "include", "c10", "cuda", "impl", "cuda_cmake_macros.h")
+        os.path.join(
+            os.path.dirname(torch.__file__), "include", "c10", "cuda", "impl", "cuda_cmake_macros.h"
+        )
     ):
         nvcc.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
     return [
         CUDAExtension(
-            "pyformer._C", sources, extra_compile_args={"cxx": cxx + defs, "nvcc": nvcc},
+            "pyformer._C",
+            sources,
+            extra_compile_args={"cxx": cxx + defs, "nvcc": nvcc},
             extra_link_args=link,
         )
     ]
@@ -108,6 +119,9 @@ class PersistentBuildExtension(BuildExtension):
 
 setup(
     ext_modules=extensions(),
-    cmdclass={"build_ext": PersistentBuildExtension.with_options(
-        use_ninja=shutil.which("ninja") is not None)},
+    cmdclass={
+        "build_ext": PersistentBuildExtension.with_options(
+            use_ninja=shutil.which("ninja") is not None
+        )
+    },
 )

@@ -83,8 +83,9 @@ def attention_cases(dtypes):
         kl = torch.tensor([0, 50], device="cuda")
         mask = torch.rand((2, 1, 1, 70), device="cuda") > 0.2
         for p in (0.0, 0.25):
-            out, probs = F.attention(q, k, v, mask, causal=True, key_lengths=kl, dropout_p=p,
-                                     need_weights=True)
+            out, probs = F.attention(
+                q, k, v, mask, causal=True, key_lengths=kl, dropout_p=p, need_weights=True
+            )
             (out.sum() + probs.sum()).backward()
 
 

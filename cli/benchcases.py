@@ -107,14 +107,20 @@ def scaled_qk_config(b: int, h: int, l: int, d: int) -> BenchConfig:
     def make(dtype, device, g):
         import pyformer.functional as pf
         import pyformer.reference as ref
+
         q, k = (_rand(g, (b, h, l, d), dtype, device) for _ in range(2))
         flops = 2 * b * h * l * l * d
-        return Problem({"pyformer": Provider(lambda: pf.scaled_qk(q, k), [q, k]),
-                        "textbook": Provider(lambda: ref.scaled_qk(q, k), [q, k])},
-                       flops=_modes(flops, 2 * flops))
+        return Problem(
+            {
+                "pyformer": Provider(lambda: pf.scaled_qk(q, k), [q, k]),
+                "textbook": Provider(lambda: ref.scaled_qk(q, k), [q, k]),
+            },
+            flops=_modes(flops, 2 * flops),
+        )
 
-    return BenchConfig("scaled_qk", "scale 1/sqrt(D)", f"q,k{shape_str((b, h, l, d))}", l,
-                       "-", make)
+    return BenchConfig(
+        "scaled_qk", "scale 1/sqrt(D)", f"q,k{shape_str((b, h, l, d))}", l, "-", make
+    )
 
 
 def masked_softmax_config(b: int, h: int, l: int, scale: float = 0.125) -> BenchConfig:
@@ -123,19 +129,33 @@ def masked_softmax_config(b: int, h: int, l: int, scale: float = 0.125) -> Bench
     def make(dtype, device, g):
         import pyformer.functional as pf
         import pyformer.reference as ref
+
         scores = _rand(g, (b, h, l, l), dtype, device)
         _, mask = _padding(g, b, l, device)
         pre = (scores.detach() * scale).masked_fill(~mask, -math.inf).requires_grad_()
         n = nbytes(scores)
-        return Problem({
-            "pyformer": Provider(lambda: pf.masked_softmax(scores, mask, scale=scale), [scores]),
-            "textbook": Provider(lambda: ref.masked_softmax(scores, mask, scale=scale,
-                                                            zero_masked_rows=False), [scores]),
-            "torch": Provider(lambda: F.softmax(pre, dim=-1), [pre])},
-            bytes=_modes(2 * n + nbytes(mask), 3 * n))
+        return Problem(
+            {
+                "pyformer": Provider(
+                    lambda: pf.masked_softmax(scores, mask, scale=scale), [scores]
+                ),
+                "textbook": Provider(
+                    lambda: ref.masked_softmax(scores, mask, scale=scale, zero_masked_rows=False),
+                    [scores],
+                ),
+                "torch": Provider(lambda: F.softmax(pre, dim=-1), [pre]),
+            },
+            bytes=_modes(2 * n + nbytes(mask), 3 * n),
+        )
 
-    return BenchConfig("masked_softmax", f"bool (B,1,1,Lk), scale {scale:.4g}",
-                       shape_str((b, h, l, l)), l, "F.softmax", make)
+    return BenchConfig(
+        "masked_softmax",
+        f"bool (B,1,1,Lk), scale {scale:.4g}",
+        shape_str((b, h, l, l)),
+        l,
+        "F.softmax",
+        make,
+    )
 
 
 def _norm_bytes(x, w, extra_in=(), extra_out=()):
@@ -152,14 +172,18 @@ def layer_norm_config(m: int, n: int) -> BenchConfig:
     def make(dtype, device, g):
         import pyformer.functional as pf
         import pyformer.reference as ref
+
         x = _rand(g, (m, n), dtype, device)
         w, bias = _rand(g, (n,), dtype, device), _rand(g, (n,), dtype, device)
         leaves = [x, w, bias]
-        return Problem({
-            "pyformer": Provider(lambda: pf.layer_norm(x, (n,), w, bias), leaves),
-            "textbook": Provider(lambda: ref.layer_norm(x, (n,), w, bias), leaves),
-            "torch": Provider(lambda: F.layer_norm(x, (n,), w, bias), leaves)},
-            bytes=_norm_bytes(x, w))
+        return Problem(
+            {
+                "pyformer": Provider(lambda: pf.layer_norm(x, (n,), w, bias), leaves),
+                "textbook": Provider(lambda: ref.layer_norm(x, (n,), w, bias), leaves),
+                "torch": Provider(lambda: F.layer_norm(x, (n,), w, bias), leaves),
+            },
+            bytes=_norm_bytes(x, w),
+        )
 
     return BenchConfig("layer_norm", "weight+bias", shape_str((m, n)), n, "F.layer_norm", make)
 
@@ -170,6 +194,7 @@ def add_layer_norm_config(m: int, n: int) -> BenchConfig:
     def make(dtype, device, g):
         import pyformer.functional as pf
         import pyformer.reference as ref
+
         x, r = _rand(g, (m, n), dtype, device), _rand(g, (m, n), dtype, device)
         w, bias = _rand(g, (n,), dtype, device), _rand(g, (n,), dtype, device)
         leaves = [x, r, w, bias]
@@ -178,18 +203,23 @@ def add_layer_norm_config(m: int, n: int) -> BenchConfig:
             s = x + r
             return F.layer_norm(s, (n,), w, bias), s
 
-        return Problem({
-            "pyformer": Provider(lambda: pf.add_layer_norm(x, r, (n,), w, bias), leaves),
-            "textbook": Provider(lambda: ref.add_layer_norm(x, r, (n,), w, bias), leaves),
-            "torch": Provider(fused, leaves)},
-            bytes=_norm_bytes(x, w, extra_in=(r,), extra_out=(x,)))
+        return Problem(
+            {
+                "pyformer": Provider(lambda: pf.add_layer_norm(x, r, (n,), w, bias), leaves),
+                "textbook": Provider(lambda: ref.add_layer_norm(x, r, (n,), w, bias), leaves),
+                "torch": Provider(fused, leaves),
+            },
+            bytes=_norm_bytes(x, w, extra_in=(r,), extra_out=(x,)),
+        )
 
-    return BenchConfig("add_layer_norm", "weight+bias", shape_str((m, n)), n,
-                       "add+F.layer_norm", make)
+    return BenchConfig(
+        "add_layer_norm", "weight+bias", shape_str((m, n)), n, "add+F.layer_norm", make
+    )
 
 
-def attention_config(b: int, h: int, l: int, d: int, causal: bool = False,
-                     bool_mask: bool = False) -> BenchConfig:
+def attention_config(
+    b: int, h: int, l: int, d: int, causal: bool = False, bool_mask: bool = False
+) -> BenchConfig:
     """``attention`` on q, k, v (B,H,L,D): with ``key_lengths`` drawn in [L/2, L] (the
     baselines get the equivalent (B,1,1,L) bool mask), with that bool mask for pyformer too
     (``bool_mask``), or causal."""
@@ -197,6 +227,7 @@ def attention_config(b: int, h: int, l: int, d: int, causal: bool = False,
     def make(dtype, device, g):
         import pyformer.functional as pf
         import pyformer.reference as ref
+
         q, k, v = (_rand(g, (b, h, l, d), dtype, device) for _ in range(3))
         lens, mask = _padding(g, b, l, device)
         flops = 4 * b * h * l * l * d // (2 if causal else 1)
@@ -204,18 +235,28 @@ def attention_config(b: int, h: int, l: int, d: int, causal: bool = False,
             providers = {
                 "pyformer": lambda: pf.attention(q, k, v, causal=True),
                 "textbook": lambda: ref.attention(q, k, v, causal=True, zero_masked_rows=False),
-                "torch": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
+                "torch": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            }
         else:
             providers = {
-                "pyformer": (lambda: pf.attention(q, k, v, mask)) if bool_mask else
-                            (lambda: pf.attention(q, k, v, key_lengths=lens)),
+                "pyformer": (lambda: pf.attention(q, k, v, mask))
+                if bool_mask
+                else (lambda: pf.attention(q, k, v, key_lengths=lens)),
                 "textbook": lambda: ref.attention(q, k, v, mask, zero_masked_rows=False),
-                "torch": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)}
-        return Problem({name: Provider(fn, [q, k, v]) for name, fn in providers.items()},
-                       flops=_modes(flops, 2 * flops))
+                "torch": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+            }
+        return Problem(
+            {name: Provider(fn, [q, k, v]) for name, fn in providers.items()},
+            flops=_modes(flops, 2 * flops),
+        )
 
-    variant = ("causal" if causal else "bool (B,1,1,Lk) in [L/2,L]" if bool_mask
-               else "key_lengths in [L/2,L]")
+    variant = (
+        "causal"
+        if causal
+        else "bool (B,1,1,Lk) in [L/2,L]"
+        if bool_mask
+        else "key_lengths in [L/2,L]"
+    )
     return BenchConfig("attention", variant, f"q,k,v{shape_str((b, h, l, d))}", l, "F.sdpa", make)
 
 
@@ -226,17 +267,23 @@ def attention_decode_config(b: int, h: int, lq: int, lk: int, d: int) -> BenchCo
     def make(dtype, device, g):
         import pyformer.functional as pf
         import pyformer.reference as ref
+
         q = _rand(g, (b, h, lq, d), dtype, device)
         k, v = (_rand(g, (b, h, lk, d), dtype, device) for _ in range(2))
         flops = 4 * b * h * lq * lk * d
-        providers = {"pyformer": lambda: pf.attention(q, k, v),
-                     "textbook": lambda: ref.attention(q, k, v, zero_masked_rows=False),
-                     "torch": lambda: F.scaled_dot_product_attention(q, k, v)}
-        return Problem({name: Provider(fn, [q, k, v]) for name, fn in providers.items()},
-                       flops=_modes(flops, 2 * flops))
+        providers = {
+            "pyformer": lambda: pf.attention(q, k, v),
+            "textbook": lambda: ref.attention(q, k, v, zero_masked_rows=False),
+            "torch": lambda: F.scaled_dot_product_attention(q, k, v),
+        }
+        return Problem(
+            {name: Provider(fn, [q, k, v]) for name, fn in providers.items()},
+            flops=_modes(flops, 2 * flops),
+        )
 
-    return BenchConfig("attention", f"decode, {lk} keys", f"q{shape_str((b, h, lq, d))}", lk,
-                       "F.sdpa", make)
+    return BenchConfig(
+        "attention", f"decode, {lk} keys", f"q{shape_str((b, h, lq, d))}", lk, "F.sdpa", make
+    )
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -258,7 +305,7 @@ class Sweep:
         shape = _QUICK_SHAPE if self.name == "quick" else _SHAPES[device]
         out = []
         for op in ops:
-            for size in (self.seq if op in SEQ_OPS else self.hidden):
+            for size in self.seq if op in SEQ_OPS else self.hidden:
                 out.extend(_config(op, size, shape, self.causal))
         return out
 
@@ -271,30 +318,35 @@ class _Shape:
     head_dim: int
     max_batch: int
     max_scores: int  # B*H*L*L at most (the batch shrinks for long sequences)
-    rows: int        # M of the (M, N) layer norms
+    rows: int  # M of the (M, N) layer norms
 
     def batch(self, l: int) -> int:
         return max(1, min(self.max_batch, self.max_scores // (self.heads * l * l)))
 
 
-_SHAPES = {"cpu": _Shape(heads=12, head_dim=64, max_batch=8, max_scores=2 ** 25, rows=8192),
-           "cuda": _Shape(heads=16, head_dim=64, max_batch=16, max_scores=2 ** 28, rows=16384)}
-_QUICK_SHAPE = _Shape(heads=4, head_dim=32, max_batch=2, max_scores=2 ** 20, rows=512)
+_SHAPES = {
+    "cpu": _Shape(heads=12, head_dim=64, max_batch=8, max_scores=2**25, rows=8192),
+    "cuda": _Shape(heads=16, head_dim=64, max_batch=16, max_scores=2**28, rows=16384),
+}
+_QUICK_SHAPE = _Shape(heads=4, head_dim=32, max_batch=2, max_scores=2**20, rows=512)
 
 
 def _attention_configs(size: int, s: _Shape, causal: bool) -> List[BenchConfig]:
     b, h, d = s.batch(size), s.heads, s.head_dim
     return [attention_config(b, h, size, d)] + (
-        [attention_config(b, h, size, d, causal=True)] if causal else [])
+        [attention_config(b, h, size, d, causal=True)] if causal else []
+    )
 
 
 # How each op is shaped at one size of a sweep: op name -> (size, device shape, causal) -> configs.
 # Every op in OPS has an entry (tests/test_cli.py checks it); an op without one is an error.
 SWEEP_CONFIGS: Dict[str, Callable[[int, _Shape, bool], List[BenchConfig]]] = {
     "scaled_qk": lambda size, s, causal: [
-        scaled_qk_config(s.batch(size), s.heads, size, s.head_dim)],
+        scaled_qk_config(s.batch(size), s.heads, size, s.head_dim)
+    ],
     "masked_softmax": lambda size, s, causal: [
-        masked_softmax_config(s.batch(size), s.heads, size, scale=1 / math.sqrt(s.head_dim))],
+        masked_softmax_config(s.batch(size), s.heads, size, scale=1 / math.sqrt(s.head_dim))
+    ],
     "layer_norm": lambda size, s, causal: [layer_norm_config(s.rows, size)],
     "add_layer_norm": lambda size, s, causal: [add_layer_norm_config(s.rows, size)],
     "attention": _attention_configs,
@@ -305,8 +357,9 @@ def _config(op: str, size: int, s: _Shape, causal: bool) -> List[BenchConfig]:
     try:
         make = SWEEP_CONFIGS[op]
     except KeyError:
-        raise ValueError(f"pyformer bench has no configs for op {op!r}; known: "
-                         f"{', '.join(SWEEP_CONFIGS)}") from None
+        raise ValueError(
+            f"pyformer bench has no configs for op {op!r}; known: {', '.join(SWEEP_CONFIGS)}"
+        ) from None
     return make(size, s, causal)
 
 
@@ -348,8 +401,15 @@ def check_targets(targets: Sequence[Target], rows) -> List[dict]:
             if not t.matches(r):
                 continue
             v = t.measure(r)
-            out.append({"target": t.label(), "shape": r.shape, "dtype": r.dtype, "value": v,
-                        "met": v is not None and v >= t.at_least})
+            out.append(
+                {
+                    "target": t.label(),
+                    "shape": r.shape,
+                    "dtype": r.dtype,
+                    "value": v,
+                    "met": v is not None and v >= t.at_least,
+                }
+            )
     return out
 
 
@@ -369,9 +429,11 @@ def _with_modes(cfg: BenchConfig, *modes: str) -> BenchConfig:
 
 def _cpu_target_configs() -> List[BenchConfig]:
     """The three CPU speed targets, exactly: float32, forward."""
-    return [masked_softmax_config(8, 12, 512, scale=1 / 8),
-            layer_norm_config(8192, 1024),
-            attention_config(8, 12, 512, 64)]
+    return [
+        masked_softmax_config(8, 12, 512, scale=1 / 8),
+        layer_norm_config(8192, 1024),
+        attention_config(8, 12, 512, 64),
+    ]
 
 
 def _gpu_target_configs() -> List[BenchConfig]:
@@ -379,44 +441,76 @@ def _gpu_target_configs() -> List[BenchConfig]:
     (8,16,2048,2048) with a padding mask; layer_norm (32768,4096) forward and backward;
     attention (8,16,1024,64) with a padding mask, forward+backward, as key_lengths and as the
     (B,1,1,Lk) bool mask (F.sdpa gets the same bool mask)."""
-    return [_with_modes(masked_softmax_config(8, 16, 2048, scale=1 / 8), "forward"),
-            _with_modes(layer_norm_config(32768, 4096), "forward", "backward"),
-            _with_modes(attention_config(8, 16, 1024, 64), "both"),
-            _with_modes(attention_config(8, 16, 1024, 64, bool_mask=True), "both")]
+    return [
+        _with_modes(masked_softmax_config(8, 16, 2048, scale=1 / 8), "forward"),
+        _with_modes(layer_norm_config(32768, 4096), "forward", "backward"),
+        _with_modes(attention_config(8, 16, 1024, 64), "both"),
+        _with_modes(attention_config(8, 16, 1024, 64, bool_mask=True), "both"),
+    ]
 
 
 def _per_call_configs() -> List[BenchConfig]:
     """Tiny shapes, where a call's fixed cost (Python, dispatch, allocation) is the time: the
     forward without autograd and forward+backward with it."""
-    return [layer_norm_config(4, 128), add_layer_norm_config(4, 128),
-            masked_softmax_config(4, 4, 16), scaled_qk_config(4, 4, 16, 32),
-            attention_decode_config(4, 4, 1, 16, 32)]
+    return [
+        layer_norm_config(4, 128),
+        add_layer_norm_config(4, 128),
+        masked_softmax_config(4, 4, 16),
+        scaled_qk_config(4, 4, 16, 32),
+        attention_decode_config(4, 4, 1, 16, 32),
+    ]
 
 
 SWEEPS = {
     "quick": Sweep("quick", seq=(64, 128), hidden=(256, 1024)),
     "cpu": Sweep("cpu", seq=(128, 256, 512, 1024), hidden=(768, 1024, 2048, 4096)),
-    "gpu": Sweep("gpu", seq=(128, 256, 512, 1024, 2048, 4096, 8192),
-                 hidden=(768, 1024, 2048, 4096, 8192), causal=True),
-    "cpu-targets": FixedSweep("cpu-targets", (), (), make_configs=_cpu_target_configs,
-                              modes=("forward",), dtypes=("float32",),
-                              targets=(Target("masked_softmax", "forward", "textbook", 2.0),
-                                       Target("layer_norm", "forward", "torch", 1.0),
-                                       Target("attention", "forward", "textbook", 2.0))),
-    "per-call": FixedSweep("per-call", (), (), make_configs=_per_call_configs,
-                           modes=("forward", "both"), dtypes=("float32",),
-                           targets=tuple(Target(op, mode, "torch", 1 / 1.5)
-                                         for op in ("layer_norm", "add_layer_norm",
-                                                    "masked_softmax", "attention")
-                                         for mode in ("forward", "both"))),
-    "gpu-targets": FixedSweep("gpu-targets", (), (), make_configs=_gpu_target_configs,
-                              dtypes=("bfloat16", "float16"),
-                              targets=(Target("masked_softmax", "forward", "copy", 85.0),
-                                       Target("masked_softmax", "forward", "textbook", 2.5),
-                                       Target("layer_norm", "forward", "copy", 85.0),
-                                       Target("layer_norm", "forward", "torch", 1.2),
-                                       Target("layer_norm", "backward", "torch", 1.0),
-                                       Target("attention", "both", "textbook", 2.0))),
+    "gpu": Sweep(
+        "gpu",
+        seq=(128, 256, 512, 1024, 2048, 4096, 8192),
+        hidden=(768, 1024, 2048, 4096, 8192),
+        causal=True,
+    ),
+    "cpu-targets": FixedSweep(
+        "cpu-targets",
+        (),
+        (),
+        make_configs=_cpu_target_configs,
+        modes=("forward",),
+        dtypes=("float32",),
+        targets=(
+            Target("masked_softmax", "forward", "textbook", 2.0),
+            Target("layer_norm", "forward", "torch", 1.0),
+            Target("attention", "forward", "textbook", 2.0),
+        ),
+    ),
+    "per-call": FixedSweep(
+        "per-call",
+        (),
+        (),
+        make_configs=_per_call_configs,
+        modes=("forward", "both"),
+        dtypes=("float32",),
+        targets=tuple(
+            Target(op, mode, "torch", 1 / 1.5)
+            for op in ("layer_norm", "add_layer_norm", "masked_softmax", "attention")
+            for mode in ("forward", "both")
+        ),
+    ),
+    "gpu-targets": FixedSweep(
+        "gpu-targets",
+        (),
+        (),
+        make_configs=_gpu_target_configs,
+        dtypes=("bfloat16", "float16"),
+        targets=(
+            Target("masked_softmax", "forward", "copy", 85.0),
+            Target("masked_softmax", "forward", "textbook", 2.5),
+            Target("layer_norm", "forward", "copy", 85.0),
+            Target("layer_norm", "forward", "torch", 1.2),
+            Target("layer_norm", "backward", "torch", 1.0),
+            Target("attention", "both", "textbook", 2.0),
+        ),
+    ),
 }
 
 
@@ -436,5 +530,7 @@ def parse_sizes(value: Optional[str], quick: bool, device: str) -> Sweep:
     if not sizes or min(sizes) < 1:
         raise click.BadParameter(
             f"expected one of {', '.join(['default', *SWEEPS])} or positive integers "
-            f"separated by commas, got {value!r}", param_hint="--sizes")
+            f"separated by commas, got {value!r}",
+            param_hint="--sizes",
+        )
     return Sweep("quick" if quick else "custom", seq=sizes, hidden=sizes)

@@ -97,7 +97,7 @@ def op_names() -> List[str]:
 def cases(ops: Optional[Sequence[str]] = None, quick: bool = False) -> List[CheckCase]:
     """Every registered case of ``ops`` (default: all ops); with ``quick``, the small matrix."""
     out = []
-    for op in (ops or op_names()):
+    for op in ops or op_names():
         for build in _BUILDERS[op]:
             out.extend(c for c in build(quick) if c.quick or not quick)
     return out
@@ -135,8 +135,16 @@ def lengths(g: torch.Generator, batch: int, lk: int, low: int = 1) -> Tensor:
 
 
 # The mask kinds check runs, from the one generator of pyformer.testing (the tests run them all).
-MASK_KINDS: Tuple[str, ...] = ("none", "bool (B,1,1,Lk)", "bool (B,H,Lq,Lk)", "float (B,1,Lq,Lk)",
-                               "causal", "key_lengths", "bool+causal+lengths", "fully masked rows")
+MASK_KINDS: Tuple[str, ...] = (
+    "none",
+    "bool (B,1,1,Lk)",
+    "bool (B,H,Lq,Lk)",
+    "float (B,1,Lq,Lk)",
+    "causal",
+    "key_lengths",
+    "bool+causal+lengths",
+    "fully masked rows",
+)
 
 
 def _mask_tensors(g: torch.Generator, kind: str, b: int, h: int, lq: int, lk: int) -> Inputs:
@@ -148,29 +156,44 @@ def _mask_tensors(g: torch.Generator, kind: str, b: int, h: int, lq: int, lk: in
 
 # (B, H, Lq, Lk, D): awkward lengths on purpose (7, 97, 1025 keys; head dims 1, 16, 64, 80, 128).
 QUICK_ATTN_SHAPE = (2, 3, 7, 97, 16)
-ATTN_SHAPES = [(2, 3, 7, 97, 16), (2, 2, 97, 97, 64), (1, 4, 33, 130, 80),
-               (1, 2, 16, 1025, 128), (3, 1, 5, 7, 1)]
+ATTN_SHAPES = [
+    (2, 3, 7, 97, 16),
+    (2, 2, 97, 97, 64),
+    (1, 4, 33, 130, 80),
+    (1, 2, 16, 1025, 128),
+    (3, 1, 5, 7, 1),
+]
 
 
 @register("scaled_qk")
 def _scaled_qk_cases(quick: bool):
     # (q shape, k shape, scale); q (..., Lq, D), k (..., Lk, D).
-    shapes = [((2, 3, 7, 16), (2, 3, 97, 16), None, True),
-              ((2, 2, 97, 64), (2, 2, 33, 64), 0.3, False),
-              ((5, 33, 80), (5, 130, 80), None, False),
-              ((1, 1, 1, 1), (1, 1, 1, 1), None, False),
-              ((1, 2, 16, 128), (1, 2, 1025, 128), None, False)]
+    shapes = [
+        ((2, 3, 7, 16), (2, 3, 97, 16), None, True),
+        ((2, 2, 97, 64), (2, 2, 33, 64), 0.3, False),
+        ((5, 33, 80), (5, 130, 80), None, False),
+        ((1, 1, 1, 1), (1, 1, 1, 1), None, False),
+        ((1, 2, 16, 128), (1, 2, 1025, 128), None, False),
+    ]
     for qs, ks, scale, q in shapes:
         impl, ref = op_pair("scaled_qk", scale=scale)
         label = "-" if scale is None else f"scale={scale}"
-        yield CheckCase("scaled_qk", f"q{shape_str(qs)} k{shape_str(ks)}", label,
-                        lambda g, qs=qs, ks=ks: {"q": randn(g, *qs), "k": randn(g, *ks)},
-                        impl, ref, outputs=("scores",), quick=q)
+        yield CheckCase(
+            "scaled_qk",
+            f"q{shape_str(qs)} k{shape_str(ks)}",
+            label,
+            lambda g, qs=qs, ks=ks: {"q": randn(g, *qs), "k": randn(g, *ks)},
+            impl,
+            ref,
+            outputs=("scores",),
+            quick=q,
+        )
 
 
 def _softmax_inputs(b, h, lq, lk, kind):
     def make(g):
         return {"scores": randn(g, b, h, lq, lk, scale=3.0), **_mask_tensors(g, kind, b, h, lq, lk)}
+
     return make
 
 
@@ -185,15 +208,27 @@ def _masked_softmax_cases(quick: bool):
         b, h, lq, lk, _ = shape
         for kind in MASK_KINDS:
             impl, ref = op_pair("masked_softmax", scale=0.125, **_static(kind))
-            yield CheckCase("masked_softmax", shape_str((b, h, lq, lk)), kind,
-                            _softmax_inputs(b, h, lq, lk, kind), impl, ref,
-                            outputs=("probs",), quick=shape == QUICK_ATTN_SHAPE)
+            yield CheckCase(
+                "masked_softmax",
+                shape_str((b, h, lq, lk)),
+                kind,
+                _softmax_inputs(b, h, lq, lk, kind),
+                impl,
+                ref,
+                outputs=("probs",),
+                quick=shape == QUICK_ATTN_SHAPE,
+            )
 
 
 def _attention_inputs(b, h, lq, lk, d, kind):
     def make(g):
-        return {"q": randn(g, b, h, lq, d), "k": randn(g, b, h, lk, d),
-                "v": randn(g, b, h, lk, d), **_mask_tensors(g, kind, b, h, lq, lk)}
+        return {
+            "q": randn(g, b, h, lq, d),
+            "k": randn(g, b, h, lk, d),
+            "v": randn(g, b, h, lk, d),
+            **_mask_tensors(g, kind, b, h, lq, lk),
+        }
+
     return make
 
 
@@ -203,27 +238,43 @@ def _attention_cases(quick: bool):
         b, h, lq, lk, d = shape
         for kind in MASK_KINDS:
             impl, ref = op_pair("attention", **_static(kind))
-            yield CheckCase("attention", f"q{shape_str((b, h, lq, d))} Lk={lk}", kind,
-                            _attention_inputs(b, h, lq, lk, d, kind), impl, ref,
-                            outputs=("out", "weights"), quick=shape == QUICK_ATTN_SHAPE)
+            yield CheckCase(
+                "attention",
+                f"q{shape_str((b, h, lq, d))} Lk={lk}",
+                kind,
+                _attention_inputs(b, h, lq, lk, d, kind),
+                impl,
+                ref,
+                outputs=("out", "weights"),
+                quick=shape == QUICK_ATTN_SHAPE,
+            )
     # need_weights: the probabilities are an output too, and their gradient flows back.
     b, h, lq, lk, d = QUICK_ATTN_SHAPE
     for kind in ("bool (B,1,1,Lk)", "fully masked rows"):
         impl, ref = op_pair("attention", need_weights=True, **_static(kind))
-        yield CheckCase("attention", f"q{shape_str((b, h, lq, d))} Lk={lk}",
-                        f"{kind} +weights", _attention_inputs(b, h, lq, lk, d, kind),
-                        impl, ref, outputs=("out", "weights"), quick=True)
+        yield CheckCase(
+            "attention",
+            f"q{shape_str((b, h, lq, d))} Lk={lk}",
+            f"{kind} +weights",
+            _attention_inputs(b, h, lq, lk, d, kind),
+            impl,
+            ref,
+            outputs=("out", "weights"),
+            quick=True,
+        )
 
 
 # (x shape, normalized_shape, affine, quick). N = 1 or 2 is left out: there dx is zero in exact
 # arithmetic, so a relative error of the gradient measures only rounding noise.
-NORM_SHAPES = [((4, 7, 97), (97,), True, True),
-               ((3, 1024), (1024,), False, True),
-               ((2, 5, 7), (7,), True, False),
-               ((64, 768), (768,), True, False),
-               ((2, 3, 4, 5), (4, 5), True, False),
-               ((3, 4097), (4097,), True, False),
-               ((6, 3), (3,), True, False)]
+NORM_SHAPES = [
+    ((4, 7, 97), (97,), True, True),
+    ((3, 1024), (1024,), False, True),
+    ((2, 5, 7), (7,), True, False),
+    ((64, 768), (768,), True, False),
+    ((2, 3, 4, 5), (4, 5), True, False),
+    ((3, 4097), (4097,), True, False),
+    ((6, 3), (3,), True, False),
+]
 
 
 def _norm_inputs(xs, ns, affine, residual):
@@ -235,6 +286,7 @@ def _norm_inputs(xs, ns, affine, residual):
             out["weight"] = randn(g, *ns, scale=0.5, shift=1.0)
             out["bias"] = randn(g, *ns, scale=0.5)
         return out
+
     return make
 
 
@@ -244,10 +296,16 @@ def _norm_cases(op: str, residual: bool, outputs: Tuple[str, ...], quick_affine_
     def build(quick: bool):
         for xs, ns, affine, q in NORM_SHAPES:
             impl, ref = op_pair(op, normalized_shape=ns)
-            yield CheckCase(op, f"{shape_str(xs)} N={math.prod(ns)}",
-                            "weight+bias" if affine else "no affine",
-                            _norm_inputs(xs, ns, affine, residual), impl, ref, outputs=outputs,
-                            quick=q and (affine or not quick_affine_only))
+            yield CheckCase(
+                op,
+                f"{shape_str(xs)} N={math.prod(ns)}",
+                "weight+bias" if affine else "no affine",
+                _norm_inputs(xs, ns, affine, residual),
+                impl,
+                ref,
+                outputs=outputs,
+                quick=q and (affine or not quick_affine_only),
+            )
 
     return build
 
@@ -262,7 +320,9 @@ register("add_layer_norm")(_norm_cases("add_layer_norm", True, ("y", "s"), quick
 # module of the dtype and device under test; the input is differentiated.
 
 
-def _module_case(op, shape, mask, make_inputs, build_impl, build_ref, call, outputs, constants, quick):
+def _module_case(
+    op, shape, mask, make_inputs, build_impl, build_ref, call, outputs, constants, quick
+):
     """A CheckCase whose impl/ref build a module (fixed float64 weights) in the inputs' dtype."""
     state = {}
 
@@ -276,10 +336,20 @@ def _module_case(op, shape, mask, make_inputs, build_impl, build_ref, call, outp
                     state["sd"] = {k: v.to(F64) for k, v in build_impl().state_dict().items()}
             m.load_state_dict(state["sd"])
             return call(m.to(device=x.device, dtype=x.dtype), **inputs)
+
         return run
 
-    return CheckCase(op, shape, mask, make_inputs, runner(build_impl), runner(build_ref),
-                     outputs=outputs, constants=constants, quick=quick)
+    return CheckCase(
+        op,
+        shape,
+        mask,
+        make_inputs,
+        runner(build_impl),
+        runner(build_ref),
+        outputs=outputs,
+        constants=constants,
+        quick=quick,
+    )
 
 
 @register("nn.MultiheadAttention")
@@ -295,10 +365,18 @@ def _nn_mha_cases(quick: bool):
     def call(m, x, pad):
         return m(x, x, x, key_padding_mask=pad, need_weights=True)
 
-    yield _module_case("nn.MultiheadAttention", f"({b},{l},{e}) H={h}", "key_padding_mask", make,
-                       lambda: pnn.MultiheadAttention(e, h, batch_first=True),
-                       lambda: torch.nn.MultiheadAttention(e, h, batch_first=True),
-                       call, ("out", "weights"), ("pad",), True)
+    yield _module_case(
+        "nn.MultiheadAttention",
+        f"({b},{l},{e}) H={h}",
+        "key_padding_mask",
+        make,
+        lambda: pnn.MultiheadAttention(e, h, batch_first=True),
+        lambda: torch.nn.MultiheadAttention(e, h, batch_first=True),
+        call,
+        ("out", "weights"),
+        ("pad",),
+        True,
+    )
 
 
 @register("nn.LayerNorm")
@@ -306,7 +384,15 @@ def _nn_layer_norm_cases(quick: bool):
     import pyformer.nn as pnn
 
     xs, n = (3, 5, 64), 64
-    yield _module_case("nn.LayerNorm", shape_str(xs), "weight+bias", lambda g: {"x": randn(g, *xs, scale=2.0)},
-                       lambda: pnn.LayerNorm(n), lambda: torch.nn.LayerNorm(n),
-                       lambda m, x: m(x), ("y",), (), True)
-
+    yield _module_case(
+        "nn.LayerNorm",
+        shape_str(xs),
+        "weight+bias",
+        lambda g: {"x": randn(g, *xs, scale=2.0)},
+        lambda: pnn.LayerNorm(n),
+        lambda: torch.nn.LayerNorm(n),
+        lambda m, x: m(x),
+        ("y",),
+        (),
+        True,
+    )

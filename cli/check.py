@@ -14,9 +14,21 @@ import torch
 from pyformer.testing import BOUNDS, verify
 
 from . import cases as case_registry
-from .common import (DTYPE_NAMES, DTYPES, EXIT_DISAGREE, EXIT_OK, TableFormat, device_option,
-                     dtype_option, environment, fmt_err, json_option, op_option,
-                     resolve_devices, write_json)
+from .common import (
+    DTYPE_NAMES,
+    DTYPES,
+    EXIT_DISAGREE,
+    EXIT_OK,
+    TableFormat,
+    device_option,
+    dtype_option,
+    environment,
+    fmt_err,
+    json_option,
+    op_option,
+    resolve_devices,
+    write_json,
+)
 
 
 @dataclass
@@ -43,12 +55,16 @@ class CheckResult:
 
 def _seed(seed: int, key: str) -> int:
     """A per-case seed: the same case gets the same inputs whatever else runs."""
-    return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2 ** 63)
+    return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63)
 
 
 # torch's own name of each dtype in error messages (c10::toString) and pyformer's.
-_C10_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
-              torch.bfloat16: "BFloat16"}
+_C10_NAMES = {
+    torch.float64: "Double",
+    torch.float32: "Float",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+}
 
 
 def _rejects_dtype(exc: Exception, dtype: torch.dtype) -> bool:
@@ -78,14 +94,24 @@ def run_case(case, device: str, dtype: torch.dtype, seed: int) -> CheckResult:
     ours). An exception of the op is the case's result: a SKIP when it says that the op does not
     support ``dtype``, else a FAIL.
     """
-    res = CheckResult(case.op, device, DTYPE_NAMES[dtype], case.shape, case.mask,
-                      bound=BOUNDS[dtype])
+    res = CheckResult(
+        case.op, device, DTYPE_NAMES[dtype], case.shape, case.mask, bound=BOUNDS[dtype]
+    )
     start = time.perf_counter()
     g = torch.Generator().manual_seed(_seed(seed, f"{case.key}|{res.dtype}|{device}"))
     inputs = case.make_inputs(g)
     grad = [n for n, t in inputs.items() if t.is_floating_point() and n not in case.constants]
-    v = verify(case.impl, case.ref, inputs, dtype=dtype, device=device, grad=grad,
-               outputs=case.outputs, generator=g, ref_device=device)
+    v = verify(
+        case.impl,
+        case.ref,
+        inputs,
+        dtype=dtype,
+        device=device,
+        grad=grad,
+        outputs=case.outputs,
+        generator=g,
+        ref_device=device,
+    )
     res.seconds = time.perf_counter() - start
     if v.raised is not None:
         if _rejects_dtype(v.raised, dtype):
@@ -110,8 +136,17 @@ RIGHT = (False, False, False, False, False, True, True, True, False)
 
 
 def _row(r: CheckResult) -> List[str]:
-    return [r.op, r.device, r.dtype, r.shape, r.mask, fmt_err(r.fwd_err), fmt_err(r.grad_err),
-            f"{r.bound:.1e}", r.status]
+    return [
+        r.op,
+        r.device,
+        r.dtype,
+        r.shape,
+        r.mask,
+        fmt_err(r.fwd_err),
+        fmt_err(r.grad_err),
+        f"{r.bound:.1e}",
+        r.status,
+    ]
 
 
 def _table_format(plan) -> TableFormat:
@@ -126,10 +161,19 @@ def _table_format(plan) -> TableFormat:
 @device_option
 @op_option(case_registry.op_names())
 @dtype_option("float64, float32, float16, bfloat16")
-@click.option("--quick", is_flag=True, help="A small matrix (one awkward shape per op, every "
-              "mask kind): under a minute on a 2-core CPU.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of the random inputs; each case draws its own from it.")
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="A small matrix (one awkward shape per op, every "
+    "mask kind): under a minute on a 2-core CPU.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the random inputs; each case draws its own from it.",
+)
 @json_option
 def check(device, ops, dtypes, quick, seed, json_path):
     """Check every op, forward and backward, against the float64 reference.
@@ -155,9 +199,18 @@ def check(device, ops, dtypes, quick, seed, json_path):
         try:
             r = run_case(case, dev, dt, seed)
         except Exception as exc:  # e.g. a CUDA error left behind by an earlier case: keep going
-            r = CheckResult(case.op, dev, DTYPE_NAMES[dt], case.shape, case.mask, status="FAIL",
-                            bound=BOUNDS[dt], details=[f"raised {type(exc).__name__}: "
-                                                       f"{(str(exc).strip().splitlines() or [''])[0]}"])
+            r = CheckResult(
+                case.op,
+                dev,
+                DTYPE_NAMES[dt],
+                case.shape,
+                case.mask,
+                status="FAIL",
+                bound=BOUNDS[dt],
+                details=[
+                    f"raised {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+                ],
+            )
         results.append(r)
         click.echo(fmt.line(_row(r)))
         for line in r.details:
@@ -167,10 +220,20 @@ def check(device, ops, dtypes, quick, seed, json_path):
     failed = sum(r.status == "FAIL" for r in results)
     skipped = sum(r.status == "SKIP" for r in results)
     if json_path:
-        write_json(json_path, {
-            "command": "check", "seed": seed, "quick": quick, "devices": devices,
-            "environment": environment(), "passed": passed, "failed": failed,
-            "skipped": skipped, "results": [asdict(r) for r in results]})
+        write_json(
+            json_path,
+            {
+                "command": "check",
+                "seed": seed,
+                "quick": quick,
+                "devices": devices,
+                "environment": environment(),
+                "passed": passed,
+                "failed": failed,
+                "skipped": skipped,
+                "results": [asdict(r) for r in results],
+            },
+        )
     click.echo("")
     if skipped:
         click.echo(f"{skipped} skipped (dtype not supported by the op on that device)")

@@ -83,37 +83,56 @@ def cpu_model() -> str:
 
 def device_option(f):
     return click.option(
-        "--device", type=click.Choice(DEVICE_CHOICES), default=None,
+        "--device",
+        type=click.Choice(DEVICE_CHOICES),
+        default=None,
         help="Device to run on; default (and 'all'): every device present. "
-             "Exit status 3 if 'cuda' is requested but not available.")(f)
+        "Exit status 3 if 'cuda' is requested but not available.",
+    )(f)
 
 
 def dtype_option(default_help: str):
     def deco(f):
         return click.option(
-            "--dtype", "dtypes", type=click.Choice(tuple(DTYPES)), multiple=True,
-            help=f"Data type; repeat for several. Default: {default_help}.")(f)
+            "--dtype",
+            "dtypes",
+            type=click.Choice(tuple(DTYPES)),
+            multiple=True,
+            help=f"Data type; repeat for several. Default: {default_help}.",
+        )(f)
+
     return deco
 
 
 def op_option(choices: Sequence[str]):
     def deco(f):
         return click.option(
-            "--op", "ops", type=click.Choice(tuple(choices)), multiple=True,
-            help="Op to run; repeat for several. Default: all.")(f)
+            "--op",
+            "ops",
+            type=click.Choice(tuple(choices)),
+            multiple=True,
+            help="Op to run; repeat for several. Default: all.",
+        )(f)
+
     return deco
 
 
 def json_option(f):
-    return click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
-                        default=None, help="Also write the results to this JSON file.")(f)
+    return click.option(
+        "--json",
+        "json_path",
+        type=click.Path(dir_okay=False, writable=True),
+        default=None,
+        help="Also write the results to this JSON file.",
+    )(f)
 
 
 # ----------------------------------------------------------------------------- output
 
 
-def format_table(headers: Sequence[str], rows: Iterable[Sequence[str]],
-                 right: Sequence[bool]) -> List[str]:
+def format_table(
+    headers: Sequence[str], rows: Iterable[Sequence[str]], right: Sequence[bool]
+) -> List[str]:
     """Lines of an aligned text table: a header, a rule, then one line per row.
 
     Args:

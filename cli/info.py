@@ -19,8 +19,14 @@ def collect() -> Dict[str, object]:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            gpus.append({"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}",
-                         "memory_gib": round(p.total_memory / 2 ** 30, 1)})
+            gpus.append(
+                {
+                    "index": i,
+                    "name": p.name,
+                    "capability": f"{p.major}.{p.minor}",
+                    "memory_gib": round(p.total_memory / 2**30, 1),
+                }
+            )
     return {
         **environment(),
         "backends": backends,
@@ -35,17 +41,25 @@ def collect() -> Dict[str, object]:
 
 def _lines(d: Dict[str, object]) -> List[Tuple[str, str]]:
     b = d["backends"]
-    rows = [("pyformer", str(d["pyformer"])), ("torch", str(d["torch"])),
-            ("CUDA (torch built with)", str(d["cuda"] or "none")), ("python", str(d["python"])),
-            ("backends compiled in", ", ".join(k for k in ("cpu", "cuda") if b.get(k)) or "none"),
-            ("CPU vectorization", str(b.get("cpu_vec") or "-")),
-            ("CUDA archs compiled for", str(b.get("cuda_archs") or "-")),
-            ("torch CUDA arch list", " ".join(d["torch_arch_list"]) or "-"),
-            ("CPU", f"{d['cpu']} ({d['cpu_threads']} threads)")]
+    rows = [
+        ("pyformer", str(d["pyformer"])),
+        ("torch", str(d["torch"])),
+        ("CUDA (torch built with)", str(d["cuda"] or "none")),
+        ("python", str(d["python"])),
+        ("backends compiled in", ", ".join(k for k in ("cpu", "cuda") if b.get(k)) or "none"),
+        ("CPU vectorization", str(b.get("cpu_vec") or "-")),
+        ("CUDA archs compiled for", str(b.get("cuda_archs") or "-")),
+        ("torch CUDA arch list", " ".join(d["torch_arch_list"]) or "-"),
+        ("CPU", f"{d['cpu']} ({d['cpu_threads']} threads)"),
+    ]
     if d["gpus"]:
         for g in d["gpus"]:
-            rows.append((f"GPU {g['index']}", f"{g['name']}, compute capability {g['capability']}"
-                                              f", {g['memory_gib']} GiB"))
+            rows.append(
+                (
+                    f"GPU {g['index']}",
+                    f"{g['name']}, compute capability {g['capability']}, {g['memory_gib']} GiB",
+                )
+            )
     else:
         rows.append(("GPU", "none"))
     rows.append(("pyformer on CUDA", "usable" if d["cuda_usable"] else f"no: {d['cuda_reason']}"))

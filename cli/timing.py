@@ -62,7 +62,7 @@ def _l2_flush_buffer() -> torch.Tensor:
     """A byte buffer twice the size of the current GPU's L2 cache (kept between calls)."""
     dev = torch.cuda.current_device()
     if dev not in _flush_buffers:
-        l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) or 64 * 2 ** 20
+        l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) or 64 * 2**20
         _flush_buffers[dev] = torch.empty(2 * l2, dtype=torch.uint8, device="cuda")
     return _flush_buffers[dev]
 
@@ -108,4 +108,4 @@ def matmul_rate(device: str, dtype: torch.dtype, n: int, min_run_time: float) ->
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     t = measure(lambda: torch.matmul(a, b), device, min_run_time)
-    return 2 * n ** 3 / (t.median_ms * 1e-3) / 1e12
+    return 2 * n**3 / (t.median_ms * 1e-3) / 1e12

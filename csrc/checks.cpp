@@ -20,10 +20,12 @@ bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }
 
-#define PYF_TYPE(cond, op, arg, expected, got) \
-  TORCH_CHECK_TYPE(cond, "pyformer.", op, ": argument '", arg, "': expected ", expected, ", got ", got)
-#define PYF_VALUE(cond, op, arg, expected, got) \
-  TORCH_CHECK_VALUE(cond, "pyformer.", op, ": argument '", arg, "': expected ", expected, ", got ", got)
+#define PYF_TYPE(cond, op, arg, expected, got)                                                     \
+  TORCH_CHECK_TYPE(cond, "pyformer.", op, ": argument '", arg, "': expected ", expected, ", got ", \
+                   got)
+#define PYF_VALUE(cond, op, arg, expected, got)                                           \
+  TORCH_CHECK_VALUE(cond, "pyformer.", op, ": argument '", arg, "': expected ", expected, \
+                    ", got ", got)
 
 void check_float(const char* op, const char* arg, const at::Tensor& t) {
   PYF_TYPE(is_float_dtype(t.scalar_type()), op, arg,
@@ -32,9 +34,10 @@ void check_float(const char* op, const char* arg, const at::Tensor& t) {
 
 void check_same(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& ref,
                 const char* ref_name, bool dtype = true) {
-  PYF_VALUE(t.device() == ref.device(), op, arg,
-            std::string("a tensor on ") + ref.device().str() + " (the device of '" + ref_name + "')",
-            t.device());
+  PYF_VALUE(
+      t.device() == ref.device(), op, arg,
+      std::string("a tensor on ") + ref.device().str() + " (the device of '" + ref_name + "')",
+      t.device());
   if (dtype) {
     PYF_TYPE(t.scalar_type() == ref.scalar_type(), op, arg,
              std::string("dtype ") + c10::toString(ref.scalar_type()) + " (the dtype of '" +
@@ -74,8 +77,8 @@ void check_masks(const char* op, at::IntArrayRef sizes, const at::Device& device
     PYF_VALUE(nd >= 2, op, "key_lengths", "scores of at least 2 dims (B, ..., Lk)", str(sizes));
     PYF_TYPE(at::isIntegralType(kl.scalar_type(), /*includeBool=*/false), op, "key_lengths",
              "an integer tensor", kl.scalar_type());
-    PYF_VALUE(kl.device() == device, op, "key_lengths",
-              std::string("a tensor on ") + device.str(), kl.device());
+    PYF_VALUE(kl.device() == device, op, "key_lengths", std::string("a tensor on ") + device.str(),
+              kl.device());
     PYF_VALUE(kl.dim() == 1 && kl.size(0) == sizes[0], op, "key_lengths",
               "shape (" + std::to_string(sizes[0]) + ",) (one length per batch element)",
               str(kl.sizes()));
@@ -84,8 +87,7 @@ void check_masks(const char* op, at::IntArrayRef sizes, const at::Device& device
       // one read-back (on CUDA one sync) for both ends
       const at::Tensor ends = at::stack({kl.min(), kl.max()}).to(at::kCPU, at::kLong);
       const int64_t lo = ends[0].item<int64_t>(), hi = ends[1].item<int64_t>();
-      PYF_VALUE(lo >= 0 && hi <= lk, op, "key_lengths",
-                "values in [0, " + std::to_string(lk) + "]",
+      PYF_VALUE(lo >= 0 && hi <= lk, op, "key_lengths", "values in [0, " + std::to_string(lk) + "]",
                 "values in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
     }
   }
@@ -98,7 +100,8 @@ void check_scaled_qk(const at::Tensor& q, const at::Tensor& k, double scale) {
   check_float(op, "q", q);
   check_same(op, "k", k, q, "q");
   PYF_VALUE(q.dim() >= 2, op, "q", "a tensor of shape (..., Lq, D)", str(q.sizes()));
-  PYF_VALUE(k.dim() == q.dim() && k.sizes().slice(0, k.dim() - 2) == q.sizes().slice(0, q.dim() - 2) &&
+  PYF_VALUE(k.dim() == q.dim() &&
+                k.sizes().slice(0, k.dim() - 2) == q.sizes().slice(0, q.dim() - 2) &&
                 k.size(-1) == q.size(-1),
             op, "k",
             "shape (..., Lk, " + std::to_string(q.size(-1)) + ") with the leading dims of q " +
@@ -135,8 +138,8 @@ void check_masked_softmax_backward(const at::Tensor& grad, const at::Tensor& out
 }
 
 void check_layer_norm(const at::Tensor& x, at::IntArrayRef normalized_shape,
-                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                      double eps, const char* op) {
+                      const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& bias, double eps, const char* op) {
   check_float(op, "x", x);
   const int64_t n = static_cast<int64_t>(normalized_shape.size());
   bool ok = n >= 1;
@@ -148,8 +151,8 @@ void check_layer_norm(const at::Tensor& x, at::IntArrayRef normalized_shape,
             str(x.sizes()));
   if (weight.has_value()) {
     check_same(op, "weight", *weight, x, "x");
-    PYF_VALUE(weight->sizes() == normalized_shape, op, "weight",
-              "shape " + str(normalized_shape), str(weight->sizes()));
+    PYF_VALUE(weight->sizes() == normalized_shape, op, "weight", "shape " + str(normalized_shape),
+              str(weight->sizes()));
   }
   if (bias.has_value()) {
     check_same(op, "bias", *bias, x, "x");
@@ -196,18 +199,18 @@ void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   check_same(op, "k", k, q, "q");
   check_same(op, "v", v, q, "q");
   PYF_VALUE(q.dim() == 4, op, "q", "a 4-dim tensor (B, H, Lq, D)", str(q.sizes()));
-  PYF_VALUE(k.dim() == 4 && k.size(0) == q.size(0) && k.size(1) == q.size(1) &&
-                k.size(3) == q.size(3),
-            op, "k",
-            "shape (" + std::to_string(q.size(0)) + ", " + std::to_string(q.size(1)) + ", Lk, " +
-                std::to_string(q.size(3)) + ")",
-            str(k.sizes()));
-  PYF_VALUE(v.dim() == 4 && v.size(0) == k.size(0) && v.size(1) == k.size(1) &&
-                v.size(2) == k.size(2),
-            op, "v",
-            "shape (" + std::to_string(k.size(0)) + ", " + std::to_string(k.size(1)) + ", " +
-                std::to_string(k.size(2)) + ", Dv)",
-            str(v.sizes()));
+  PYF_VALUE(
+      k.dim() == 4 && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
+      op, "k",
+      "shape (" + std::to_string(q.size(0)) + ", " + std::to_string(q.size(1)) + ", Lk, " +
+          std::to_string(q.size(3)) + ")",
+      str(k.sizes()));
+  PYF_VALUE(
+      v.dim() == 4 && v.size(0) == k.size(0) && v.size(1) == k.size(1) && v.size(2) == k.size(2),
+      op, "v",
+      "shape (" + std::to_string(k.size(0)) + ", " + std::to_string(k.size(1)) + ", " +
+          std::to_string(k.size(2)) + ", Dv)",
+      str(v.sizes()));
   check_finite(op, "scale", scale);
   PYF_VALUE(dropout_p >= 0.0 && dropout_p <= 1.0, op, "dropout_p", "a probability in [0, 1]",
             dropout_p);
@@ -215,10 +218,10 @@ void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   check_masks(op, scores, q.device(), mask, causal, key_lengths);
 }
 
-void check_attention_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_probs,
-                              const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                              const at::Tensor& probs, const at::Tensor& keep, double scale,
-                              double dropout_p) {
+void check_attention_backward(const at::Tensor& grad_out,
+                              const std::optional<at::Tensor>& grad_probs, const at::Tensor& q,
+                              const at::Tensor& k, const at::Tensor& v, const at::Tensor& probs,
+                              const at::Tensor& keep, double scale, double dropout_p) {
   const char* op = "attention_backward";
   check_attention(q, k, v, std::nullopt, scale, false, std::nullopt, dropout_p);
   const std::vector<int64_t> ps{q.size(0), q.size(1), q.size(2), k.size(2)};
@@ -249,7 +252,8 @@ int64_t layer_norm_cols(at::IntArrayRef normalized_shape) {
 
 int64_t layer_norm_rows(const at::Tensor& x, at::IntArrayRef normalized_shape) {
   int64_t r = 1;
-  for (int64_t d = 0; d < x.dim() - static_cast<int64_t>(normalized_shape.size()); ++d) r *= x.size(d);
+  for (int64_t d = 0; d < x.dim() - static_cast<int64_t>(normalized_shape.size()); ++d)
+    r *= x.size(d);
   return r;
 }
 

@@ -36,9 +36,9 @@ struct Slot {
   // As operator(), but raises when the device has no kernel.
   Fn require(const at::Device& device) const {
     Fn fn = (*this)(device);
-    TORCH_CHECK_NOT_IMPLEMENTED(fn != nullptr, "pyformer: no ", name, " kernel for ", device,
-                                device.is_cuda() ? " (this build of pyformer has no CUDA kernels)"
-                                                 : "");
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        fn != nullptr, "pyformer: no ", name, " kernel for ", device,
+        device.is_cuda() ? " (this build of pyformer has no CUDA kernels)" : "");
     return fn;
   }
   bool set(c10::DeviceType type, Fn fn) {
@@ -47,8 +47,8 @@ struct Slot {
   }
 };
 
-#define PYFORMER_REGISTER_KERNEL(slot, device, fn)                                 \
-  static const bool pyformer_registered_##slot##_##device [[maybe_unused]] =       \
+#define PYFORMER_REGISTER_KERNEL(slot, device, fn)                           \
+  static const bool pyformer_registered_##slot##_##device [[maybe_unused]] = \
       ::pyformer::kernels::slot.set(c10::DeviceType::device, fn)
 
 // ---- scaled_qk ---------------------------------------------------------------------------------
@@ -75,8 +75,9 @@ using LayerNormFwd = void (*)(const at::Tensor& x, const at::Tensor& residual, c
                               const at::Tensor& mean, const at::Tensor& rstd, double eps);
 // dx (R, N); dweight and dbias (N,) in x's dtype, always written.
 using LayerNormBwd = void (*)(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
-                              const at::Tensor& rstd, const at::Tensor& weight, const at::Tensor& dx,
-                              const at::Tensor& dweight, const at::Tensor& dbias);
+                              const at::Tensor& rstd, const at::Tensor& weight,
+                              const at::Tensor& dx, const at::Tensor& dweight,
+                              const at::Tensor& dbias);
 extern Slot<LayerNormFwd> layer_norm_fwd;
 extern Slot<LayerNormBwd> layer_norm_bwd;
 
@@ -86,8 +87,9 @@ extern Slot<LayerNormBwd> layer_norm_bwd;
 // undefined when not wanted; keep (B,H,Lq,Lk) bool or undefined without dropout. Returns false
 // when it does not take these inputs (the host then composes GEMMs around masked_softmax_fwd).
 using AttentionFwd = bool (*)(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                              const at::Tensor& out, const at::Tensor& probs, const at::Tensor& keep,
-                              const MaskLayout& mask, double scale, double keep_scale);
+                              const at::Tensor& out, const at::Tensor& probs,
+                              const at::Tensor& keep, const MaskLayout& mask, double scale,
+                              double keep_scale);
 // The fused backward: (dq, dk, dv, dlogits) from grad_out, grad_probs (or undefined), the saved
 // probs and keep (undefined without dropout). Returns false when it does not take the inputs.
 using AttentionBwd = bool (*)(const at::Tensor& grad_out, const at::Tensor& grad_probs,

@@ -27,16 +27,16 @@ namespace pyformer {
 constexpr int kMaxMaskDims = 8;
 
 struct MaskLayout {
-  const void* data = nullptr;            // bool mask, or additive mask in the scores' dtype
-  int kind = 0;                          // 0 none, 1 bool, 2 additive
-  int nlead = 0;                         // merged leading dims of the scores (mask kinds 1, 2)
-  int64_t size[kMaxMaskDims] = {};       // their sizes, outermost first
-  int64_t mstride[kMaxMaskDims] = {};    // the mask's strides over them (0 where broadcast)
-  int64_t mlast = 0;                     // the mask's stride over keys (0 when broadcast)
+  const void* data = nullptr;          // bool mask, or additive mask in the scores' dtype
+  int kind = 0;                        // 0 none, 1 bool, 2 additive
+  int nlead = 0;                       // merged leading dims of the scores (mask kinds 1, 2)
+  int64_t size[kMaxMaskDims] = {};     // their sizes, outermost first
+  int64_t mstride[kMaxMaskDims] = {};  // the mask's strides over them (0 where broadcast)
+  int64_t mlast = 0;                   // the mask's stride over keys (0 when broadcast)
   bool causal = false;
-  int64_t lq = 1;                        // scores.size(-2): row -> query index
-  const int64_t* klen = nullptr;         // key_lengths as int64 (on the scores' device), or null
-  int64_t rows_per_batch = 1;            // rows / scores.size(0): row -> batch index
+  int64_t lq = 1;                 // scores.size(-2): row -> query index
+  const int64_t* klen = nullptr;  // key_lengths as int64 (on the scores' device), or null
+  int64_t rows_per_batch = 1;     // rows / scores.size(0): row -> batch index
 
   PYF_HD int64_t query(int64_t row) const { return row % lq; }
   PYF_HD int64_t batch(int64_t row) const { return row / rows_per_batch; }

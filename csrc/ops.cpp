@@ -46,5 +46,6 @@ TORCH_LIBRARY(pyformer, m) {
   // Python wrapper sums to the shape of a floating mask that requires grad (and otherwise drops).
   m.def(
       "attention_backward(Tensor grad_out, Tensor? grad_probs, Tensor q, Tensor k, Tensor v,"
-      " Tensor probs, Tensor keep, float scale, float dropout_p) -> (Tensor, Tensor, Tensor, Tensor)");
+      " Tensor probs, Tensor keep, float scale, float dropout_p) -> (Tensor, Tensor, Tensor, "
+      "Tensor)");
 }

@@ -34,8 +34,9 @@ void check_masked_softmax(const at::Tensor& scores, const std::optional<at::Tens
 void check_masked_softmax_backward(const at::Tensor& grad, const at::Tensor& out);
 
 void check_layer_norm(const at::Tensor& x, at::IntArrayRef normalized_shape,
-                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                      double eps, const char* op = "layer_norm");
+                      const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& bias, double eps,
+                      const char* op = "layer_norm");
 void check_layer_norm_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
                                const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
                                at::IntArrayRef normalized_shape);
@@ -46,10 +47,10 @@ void check_add_layer_norm(const at::Tensor& x, const at::Tensor& residual,
 void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const std::optional<at::Tensor>& mask, double scale, bool causal,
                      const std::optional<at::Tensor>& key_lengths, double dropout_p);
-void check_attention_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_probs,
-                              const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                              const at::Tensor& probs, const at::Tensor& keep, double scale,
-                              double dropout_p);
+void check_attention_backward(const at::Tensor& grad_out,
+                              const std::optional<at::Tensor>& grad_probs, const at::Tensor& q,
+                              const at::Tensor& k, const at::Tensor& v, const at::Tensor& probs,
+                              const at::Tensor& keep, double scale, double dropout_p);
 
 // Kernels that call ATen ops open with this guard: the ops inside a kernel are implementation,
 // never recorded by autograd (the op's own autograd formula covers them), also when a backward op

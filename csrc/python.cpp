@@ -68,7 +68,8 @@ int64_t integer(const char* op, const char* arg, PyObject* o) {
 // normalized_shape: an int or a sequence of ints (torch.Size, list, tuple).
 std::vector<int64_t> int_list(const char* op, const char* arg, PyObject* o) {
   if (PyLong_Check(o) || PyIndex_Check(o)) return {integer(op, arg, o)};
-  if (!PySequence_Check(o) || PyUnicode_Check(o)) type_error(op, arg, "an int or a sequence of ints", o);
+  if (!PySequence_Check(o) || PyUnicode_Check(o))
+    type_error(op, arg, "an int or a sequence of ints", o);
   PyObject* seq = PySequence_Fast(o, "normalized_shape");
   if (seq == nullptr) throw python_error();
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
@@ -105,11 +106,11 @@ struct ReleaseGil {
   ~ReleaseGil() { PyEval_RestoreThread(state); }
 };
 
-#define OP_HANDLE(name, Sig)                                                                   \
-  const c10::TypedOperatorHandle<Sig>& name##_op() {                                           \
-    static const auto h = c10::Dispatcher::singleton().findSchemaOrThrow("pyformer::" #name, "") \
-                              .typed<Sig>();                                                   \
-    return h;                                                                                  \
+#define OP_HANDLE(name, Sig)                                                                 \
+  const c10::TypedOperatorHandle<Sig>& name##_op() {                                         \
+    static const auto h =                                                                    \
+        c10::Dispatcher::singleton().findSchemaOrThrow("pyformer::" #name, "").typed<Sig>(); \
+    return h;                                                                                \
   }
 
 using OptT = std::optional<at::Tensor>;
@@ -121,8 +122,8 @@ using MaskedSoftmaxSig = at::Tensor(const at::Tensor&, const OptT&, double, bool
 using LayerNormSig = T3(const at::Tensor&, at::IntArrayRef, const OptT&, const OptT&, double);
 using AddLayerNormSig = T4(const at::Tensor&, const at::Tensor&, at::IntArrayRef, const OptT&,
                            const OptT&, double);
-using AttentionSig = T3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&, double,
-                        bool, const OptT&, double, bool);
+using AttentionSig = T3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&,
+                        double, bool, const OptT&, double, bool);
 OP_HANDLE(scaled_qk, ScaledQkSig)
 OP_HANDLE(masked_softmax, MaskedSoftmaxSig)
 OP_HANDLE(layer_norm, LayerNormSig)
@@ -224,10 +225,9 @@ PyObject* py_attention(PyObject*, PyObject* const* a, Py_ssize_t n) {
   const double dropout_p = real(op, "dropout_p", a[7]);
   const int need_weights = PyObject_IsTrue(a[8]);
   if (need_weights < 0) throw python_error();
-  const bool need_probs =
-      need_weights || (at::GradMode::is_enabled() &&
-                       (q.requires_grad() || k.requires_grad() || v.requires_grad() ||
-                        (mask && mask->requires_grad())));
+  const bool need_probs = need_weights || (at::GradMode::is_enabled() &&
+                                           (q.requires_grad() || k.requires_grad() ||
+                                            v.requires_grad() || (mask && mask->requires_grad())));
   at::Tensor out, probs;
   {
     ReleaseGil nogil;
@@ -250,8 +250,9 @@ PyObject* build_info(PyObject*, PyObject*) {
                        PYFORMER_CUDA_ARCHS, "cpu_vec", PYFORMER_CPU_VEC);
 }
 
-#define FAST(name, doc) \
-  {#name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&py_##name)), METH_FASTCALL, doc}
+#define FAST(name, doc)                                                                           \
+  {#name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&py_##name)), METH_FASTCALL, \
+   doc}
 
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS,
@@ -259,7 +260,8 @@ PyMethodDef methods[] = {
     FAST(scaled_qk, "scaled_qk(q, k, scale) -> scores"),
     FAST(masked_softmax, "masked_softmax(scores, mask, scale, causal, key_lengths) -> probs"),
     FAST(layer_norm, "layer_norm(x, normalized_shape, weight, bias, eps) -> y"),
-    FAST(add_layer_norm, "add_layer_norm(x, residual, normalized_shape, weight, bias, eps) -> (y, s)"),
+    FAST(add_layer_norm,
+         "add_layer_norm(x, residual, normalized_shape, weight, bias, eps) -> (y, s)"),
     FAST(attention,
          "attention(q, k, v, mask, scale, causal, key_lengths, dropout_p, need_weights) -> "
          "(out, probs or None)"),

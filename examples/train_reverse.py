@@ -90,9 +90,18 @@ def build_model(args, backend: str):
     from pyformer.models import Transformer
 
     return Transformer(
-        src_pad_idx=PAD, trg_pad_idx=PAD, enc_voc_size=args.vocab, dec_voc_size=args.vocab,
-        d_model=args.d_model, n_head=args.heads, max_len=args.max_len + 2,
-        ffn_hidden=args.ffn, n_layers=args.layers, drop_prob=args.dropout, backend=backend)
+        src_pad_idx=PAD,
+        trg_pad_idx=PAD,
+        enc_voc_size=args.vocab,
+        dec_voc_size=args.vocab,
+        d_model=args.d_model,
+        n_head=args.heads,
+        max_len=args.max_len + 2,
+        ffn_hidden=args.ffn,
+        n_layers=args.layers,
+        drop_prob=args.dropout,
+        backend=backend,
+    )
 
 
 def lr_at(step: int, args) -> float:
@@ -129,8 +138,14 @@ def exact_match(pred: torch.Tensor, seqs: Sequence[tuple]) -> float:
     return ok / len(seqs)
 
 
-def train(model, task: ReverseTask, args, label: str, progress: bool = True,
-          max_steps: Optional[int] = None) -> Dict[str, list]:
+def train(
+    model,
+    task: ReverseTask,
+    args,
+    label: str,
+    progress: bool = True,
+    max_steps: Optional[int] = None,
+) -> Dict[str, list]:
     """Train ``model`` on batches drawn from ``args.seed``; the losses per step.
 
     The schedule is that of ``args.steps`` steps; ``max_steps`` stops early (for the rerun check).
@@ -144,8 +159,13 @@ def train(model, task: ReverseTask, args, label: str, progress: bool = True,
         try:
             from tqdm import tqdm
 
-            bar = tqdm(total=args.steps, desc=f"train [{label}]", ncols=90, mininterval=0.5,
-                       file=sys.stdout)
+            bar = tqdm(
+                total=args.steps,
+                desc=f"train [{label}]",
+                ncols=90,
+                mininterval=0.5,
+                file=sys.stdout,
+            )
         except ImportError:
             bar = None
     t0 = time.perf_counter()
@@ -155,8 +175,9 @@ def train(model, task: ReverseTask, args, label: str, progress: bool = True,
             g["lr"] = lr_at(step, args)
         src, trg_in, trg_out = task.tensors(task.sample(args.batch_size, gen))
         logits = model(src, trg_in)
-        loss = TF.cross_entropy(logits.reshape(-1, logits.shape[-1]), trg_out.reshape(-1),
-                                ignore_index=PAD)
+        loss = TF.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), trg_out.reshape(-1), ignore_index=PAD
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -178,8 +199,8 @@ def compare_curves(a: Sequence[float], b: Sequence[float], early: int) -> Dict[s
     rel = [d / max(abs(y), 1e-12) for d, y in zip(diff, b)]
     n = len(diff)
     win = max(1, n // 10)  # window means: the curve's shape rather than single noisy steps
-    wa = [sum(a[i:i + win]) / len(a[i:i + win]) for i in range(0, n, win)]
-    wb = [sum(b[i:i + win]) / len(b[i:i + win]) for i in range(0, n, win)]
+    wa = [sum(a[i : i + win]) / len(a[i : i + win]) for i in range(0, n, win)]
+    wb = [sum(b[i : i + win]) / len(b[i : i + win]) for i in range(0, n, win)]
     wrel = [abs(x - y) / max(abs(y), 1e-12) for x, y in zip(wa, wb)]
     # the sampling noise of a window mean: batch-to-batch spread of the loss in the last window
     last = b[-win:]
@@ -224,30 +245,59 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--eval-size", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (0: leave as is); this model is small enough that one "
-                        "thread is fastest, and on a shared machine much faster")
-    p.add_argument("--out", default=None,
-                   help=f"where the files go; default: {RESULTS} (the committed results) for a "
-                        f"full run, {QUICK_OUT} for --quick")
-    p.add_argument("--no-compare", dest="compare", action="store_false",
-                   help="skip the second run with the pure-PyTorch reference backend")
-    p.add_argument("--early", type=int, default=50,
-                   help="steps over which the two loss curves must agree tightly")
-    p.add_argument("--early-tol", type=float, default=1e-4,
-                   help="max relative loss difference allowed over the first --early steps")
-    p.add_argument("--curve-tol", type=float, default=0.05,
-                   help="max relative difference allowed between window means of the curves")
-    p.add_argument("--target", type=float, default=0.95,
-                   help="held-out exact match the run must reach (exit status 1 otherwise)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (0: leave as is); this model is small enough that one "
+        "thread is fastest, and on a shared machine much faster",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help=f"where the files go; default: {RESULTS} (the committed results) for a "
+        f"full run, {QUICK_OUT} for --quick",
+    )
+    p.add_argument(
+        "--no-compare",
+        dest="compare",
+        action="store_false",
+        help="skip the second run with the pure-PyTorch reference backend",
+    )
+    p.add_argument(
+        "--early",
+        type=int,
+        default=50,
+        help="steps over which the two loss curves must agree tightly",
+    )
+    p.add_argument(
+        "--early-tol",
+        type=float,
+        default=1e-4,
+        help="max relative loss difference allowed over the first --early steps",
+    )
+    p.add_argument(
+        "--curve-tol",
+        type=float,
+        default=0.05,
+        help="max relative difference allowed between window means of the curves",
+    )
+    p.add_argument(
+        "--target",
+        type=float,
+        default=0.95,
+        help="held-out exact match the run must reach (exit status 1 otherwise)",
+    )
     p.add_argument("--quick", action="store_true", help="a short smoke run (for the tests)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
     if args.out is None:
         args.out = QUICK_OUT if args.quick else RESULTS
     if args.quick and os.path.realpath(args.out) == os.path.realpath(RESULTS):
-        p.error(f"--quick is a smoke run and does not write over the committed results in "
-                f"{RESULTS}: give another --out")
+        p.error(
+            f"--quick is a smoke run and does not write over the committed results in "
+            f"{RESULTS}: give another --out"
+        )
     if args.quick:
         args.steps, args.eval_size, args.warmup = min(args.steps, 30), min(args.eval_size, 64), 10
         args.early = min(args.early, 10)
@@ -295,10 +345,13 @@ def main(argv=None) -> dict:
     model = build_model(args, "pyformer")
     init_state = {k: v.clone() for k, v in model.state_dict().items()}
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"pyformer.models.Transformer: {n_params} parameters; reversing sequences of "
-          f"{args.min_len}-{args.max_len} tokens from a vocabulary of {args.vocab - FIRST_TOKEN}; "
-          f"{args.steps} steps of {args.batch_size}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads", flush=True)
+    print(
+        f"pyformer.models.Transformer: {n_params} parameters; reversing sequences of "
+        f"{args.min_len}-{args.max_len} tokens from a vocabulary of {args.vocab - FIRST_TOKEN}; "
+        f"{args.steps} steps of {args.batch_size}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        flush=True,
+    )
 
     runs = {"pyformer": train(model, task, args, "pyformer", args.progress)}
     src_eval, _, _ = task.tensors(held)
@@ -324,10 +377,13 @@ def main(argv=None) -> dict:
         curves["rerun_ok"] = curves["rerun_bitwise_identical"]
         curves["early_ok"] = curves["max_rel_diff_early"] <= args.early_tol
         curves["curve_ok"] = curves["max_rel_diff_window_means"] <= args.curve_tol
-        print(f"loss curves: first {curves['early_steps']} steps max rel diff "
-              f"{curves['max_rel_diff_early']:.2e} (tol {args.early_tol:g}); window means max rel "
-              f"diff {curves['max_rel_diff_window_means']:.2e} (tol {args.curve_tol:g}); rerun "
-              f"reproducible: {curves['rerun_ok']}", flush=True)
+        print(
+            f"loss curves: first {curves['early_steps']} steps max rel diff "
+            f"{curves['max_rel_diff_early']:.2e} (tol {args.early_tol:g}); window means max rel "
+            f"diff {curves['max_rel_diff_window_means']:.2e} (tol {args.curve_tol:g}); rerun "
+            f"reproducible: {curves['rerun_ok']}",
+            flush=True,
+        )
 
     # attention map of a held-out sequence: the last decoder layer's cross-attention
     example = max(held[:50], key=len)
@@ -356,21 +412,36 @@ def main(argv=None) -> dict:
         from pyformer import viz
 
         files["attention_png"] = viz.attention_heatmap(
-            cross, key_labels, query_labels, os.path.join(args.out, "attention.png"),
+            cross,
+            key_labels,
+            query_labels,
+            os.path.join(args.out, "attention.png"),
             title=f"{last} (heads averaged)\nheld-out sequence, output = reversed source",
-            annotate=True, xlabel="source token (key)",
-            ylabel="output token predicted at this step (query)")
-        curves_plot = {f"pyformer (final {runs['pyformer']['loss'][-1]:.4f})": runs["pyformer"]["loss"]}
+            annotate=True,
+            xlabel="source token (key)",
+            ylabel="output token predicted at this step (query)",
+        )
+        curves_plot = {
+            f"pyformer (final {runs['pyformer']['loss'][-1]:.4f})": runs["pyformer"]["loss"]
+        }
         extra = None
         if "reference" in runs:
-            curves_plot[f"reference (final {runs['reference']['loss'][-1]:.4f})"] = runs["reference"]["loss"]
-            extra = {"|loss_pyformer - loss_reference| / loss_reference": [
-                max(abs(a - b) / max(abs(b), 1e-12), 1e-12)
-                for a, b in zip(runs["pyformer"]["loss"], runs["reference"]["loss"])]}
+            curves_plot[f"reference (final {runs['reference']['loss'][-1]:.4f})"] = runs[
+                "reference"
+            ]["loss"]
+            extra = {
+                "|loss_pyformer - loss_reference| / loss_reference": [
+                    max(abs(a - b) / max(abs(b), 1e-12), 1e-12)
+                    for a, b in zip(runs["pyformer"]["loss"], runs["reference"]["loss"])
+                ]
+            }
         files["loss_png"] = viz.loss_plot(
-            curves_plot, os.path.join(args.out, "loss.png"),
+            curves_plot,
+            os.path.join(args.out, "loss.png"),
             title=f"reverse task: cross-entropy per step (held-out exact match {acc:.1%})",
-            extra=extra, extra_label="relative difference")
+            extra=extra,
+            extra_label="relative difference",
+        )
     except ImportError as e:
         print(f"plots skipped: {e}", flush=True)
 
@@ -378,8 +449,12 @@ def main(argv=None) -> dict:
         "task": "reverse token sequences",
         "config": {k: v for k, v in vars(args).items() if k not in ("out",)},
         "parameters": n_params,
-        "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "machine": platform.machine(), "threads": torch.get_num_threads()},
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "threads": torch.get_num_threads(),
+        },
         "held_out_sequences": len(held),
         "exact_match": acc,
         "exact_match_reference": ref_acc,
@@ -390,8 +465,12 @@ def main(argv=None) -> dict:
         "loss_curves": {k: r["loss"] for k, r in runs.items()},
         "curve_comparison": curves,
         "tolerance_justification": TOLERANCE_NOTE if args.compare else None,
-        "attention_example": {"source": key_labels, "output": query_labels,
-                              "module": last, "anti_diagonal_mean_weight": anti_mean},
+        "attention_example": {
+            "source": key_labels,
+            "output": query_labels,
+            "module": last,
+            "anti_diagonal_mean_weight": anti_mean,
+        },
         "files": {k: os.path.basename(v) for k, v in files.items()},
     }
     lines = [
@@ -399,10 +478,11 @@ def main(argv=None) -> dict:
         f"  model: {n_params} parameters (d_model {args.d_model}, {args.heads} heads, "
         f"{args.layers}+{args.layers} layers, ffn {args.ffn}, dropout {args.dropout})",
         f"  training: {args.steps} steps x {args.batch_size} sequences of {args.min_len}-"
-        f"{args.max_len} tokens; " + ", ".join(f"{k} {r['seconds']:.1f} s" for k, r in runs.items()),
-        f"  held-out exact match: {acc:.2%} (pyformer)" + (
-            f", {ref_acc:.2%} (reference)" if ref_acc is not None else "") +
-        f" on {len(held)} sequences never seen in training",
+        f"{args.max_len} tokens; "
+        + ", ".join(f"{k} {r['seconds']:.1f} s" for k, r in runs.items()),
+        f"  held-out exact match: {acc:.2%} (pyformer)"
+        + (f", {ref_acc:.2%} (reference)" if ref_acc is not None else "")
+        + f" on {len(held)} sequences never seen in training",
         "  final loss: " + ", ".join(f"{k} {r['loss'][-1]:.5f}" for k, r in runs.items()),
     ]
     if curves:
@@ -426,8 +506,11 @@ def main(argv=None) -> dict:
     ]
     if args.compare:
         lines += ["", "Tolerance: " + TOLERANCE_NOTE]
-    ok = acc >= args.target and (ref_acc is None or ref_acc >= args.target) and (
-        curves is None or (curves["early_ok"] and curves["curve_ok"] and curves["rerun_ok"]))
+    ok = (
+        acc >= args.target
+        and (ref_acc is None or ref_acc >= args.target)
+        and (curves is None or (curves["early_ok"] and curves["curve_ok"] and curves["rerun_ok"]))
+    )
     report["ok"] = ok
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)

@@ -30,8 +30,13 @@ class Replacement(NamedTuple):
     new: Type[torch.nn.Module]
 
 
-def convert(model: torch.nn.Module, *, layer_norm: bool = True, attention: bool = True,
-            backend: str = "pyformer") -> List[Replacement]:
+def convert(
+    model: torch.nn.Module,
+    *,
+    layer_norm: bool = True,
+    attention: bool = True,
+    backend: str = "pyformer",
+) -> List[Replacement]:
     r"""Replace ``torch.nn.LayerNorm`` / ``torch.nn.MultiheadAttention`` inside ``model`` in place.
 
     Only modules whose type is exactly the PyTorch class are converted (a user subclass with its

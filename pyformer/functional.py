@@ -56,13 +56,15 @@ def _shape(normalized_shape: Union[int, Sequence[int], torch.Size]) -> List[int]
     if not isinstance(normalized_shape, (list, tuple, torch.Size)):
         raise TypeError(
             "pyformer: argument 'normalized_shape': expected an int or a sequence of ints, "
-            f"got {type(normalized_shape).__name__}")
+            f"got {type(normalized_shape).__name__}"
+        )
     out = []
     for s in normalized_shape:
         if isinstance(s, bool) or not isinstance(s, (int, torch.SymInt)):
             raise TypeError(
                 "pyformer: argument 'normalized_shape': expected an int or a sequence of ints, "
-                f"got an element of type {type(s).__name__}")
+                f"got an element of type {type(s).__name__}"
+            )
         out.append(s)
     return out
 
@@ -218,16 +220,23 @@ def attention(
         >>> out, _ = pyformer.functional.attention(q, k, v, key_lengths=torch.tensor([16, 9]))
     """
     if not _is_compiling() and not _has_torch_function(q, k, v, mask, key_lengths):
-        return _C.attention(q, k, v, mask, _default_scale(q, scale), causal, key_lengths,
-                            dropout_p, need_weights)
+        return _C.attention(
+            q, k, v, mask, _default_scale(q, scale), causal, key_lengths, dropout_p, need_weights
+        )
     # The probabilities are written out only when someone will read them: need_weights, or a
     # backward pass (inference skips a (B, H, Lq, Lk) write).
     need_probs = bool(need_weights) or (
-        torch.is_grad_enabled()
-        and any(t is not None and t.requires_grad for t in (q, k, v, mask))
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask))
     )
     out, probs, _ = _P.attention(
-        q, k, v, mask, _default_scale(q, scale), _causal(causal), key_lengths, float(dropout_p),
+        q,
+        k,
+        v,
+        mask,
+        _default_scale(q, scale),
+        _causal(causal),
+        key_lengths,
+        float(dropout_p),
         need_probs,
     )
     return out, (probs if need_weights else None)

@@ -102,8 +102,9 @@ def masked_softmax(
     """softmax(scale * scores + M, -1): masked_fill(-inf) then softmax; fully masked rows -> 0."""
     x = scores * scale if scale != 1.0 else scores
     if mask is not None and mask.dtype != torch.bool:
-        x = x + torch.where(mask == float("-inf"), torch.zeros((), dtype=x.dtype, device=x.device),
-                            mask.to(x.dtype))
+        x = x + torch.where(
+            mask == float("-inf"), torch.zeros((), dtype=x.dtype, device=x.device), mask.to(x.dtype)
+        )
     ok = allowed(scores, mask, causal, key_lengths, expand=False)
     if ok is not None:
         x = x.masked_fill(~ok, float("-inf"))
@@ -168,8 +169,9 @@ def attention(
     probs (B, H, Lq, Lk). Dropout (when ``dropout_p > 0``) is torch's, so not bit-comparable.
     """
     s = scaled_qk(q, k, scale)
-    p = masked_softmax(s, mask, causal=causal, key_lengths=key_lengths,
-                       zero_masked_rows=zero_masked_rows)
+    p = masked_softmax(
+        s, mask, causal=causal, key_lengths=key_lengths, zero_masked_rows=zero_masked_rows
+    )
     pd = torch.nn.functional.dropout(p, dropout_p) if dropout_p > 0 else p
     out = torch.matmul(pd, v)
     return out, (p if need_weights else None)

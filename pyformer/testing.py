@@ -25,16 +25,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import (Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple,
-                    Union)
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "BOUNDS", "HALF", "rel_err", "bound", "mismatch_report", "Judgement", "judge",
-    "expect_close", "compare", "Verification", "verify", "poison", "nbytes", "Mask",
-    "MASK_KINDS", "make_mask",
+    "BOUNDS",
+    "HALF",
+    "rel_err",
+    "bound",
+    "mismatch_report",
+    "Judgement",
+    "judge",
+    "expect_close",
+    "compare",
+    "Verification",
+    "verify",
+    "poison",
+    "nbytes",
+    "Mask",
+    "MASK_KINDS",
+    "make_mask",
 ]
 
 BOUNDS = {
@@ -70,11 +82,14 @@ def rel_err(out: Optional[Tensor], ref: Optional[Tensor], chunk: int = 1 << 24) 
     zero = torch.zeros((), dtype=torch.float64, device=dev)
     num2 = den2 = zero
     for i in range(0, o_all.numel(), chunk):
-        o = o_all[i:i + chunk].to(dev, torch.float64)
-        r = r_all[i:i + chunk].to(dev, torch.float64)
+        o = o_all[i : i + chunk].to(dev, torch.float64)
+        r = r_all[i : i + chunk].to(dev, torch.float64)
         rf = torch.isfinite(r)
-        if not (torch.equal(torch.isfinite(o), rf) and torch.equal(torch.isnan(o), torch.isnan(r))
-                and torch.equal(torch.isposinf(o), torch.isposinf(r))):
+        if not (
+            torch.equal(torch.isfinite(o), rf)
+            and torch.equal(torch.isnan(o), torch.isnan(r))
+            and torch.equal(torch.isposinf(o), torch.isposinf(r))
+        ):
             return math.inf
         d = torch.where(rf, o - r, zero)
         rr = torch.where(rf, r, zero)
@@ -126,8 +141,12 @@ class Judgement:
         return self.failure is None
 
 
-def judge(out: Tensor, expect: Tensor, dtype: Optional[torch.dtype] = None,
-          composed: Optional[Tensor] = None) -> Judgement:
+def judge(
+    out: Tensor,
+    expect: Tensor,
+    dtype: Optional[torch.dtype] = None,
+    composed: Optional[Tensor] = None,
+) -> Judgement:
     """``out`` against ``expect`` by the rule above, with the bound of ``dtype`` (default:
     ``out``'s dtype); ``composed`` is the pure-PyTorch composition's result in that dtype."""
     dtype = out.dtype if dtype is None else dtype
@@ -140,8 +159,14 @@ def judge(out: Tensor, expect: Tensor, dtype: Optional[torch.dtype] = None,
     return Judgement(err, tol, c_err, failure)
 
 
-def expect_close(out: Tensor, expect: Tensor, composed: Optional[Tensor] = None, *,
-                 dtype: Optional[torch.dtype] = None, what: str = "") -> Judgement:
+def expect_close(
+    out: Tensor,
+    expect: Tensor,
+    composed: Optional[Tensor] = None,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    what: str = "",
+) -> Judgement:
     """:func:`judge`, raising ``AssertionError`` (prefixed by ``what``) when out of bounds."""
     j = judge(out, expect, dtype, composed)
     if not j.ok:
@@ -152,9 +177,12 @@ def expect_close(out: Tensor, expect: Tensor, composed: Optional[Tensor] = None,
 # ----------------------------------------------------------------------------- named results
 
 
-def compare(outs: Mapping[str, Optional[Tensor]], refs: Mapping[str, Optional[Tensor]],
-            comps: Optional[Mapping[str, Optional[Tensor]]], dtype: torch.dtype
-            ) -> Tuple[Optional[float], Dict[str, float], Dict[str, float], List[str]]:
+def compare(
+    outs: Mapping[str, Optional[Tensor]],
+    refs: Mapping[str, Optional[Tensor]],
+    comps: Optional[Mapping[str, Optional[Tensor]]],
+    dtype: torch.dtype,
+) -> Tuple[Optional[float], Dict[str, float], Dict[str, float], List[str]]:
     """Compare named results with the reference.
 
     Args:
@@ -291,8 +319,9 @@ def _prepare(values: Dict[str, Any], dtype, device, grad: Sequence[str]) -> Dict
     return out
 
 
-def _call(fn: Callable, inputs: Dict[str, Any], positional: bool,
-          names: Optional[Sequence[str]]) -> Dict[str, Tensor]:
+def _call(
+    fn: Callable, inputs: Dict[str, Any], positional: bool, names: Optional[Sequence[str]]
+) -> Dict[str, Tensor]:
     """``fn`` on the inputs; its results (a tensor or a tuple; ``None`` left out) by name:
     ``names`` in order, else ``out0``, ``out1``..."""
     result = fn(*inputs.values()) if positional else fn(**inputs)
@@ -305,16 +334,21 @@ def _call(fn: Callable, inputs: Dict[str, Any], positional: bool,
     return named
 
 
-def _pull_back(outs: Dict[str, Tensor], inputs: Dict[str, Any], grad: Sequence[str],
-               cotangents: Dict[str, Tensor]) -> Dict[str, Optional[Tensor]]:
+def _pull_back(
+    outs: Dict[str, Tensor],
+    inputs: Dict[str, Any],
+    grad: Sequence[str],
+    cotangents: Dict[str, Tensor],
+) -> Dict[str, Optional[Tensor]]:
     """``d`` + name -> gradient of ``sum(out * cotangent)`` for each input in ``grad`` (``None``
     where the outputs do not depend on it)."""
     leaves = [inputs[n] for n in grad]
     pairs = [(o, cotangents[n]) for n, o in outs.items() if o.requires_grad and n in cotangents]
     if not leaves or not pairs:
         return {"d" + n: None for n in grad}
-    gs = torch.autograd.grad([o for o, _ in pairs], leaves, [c for _, c in pairs],
-                             allow_unused=True)
+    gs = torch.autograd.grad(
+        [o for o, _ in pairs], leaves, [c for _, c in pairs], allow_unused=True
+    )
     return {"d" + n: g for n, g in zip(grad, gs)}
 
 
@@ -323,12 +357,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def verify(impl: Callable, ref: Callable, inputs: Inputs, *, dtype: torch.dtype,
-           device: Union[str, torch.device], grad: Sequence[Union[int, str]] = (),
-           outputs: Optional[Sequence[str]] = None, composed: Optional[Callable] = None,
-           generator: Optional[torch.Generator] = None,
-           poison_bytes: Optional[Tuple[Sequence[int], Sequence[int]]] = None,
-           ref_device: Union[str, torch.device] = "cpu") -> Verification:
+def verify(
+    impl: Callable,
+    ref: Callable,
+    inputs: Inputs,
+    *,
+    dtype: torch.dtype,
+    device: Union[str, torch.device],
+    grad: Sequence[Union[int, str]] = (),
+    outputs: Optional[Sequence[str]] = None,
+    composed: Optional[Callable] = None,
+    generator: Optional[torch.Generator] = None,
+    poison_bytes: Optional[Tuple[Sequence[int], Sequence[int]]] = None,
+    ref_device: Union[str, torch.device] = "cpu",
+) -> Verification:
     """Run ``impl`` (the op under test) in ``dtype`` on ``device`` and check every output and
     every gradient against ``ref`` run in float64 from the same values.
 
@@ -358,39 +400,53 @@ def verify(impl: Callable, ref: Callable, inputs: Inputs, *, dtype: torch.dtype,
     grad = [keys[g] if isinstance(g, int) else g for g in grad]
     composed = ref if composed is None else composed
     # the same values in every run: round the inputs to the tested dtype first
-    values = {n: a.detach().to(dtype).to(torch.float64)
-              if isinstance(a, Tensor) and a.is_floating_point() else a
-              for n, a in values.items()}
+    values = {
+        n: a.detach().to(dtype).to(torch.float64)
+        if isinstance(a, Tensor) and a.is_floating_point()
+        else a
+        for n, a in values.items()
+    }
 
     r_in = _prepare(values, torch.float64, ref_device, grad)
     r_outs = _call(ref, r_in, positional, outputs)
     # cotangents in the tested dtype, so every side differentiates the same values
     gen_dev = generator.device if generator is not None else "cpu"
-    cot = {n: torch.randn(o.shape, generator=generator, dtype=torch.float64, device=gen_dev)
-           .to(dtype).to(ref_device, torch.float64) for n, o in r_outs.items()}
+    cot = {
+        n: torch.randn(o.shape, generator=generator, dtype=torch.float64, device=gen_dev)
+        .to(dtype)
+        .to(ref_device, torch.float64)
+        for n, o in r_outs.items()
+    }
     r_grads = _pull_back(r_outs, r_in, grad, cot)
-    res = Verification(reference={n: o.detach() for n, o in r_outs.items()},
-                       reference_gradients=r_grads)
+    res = Verification(
+        reference={n: o.detach() for n, o in r_outs.items()}, reference_gradients=r_grads
+    )
 
     c_outs = c_grads = None
     if dtype in HALF:
         c_in = _prepare(values, dtype, device, grad)
         c_outs = _call(composed, c_in, positional, outputs)
-        c_grads = _pull_back(c_outs, c_in, grad,
-                             {n: c.to(device, o.dtype) for n, o in c_outs.items()
-                              if (c := cot.get(n)) is not None})
+        c_grads = _pull_back(
+            c_outs,
+            c_in,
+            grad,
+            {n: c.to(device, o.dtype) for n, o in c_outs.items() if (c := cot.get(n)) is not None},
+        )
         c_outs = {n: o.detach() for n, o in c_outs.items()}
 
     if poison_bytes is None:
-        poison_bytes = ([nbytes(o.shape, dtype) for o in r_outs.values()],
-                        [nbytes(g.shape, dtype) for g in r_grads.values() if g is not None])
+        poison_bytes = (
+            [nbytes(o.shape, dtype) for o in r_outs.values()],
+            [nbytes(g.shape, dtype) for g in r_grads.values() if g is not None],
+        )
     res.inputs = f_in = _prepare(values, dtype, device, grad)
     try:
         poison(device, *poison_bytes[0])
         f_outs = _call(impl, f_in, positional, outputs)
         _sync(device)  # an asynchronous kernel error is this run's, reported here
-        f_cot = {n: c.to(o.device, o.dtype) for n, o in f_outs.items()
-                 if (c := cot.get(n)) is not None}
+        f_cot = {
+            n: c.to(o.device, o.dtype) for n, o in f_outs.items() if (c := cot.get(n)) is not None
+        }
         poison(device, *poison_bytes[1])
         f_grads = _pull_back(f_outs, f_in, grad, f_cot)
         _sync(device)
@@ -425,8 +481,11 @@ class Mask(NamedTuple):
 
     def tensors(self) -> Dict[str, Tensor]:
         """The tensor arguments by their op names (``mask``, ``key_lengths``), where present."""
-        return {n: t for n, t in (("mask", self.mask), ("key_lengths", self.key_lengths))
-                if t is not None}
+        return {
+            n: t
+            for n, t in (("mask", self.mask), ("key_lengths", self.key_lengths))
+            if t is not None
+        }
 
 
 def _rand(g, *shape):
@@ -484,8 +543,9 @@ _KINDS: Dict[str, Callable[..., Mask]] = {
     # padding: the first key_lengths keys of each batch element
     "bool (B,1,1,Lk)": lambda g, b, h, lq, lk: Mask(_padding(g, b, lk), False, None),
     # random, per head and query
-    "bool (B,H,Lq,Lk)": lambda g, b, h, lq, lk: Mask(_at_least_one(_rand(g, b, h, lq, lk) < 0.7, g),
-                                                     False, None),
+    "bool (B,H,Lq,Lk)": lambda g, b, h, lq, lk: Mask(
+        _at_least_one(_rand(g, b, h, lq, lk) < 0.7, g), False, None
+    ),
     # random holes broadcast over the heads (a stride-0 dim); a row may be fully masked
     "bool (B,1,Lq,Lk)": lambda g, b, h, lq, lk: Mask(_rand(g, b, 1, lq, lk) > 0.2, False, None),
     # broadcast along the keys: whole query rows masked (query 0 never)
@@ -496,19 +556,22 @@ _KINDS: Dict[str, Callable[..., Mask]] = {
     "causal": lambda g, b, h, lq, lk: Mask(None, True, None),
     "key_lengths": lambda g, b, h, lq, lk: Mask(None, False, _lengths(g, b, lk)),
     # padding + causal + key_lengths: key 0 passes all three, so no row is fully masked
-    "bool+causal+lengths": lambda g, b, h, lq, lk: Mask(_padding(g, b, lk), True,
-                                                        _lengths(g, b, lk)),
+    "bool+causal+lengths": lambda g, b, h, lq, lk: Mask(
+        _padding(g, b, lk), True, _lengths(g, b, lk)
+    ),
     # random holes + causal + key lengths 0, Lk, Lk/3, Lk-1: fully masked rows and batches
-    "holes+causal+edge lengths": lambda g, b, h, lq, lk: Mask(_rand(g, b, 1, lq, lk) > 0.2, True,
-                                                              _edge_lengths(b, lk)),
+    "holes+causal+edge lengths": lambda g, b, h, lq, lk: Mask(
+        _rand(g, b, 1, lq, lk) > 0.2, True, _edge_lengths(b, lk)
+    ),
     "fully masked rows": _fully_masked,
 }
 
 MASK_KINDS: Tuple[str, ...] = tuple(_KINDS)
 
 
-def make_mask(kind: str, b: int, h: int, lq: int, lk: int,
-              generator: Optional[torch.Generator] = None) -> Mask:
+def make_mask(
+    kind: str, b: int, h: int, lq: int, lk: int, generator: Optional[torch.Generator] = None
+) -> Mask:
     """A random mask of ``kind`` (one of :data:`MASK_KINDS`) for scores (B, H, Lq, Lk), drawn on
     the CPU from ``generator`` (default: torch's global generator)."""
     if kind not in _KINDS:

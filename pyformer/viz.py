@@ -31,9 +31,15 @@ def _figure(width: float, height: float):
 def _as_2d(weights):
     import torch
 
-    w = weights.detach().float().cpu() if isinstance(weights, torch.Tensor) else torch.as_tensor(weights, dtype=torch.float32)
+    w = (
+        weights.detach().float().cpu()
+        if isinstance(weights, torch.Tensor)
+        else torch.as_tensor(weights, dtype=torch.float32)
+    )
     if w.dim() != 2:
-        raise ValueError(f"pyformer.viz: weights must be 2-D (queries, keys), got shape {tuple(w.shape)}")
+        raise ValueError(
+            f"pyformer.viz: weights must be 2-D (queries, keys), got shape {tuple(w.shape)}"
+        )
     return w.numpy()
 
 
@@ -46,8 +52,17 @@ def _save(fig, path: Optional[str]):
     return path
 
 
-def _draw(ax, w, key_labels, query_labels, title, cmap, annotate,
-          xlabel="key (attended) token", ylabel="query token"):
+def _draw(
+    ax,
+    w,
+    key_labels,
+    query_labels,
+    title,
+    cmap,
+    annotate,
+    xlabel="key (attended) token",
+    ylabel="query token",
+):
     im = ax.imshow(w, cmap=cmap, vmin=0.0, vmax=max(float(w.max()), 1e-12), aspect="auto")
     if key_labels is not None:
         ax.set_xticks(range(len(key_labels)))
@@ -62,15 +77,30 @@ def _draw(ax, w, key_labels, query_labels, title, cmap, annotate,
     if annotate:
         for i in range(w.shape[0]):
             for j in range(w.shape[1]):
-                ax.text(j, i, f"{w[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if w[i, j] < 0.5 * w.max() else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{w[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if w[i, j] < 0.5 * w.max() else "black",
+                )
     return im
 
 
-def attention_heatmap(weights, key_labels: Optional[Sequence] = None,
-                      query_labels: Optional[Sequence] = None, path: Optional[str] = None, *,
-                      title: Optional[str] = None, cmap: str = "viridis", annotate: bool = False,
-                      xlabel: str = "key (attended) token", ylabel: str = "query token"):
+def attention_heatmap(
+    weights,
+    key_labels: Optional[Sequence] = None,
+    query_labels: Optional[Sequence] = None,
+    path: Optional[str] = None,
+    *,
+    title: Optional[str] = None,
+    cmap: str = "viridis",
+    annotate: bool = False,
+    xlabel: str = "key (attended) token",
+    ylabel: str = "query token",
+):
     """Draw one attention map as a heatmap labelled with the tokens.
 
     Args:
@@ -92,9 +122,15 @@ def attention_heatmap(weights, key_labels: Optional[Sequence] = None,
     return _save(fig, path)
 
 
-def attention_grid(maps: Dict[str, object], key_labels: Optional[Sequence] = None,
-                   query_labels: Optional[Sequence] = None, path: Optional[str] = None, *,
-                   cols: int = 4, cmap: str = "viridis"):
+def attention_grid(
+    maps: Dict[str, object],
+    key_labels: Optional[Sequence] = None,
+    query_labels: Optional[Sequence] = None,
+    path: Optional[str] = None,
+    *,
+    cols: int = 4,
+    cmap: str = "viridis",
+):
     """Several (Lq, Lk) attention maps side by side, one panel per entry of ``maps`` (title: key)."""
     names = list(maps)
     cols = max(1, min(cols, len(names)))
@@ -109,10 +145,17 @@ def attention_grid(maps: Dict[str, object], key_labels: Optional[Sequence] = Non
     return _save(fig, path)
 
 
-def loss_plot(curves: Dict[str, Sequence[float]], path: Optional[str] = None, *,
-              title: str = "training loss", xlabel: str = "step", ylabel: str = "loss",
-              logy: bool = True, extra: Optional[Dict[str, Sequence[float]]] = None,
-              extra_label: str = "|difference|"):
+def loss_plot(
+    curves: Dict[str, Sequence[float]],
+    path: Optional[str] = None,
+    *,
+    title: str = "training loss",
+    xlabel: str = "step",
+    ylabel: str = "loss",
+    logy: bool = True,
+    extra: Optional[Dict[str, Sequence[float]]] = None,
+    extra_label: str = "|difference|",
+):
     """Loss curves (name -> values per step) in one plot; ``extra`` curves on a second panel.
 
     Returns ``path`` (after saving) or the ``Figure``.

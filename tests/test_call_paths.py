@@ -35,10 +35,15 @@ class Recorder(TorchFunctionMode):
 
 def _calls():
     """(name, thunk building fresh leaves -> (outputs, inputs)) for every public op."""
+
     def attention():
-        q, k, v = (torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        q, k, v = (
+            torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(3)
+        )
         m = torch.randn(1, 3, 5, 5, dtype=torch.float64, requires_grad=True)
-        out, w = F.attention(q, k, v, m, causal=True, key_lengths=torch.tensor([5, 3]), need_weights=True)
+        out, w = F.attention(
+            q, k, v, m, causal=True, key_lengths=torch.tensor([5, 3]), need_weights=True
+        )
         return (out, w), (q, k, v, m)
 
     def masked_softmax():
@@ -60,8 +65,13 @@ def _calls():
         q, k = (torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
         return (F.scaled_qk(q, k, 0.3),), (q, k)
 
-    return [("attention", attention), ("masked_softmax", masked_softmax), ("layer_norm", layer_norm),
-            ("add_layer_norm", add_layer_norm), ("scaled_qk", scaled_qk)]
+    return [
+        ("attention", attention),
+        ("masked_softmax", masked_softmax),
+        ("layer_norm", layer_norm),
+        ("add_layer_norm", add_layer_norm),
+        ("scaled_qk", scaled_qk),
+    ]
 
 
 def _run(thunk, seed):
@@ -126,14 +136,24 @@ def test_mask_layout_when_dims_do_not_merge():
     mask = torch.rand(2, 1, 2, 1, 2, 1, 2, 1, 2, 6) > 0.3
     mask[..., 0] = True
     kl = torch.randint(1, 7, (2,))
-    compare(lambda s: F.masked_softmax(s, mask, scale=0.5, causal=True, key_lengths=kl),
-            lambda s: ref.masked_softmax(s, mask, scale=0.5, causal=True, key_lengths=kl),
-            [scores], dtype=torch.float32, device="cpu", grad=(0,))
+    compare(
+        lambda s: F.masked_softmax(s, mask, scale=0.5, causal=True, key_lengths=kl),
+        lambda s: ref.masked_softmax(s, mask, scale=0.5, causal=True, key_lengths=kl),
+        [scores],
+        dtype=torch.float32,
+        device="cpu",
+        grad=(0,),
+    )
     add = torch.randn(2, 1, 2, 1, 2, 1, 2, 1, 2, 6, dtype=torch.float64)
     add[..., 2] = float("-inf")
-    compare(lambda s: F.masked_softmax(s, add.float()),
-            lambda s: ref.masked_softmax(s, add),
-            [scores], dtype=torch.float32, device="cpu", grad=(0,))
+    compare(
+        lambda s: F.masked_softmax(s, add.float()),
+        lambda s: ref.masked_softmax(s, add),
+        [scores],
+        dtype=torch.float32,
+        device="cpu",
+        grad=(0,),
+    )
 
 
 def test_mha_float_mask_that_requires_grad_runs_the_kernel(calls):

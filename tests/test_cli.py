@@ -67,9 +67,24 @@ def test_info(tmp_path):
 
 def test_check_passes_with_table_and_json(tmp_path):
     path = tmp_path / "check.json"
-    res = invoke("check", "--device", "cpu", "--quick", "--op", "layer_norm",
-                 "--op", "masked_softmax", "--dtype", "float32", "--dtype", "bfloat16",
-                 "--seed", "3", "--json", str(path))
+    res = invoke(
+        "check",
+        "--device",
+        "cpu",
+        "--quick",
+        "--op",
+        "layer_norm",
+        "--op",
+        "masked_softmax",
+        "--dtype",
+        "float32",
+        "--dtype",
+        "bfloat16",
+        "--seed",
+        "3",
+        "--json",
+        str(path),
+    )
     assert res.exit_code == 0, res.output
     header = res.stdout.splitlines()[0].split()
     assert header[:5] == ["op", "device", "dtype", "shape", "mask"]
@@ -85,8 +100,18 @@ def test_check_passes_with_table_and_json(tmp_path):
     data = json.loads(path.read_text())
     assert data["passed"] == len(rows) and data["failed"] == 0 and data["seed"] == 3
     first = data["results"][0]
-    for key in ("op", "device", "dtype", "shape", "mask", "fwd_err", "grad_err", "bound",
-                "status", "errors"):
+    for key in (
+        "op",
+        "device",
+        "dtype",
+        "shape",
+        "mask",
+        "fwd_err",
+        "grad_err",
+        "bound",
+        "status",
+        "errors",
+    ):
         assert key in first
     assert all(r["status"] == "PASS" for r in data["results"])
     # every gradient is compared: layer norm's dx, dweight, dbias
@@ -101,8 +126,18 @@ def test_check_reports_a_disagreeing_op(monkeypatch, tmp_path):
 
     monkeypatch.setattr(pyformer.functional, "layer_norm", off_by_one_percent)
     path = tmp_path / "check.json"
-    res = invoke("check", "--device", "cpu", "--quick", "--op", "layer_norm",
-                 "--dtype", "float32", "--json", str(path))
+    res = invoke(
+        "check",
+        "--device",
+        "cpu",
+        "--quick",
+        "--op",
+        "layer_norm",
+        "--dtype",
+        "float32",
+        "--json",
+        str(path),
+    )
     assert res.exit_code == 1, res.output
     rows = table_rows(res.stdout)
     assert rows and all(r.endswith("FAIL") for r in rows)
@@ -114,13 +149,17 @@ def test_check_reports_a_disagreeing_op(monkeypatch, tmp_path):
 
 def test_check_counts_nan(monkeypatch):
     def with_nan(scores, mask=None, *, scale=1.0, causal=False, key_lengths=None):
-        y = pyformer.reference.masked_softmax(scores, mask, scale=scale, causal=causal,
-                                              key_lengths=key_lengths)
-        return y.clone().index_put_((torch.tensor([0]),) * 4, torch.tensor(float("nan"), dtype=y.dtype))
+        y = pyformer.reference.masked_softmax(
+            scores, mask, scale=scale, causal=causal, key_lengths=key_lengths
+        )
+        return y.clone().index_put_(
+            (torch.tensor([0]),) * 4, torch.tensor(float("nan"), dtype=y.dtype)
+        )
 
     monkeypatch.setattr(pyformer.functional, "masked_softmax", with_nan)
-    res = invoke("check", "--device", "cpu", "--quick", "--op", "masked_softmax",
-                 "--dtype", "float64")
+    res = invoke(
+        "check", "--device", "cpu", "--quick", "--op", "masked_softmax", "--dtype", "float64"
+    )
     assert res.exit_code == 1
     assert "probs: rel err inf" in res.stdout
     assert "(first at [(0, 0, 0, 0)" in res.stdout and "NaN 1 (ref 0)" in res.stdout
@@ -135,8 +174,18 @@ def test_check_skips_a_dtype_the_op_rejects(monkeypatch):
         return real(q, k, scale)
 
     monkeypatch.setattr(pyformer.functional, "scaled_qk", no_half)
-    res = invoke("check", "--device", "cpu", "--quick", "--op", "scaled_qk",
-                 "--dtype", "float16", "--dtype", "float32")
+    res = invoke(
+        "check",
+        "--device",
+        "cpu",
+        "--quick",
+        "--op",
+        "scaled_qk",
+        "--dtype",
+        "float16",
+        "--dtype",
+        "float32",
+    )
     assert res.exit_code == 0, res.output
     assert "SKIP" in res.stdout and "float16 not supported on cpu" in res.stdout
     passed, failed = final_counts(res.stdout)
@@ -149,16 +198,25 @@ def test_check_reports_an_op_that_raises(monkeypatch):
         raise RuntimeError("something went wrong")
 
     monkeypatch.setattr(pyformer.functional, "add_layer_norm", broken)
-    res = invoke("check", "--device", "cpu", "--quick", "--op", "add_layer_norm",
-                 "--dtype", "float32")
+    res = invoke(
+        "check", "--device", "cpu", "--quick", "--op", "add_layer_norm", "--dtype", "float32"
+    )
     assert res.exit_code == 1
     assert "raised RuntimeError: something went wrong" in res.stdout
 
 
-@pytest.mark.parametrize("args", [["check", "--op", "softmax"], ["check", "--dtype", "float8"],
-                                  ["check", "--device", "tpu"], ["bench", "--op", "nope"],
-                                  ["bench", "--sizes", "big"], ["bench", "--mode", "sideways"],
-                                  ["bench", "--sizes", "cpu-targets", "--op", "scaled_qk"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["check", "--op", "softmax"],
+        ["check", "--dtype", "float8"],
+        ["check", "--device", "tpu"],
+        ["bench", "--op", "nope"],
+        ["bench", "--sizes", "big"],
+        ["bench", "--mode", "sideways"],
+        ["bench", "--sizes", "cpu-targets", "--op", "scaled_qk"],
+    ],
+)
 def test_usage_errors_exit_2(args):
     res = invoke(*args)
     assert res.exit_code == 2, res.output
@@ -175,9 +233,15 @@ def test_missing_cuda_exits_3(cmd):
 
 def test_registry_accepts_new_cases():
     case = case_registry.CheckCase(
-        op="double", shape="(3,5)", mask="-",
+        op="double",
+        shape="(3,5)",
+        mask="-",
         make_inputs=lambda g: {"x": torch.randn(3, 5, generator=g, dtype=torch.float64)},
-        impl=lambda x: x * 2, ref=lambda x: x + x, outputs=("y",), quick=True)
+        impl=lambda x: x * 2,
+        ref=lambda x: x + x,
+        outputs=("y",),
+        quick=True,
+    )
     case_registry.register("double")(lambda quick: iter([case]))
     try:
         assert "double" in case_registry.op_names()
@@ -199,10 +263,13 @@ def test_quick_matrix_covers_every_op_and_mask_kind():
 
 
 def test_compare_applies_the_shared_criteria():
-    ref = {"y": torch.tensor([3.0, 4.0], dtype=torch.float64),
-           "dx": torch.tensor([1.0, 1.0], dtype=torch.float64)}
+    ref = {
+        "y": torch.tensor([3.0, 4.0], dtype=torch.float64),
+        "dx": torch.tensor([1.0, 1.0], dtype=torch.float64),
+    }
     worst, errors, torch_errors, failures = compare(
-        {"y": torch.tensor([3.0, 4.0]), "dx": torch.tensor([1.0, 2.0])}, ref, None, torch.float32)
+        {"y": torch.tensor([3.0, 4.0]), "dx": torch.tensor([1.0, 2.0])}, ref, None, torch.float32
+    )
     assert errors["y"] == 0.0 and worst == errors["dx"] > 0.5 and not torch_errors
     assert len(failures) == 1 and failures[0].startswith("dx: rel err")
     # a missing gradient fails
@@ -224,22 +291,30 @@ def test_rel_err_rules_and_chunks():
     r = torch.randn(1000, dtype=torch.float64)
     o = r + 1e-3 * torch.randn(1000, dtype=torch.float64)
     a, b = torch.randn(6, 4).t(), torch.randn(4, 6)
-    cases = [(o, r, ((o - r).norm() / r.norm()).item()),
-             (torch.zeros(5), torch.zeros(5), 0.0), (torch.ones(5), torch.zeros(5), 5 ** 0.5),
-             (torch.tensor([1.0, nan, 2.0]), torch.tensor([1.0, nan, 2.5]), 0.5 / (1 + 2.5 ** 2) ** 0.5),
-             (torch.tensor([1.0, inf]), torch.tensor([1.0, inf]), 0.0),
-             (torch.tensor([1.0, nan]), torch.tensor([1.0, 1.0]), inf),
-             (torch.tensor([1.0, 2.0]), torch.tensor([1.0, inf]), inf),
-             (torch.tensor([1.0, -inf]), torch.tensor([1.0, inf]), inf),
-             (torch.tensor([1.0, nan]), torch.tensor([1.0, inf]), inf),
-             (torch.ones(2, 3), torch.ones(3, 2), inf),
-             (a, b, ((a.double() - b.double()).norm() / b.double().norm()).item()),
-             (torch.empty(0), torch.empty(0), 0.0)]
+    cases = [
+        (o, r, ((o - r).norm() / r.norm()).item()),
+        (torch.zeros(5), torch.zeros(5), 0.0),
+        (torch.ones(5), torch.zeros(5), 5**0.5),
+        (torch.tensor([1.0, nan, 2.0]), torch.tensor([1.0, nan, 2.5]), 0.5 / (1 + 2.5**2) ** 0.5),
+        (torch.tensor([1.0, inf]), torch.tensor([1.0, inf]), 0.0),
+        (torch.tensor([1.0, nan]), torch.tensor([1.0, 1.0]), inf),
+        (torch.tensor([1.0, 2.0]), torch.tensor([1.0, inf]), inf),
+        (torch.tensor([1.0, -inf]), torch.tensor([1.0, inf]), inf),
+        (torch.tensor([1.0, nan]), torch.tensor([1.0, inf]), inf),
+        (torch.ones(2, 3), torch.ones(3, 2), inf),
+        (a, b, ((a.double() - b.double()).norm() / b.double().norm()).item()),
+        (torch.empty(0), torch.empty(0), 0.0),
+    ]
     for out, ref, want in cases:
         for chunk in (1, 3, 1 << 24):
             got = rel_err(out, ref, chunk)
-            assert got == want if math.isinf(want) else got == pytest.approx(want, rel=1e-12), \
-                (out, ref, chunk, got, want)
+            assert got == want if math.isinf(want) else got == pytest.approx(want, rel=1e-12), (
+                out,
+                ref,
+                chunk,
+                got,
+                want,
+            )
 
 
 # ----------------------------------------------------------------------------- bench
@@ -247,10 +322,27 @@ def test_rel_err_rules_and_chunks():
 
 def test_bench_quick_writes_json_csv_and_plot(tmp_path):
     j, c, p = tmp_path / "b.json", tmp_path / "b.csv", tmp_path / "b.png"
-    args = ["bench", "--device", "cpu", "--quick", "--sizes", "32", "--op", "layer_norm",
-            "--op", "attention", "--mode", "forward", "--json", str(j), "--csv", str(c)]
+    args = [
+        "bench",
+        "--device",
+        "cpu",
+        "--quick",
+        "--sizes",
+        "32",
+        "--op",
+        "layer_norm",
+        "--op",
+        "attention",
+        "--mode",
+        "forward",
+        "--json",
+        str(j),
+        "--csv",
+        str(c),
+    ]
     try:
         import matplotlib  # noqa: F401
+
         args += ["--plot", str(p)]
     except ImportError:
         p = None
@@ -283,8 +375,22 @@ def test_bench_quick_writes_json_csv_and_plot(tmp_path):
 
     # --csv appends, with one header
     threads = torch.get_num_threads()
-    res = invoke("bench", "--device", "cpu", "--quick", "--sizes", "32", "--op", "layer_norm",
-                 "--mode", "backward", "--threads", "1", "--csv", str(c))
+    res = invoke(
+        "bench",
+        "--device",
+        "cpu",
+        "--quick",
+        "--sizes",
+        "32",
+        "--op",
+        "layer_norm",
+        "--mode",
+        "backward",
+        "--threads",
+        "1",
+        "--csv",
+        str(c),
+    )
     assert res.exit_code == 0, res.output
     assert "(1 thread)" in res.stdout and torch.get_num_threads() == threads
     text = c.read_text()
@@ -293,6 +399,7 @@ def test_bench_quick_writes_json_csv_and_plot(tmp_path):
 
 def test_bench_plot_needs_matplotlib(monkeypatch, tmp_path):
     import sys
+
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     res = invoke("bench", "--device", "cpu", "--quick", "--plot", str(tmp_path / "x.png"))
     assert res.exit_code == 2
@@ -304,11 +411,15 @@ def test_cpu_targets_sweep_is_exactly_the_cpu_speed_targets():
     assert sweep is SWEEPS["cpu-targets"] and sweep.modes == ("forward",)
     assert sweep.dtypes == ("float32",)
     got = {(c.op, c.shape, c.variant) for c in sweep.configs("cpu", OPS)}
-    assert got == {("masked_softmax", "(8,12,512,512)", "bool (B,1,1,Lk), scale 0.125"),
-                   ("layer_norm", "(8192,1024)", "weight+bias"),
-                   ("attention", "q,k,v(8,12,512,64)", "key_lengths in [L/2,L]")}
+    assert got == {
+        ("masked_softmax", "(8,12,512,512)", "bool (B,1,1,Lk), scale 0.125"),
+        ("layer_norm", "(8192,1024)", "weight+bias"),
+        ("attention", "q,k,v(8,12,512,64)", "key_lengths in [L/2,L]"),
+    }
     # and the CPU default sweep contains all three
-    default = {(c.op, c.shape, c.variant) for c in parse_sizes(None, False, "cpu").configs("cpu", OPS)}
+    default = {
+        (c.op, c.shape, c.variant) for c in parse_sizes(None, False, "cpu").configs("cpu", OPS)
+    }
     assert got <= default
 
 
@@ -320,12 +431,17 @@ def test_gpu_targets_sweep_is_exactly_the_gpu_speed_targets():
         ("masked_softmax", "(8,16,2048,2048)", "bool (B,1,1,Lk), scale 0.125", ("forward",)),
         ("layer_norm", "(32768,4096)", "weight+bias", ("forward", "backward")),
         ("attention", "q,k,v(8,16,1024,64)", "key_lengths in [L/2,L]", ("both",)),
-        ("attention", "q,k,v(8,16,1024,64)", "bool (B,1,1,Lk) in [L/2,L]", ("both",))}
+        ("attention", "q,k,v(8,16,1024,64)", "bool (B,1,1,Lk) in [L/2,L]", ("both",)),
+    }
     labels = {t.label() for t in sweep.targets}
-    assert labels == {"masked_softmax forward: >= 85% copy",
-                      "masked_softmax forward: >= 2.5x textbook",
-                      "layer_norm forward: >= 85% copy", "layer_norm forward: >= 1.2x torch op",
-                      "layer_norm backward: >= 1x torch op", "attention both: >= 2x textbook"}
+    assert labels == {
+        "masked_softmax forward: >= 85% copy",
+        "masked_softmax forward: >= 2.5x textbook",
+        "layer_norm forward: >= 85% copy",
+        "layer_norm forward: >= 1.2x torch op",
+        "layer_norm backward: >= 1x torch op",
+        "attention both: >= 2x textbook",
+    }
     assert [c.op for c in sweep.configs("cuda", ("attention",))] == ["attention", "attention"]
 
 
@@ -340,32 +456,49 @@ def test_targets_judge_the_measured_rows():
         r.speedup = {"textbook": textbook}
         return r
 
-    rows = [row("masked_softmax", "forward", 900.0, 1000.0, 3.0),
-            row("masked_softmax", "backward", 100.0, 1000.0, 1.0),
-            row("layer_norm", "forward", 800.0, 1000.0, 1.0)]
-    targets = [Target("masked_softmax", "forward", "copy", 85.0),
-               Target("masked_softmax", "forward", "textbook", 3.5),
-               Target("layer_norm", "forward", "copy", 85.0),
-               Target("layer_norm", "forward", "torch", 1.2),   # no torch timing: not met
-               Target("attention", "both", "textbook", 2.0)]    # not run: no verdict
+    rows = [
+        row("masked_softmax", "forward", 900.0, 1000.0, 3.0),
+        row("masked_softmax", "backward", 100.0, 1000.0, 1.0),
+        row("layer_norm", "forward", 800.0, 1000.0, 1.0),
+    ]
+    targets = [
+        Target("masked_softmax", "forward", "copy", 85.0),
+        Target("masked_softmax", "forward", "textbook", 3.5),
+        Target("layer_norm", "forward", "copy", 85.0),
+        Target("layer_norm", "forward", "torch", 1.2),  # no torch timing: not met
+        Target("attention", "both", "textbook", 2.0),
+    ]  # not run: no verdict
     got = [(v["target"], v["value"], v["met"]) for v in check_targets(targets, rows)]
-    assert got == [("masked_softmax forward: >= 85% copy", 90.0, True),
-                   ("masked_softmax forward: >= 3.5x textbook", 3.0, False),
-                   ("layer_norm forward: >= 85% copy", 80.0, False),
-                   ("layer_norm forward: >= 1.2x torch op", None, False)]
+    assert got == [
+        ("masked_softmax forward: >= 85% copy", 90.0, True),
+        ("masked_softmax forward: >= 3.5x textbook", 3.0, False),
+        ("layer_norm forward: >= 85% copy", 80.0, False),
+        ("layer_norm forward: >= 1.2x torch op", None, False),
+    ]
 
 
 def test_bench_cpu_targets_sweep_prints_its_targets(tmp_path):
     j = tmp_path / "b.json"
-    res = invoke("bench", "--device", "cpu", "--quick", "--sizes", "cpu-targets", "--op",
-                 "masked_softmax", "--json", str(j))
+    res = invoke(
+        "bench",
+        "--device",
+        "cpu",
+        "--quick",
+        "--sizes",
+        "cpu-targets",
+        "--op",
+        "masked_softmax",
+        "--json",
+        str(j),
+    )
     assert res.exit_code == 0, res.output
     assert "targets of sweep 'cpu-targets':" in res.stdout
     assert "masked_softmax forward: >= 2x textbook" in res.stdout
     data = json.loads(j.read_text())
     rows = data["rows"]
     assert [(r["op"], r["dtype"], r["mode"]) for r in rows] == [
-        ("masked_softmax", "float32", "forward")]
+        ("masked_softmax", "float32", "forward")
+    ]
     (verdict,) = data["devices"][0]["targets"]
     assert verdict["value"] == pytest.approx(rows[0]["speedup"]["textbook"])
     assert verdict["met"] == (verdict["value"] >= 2.0)
@@ -373,6 +506,7 @@ def test_bench_cpu_targets_sweep_prints_its_targets(tmp_path):
 
 def test_every_bench_op_has_sweep_configs():
     from pyformer.cli.benchcases import SWEEP_CONFIGS
+
     assert set(SWEEP_CONFIGS) == set(OPS)
     for sweep in ("quick", "cpu", "gpu"):
         ops = {c.op for c in parse_sizes(sweep, quick=False, device="cpu").configs("cpu", OPS)}

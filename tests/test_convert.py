@@ -8,19 +8,17 @@ import copy
 import pytest
 import torch
 
-import pyformer.functional as PF
 from pyformer.testing import rel_err as rel
 import pyformer.nn as pnn
 from pyformer.convert import Replacement, convert
 
 from pyformer.testing import BOUNDS as BOUND
+
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask:UserWarning"),
     pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning"),
     pytest.mark.filterwarnings("ignore:enable_nested_tensor is True:UserWarning"),
 ]
-
-
 
 
 def _grads(model, *inputs):
@@ -48,9 +46,16 @@ def _padding(b, s, lengths):
 def test_transformer_same_outputs_and_gradients(dtype, batch_first, calls):
     torch.manual_seed(0)
     d, b, s, t = 32, 3, 9, 6
-    ref = torch.nn.Transformer(d_model=d, nhead=4, num_encoder_layers=2, num_decoder_layers=2,
-                               dim_feedforward=48, dropout=0.0, batch_first=batch_first,
-                               dtype=torch.float64)
+    ref = torch.nn.Transformer(
+        d_model=d,
+        nhead=4,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        dim_feedforward=48,
+        dropout=0.0,
+        batch_first=batch_first,
+        dtype=torch.float64,
+    )
     model = copy.deepcopy(ref).to(dtype)
     params_before = [id(p) for p in model.parameters()]
     keys_before = list(model.state_dict())
@@ -71,8 +76,12 @@ def test_transformer_same_outputs_and_gradients(dtype, batch_first, calls):
     pad = _padding(b, s, [9, 5, 2])
     tpad = _padding(b, t, [6, 6, 4])
     causal = torch.nn.Transformer.generate_square_subsequent_mask(t, dtype=torch.float64)
-    kw = dict(src_key_padding_mask=pad, tgt_key_padding_mask=tpad, memory_key_padding_mask=pad,
-              tgt_is_causal=True)
+    kw = dict(
+        src_key_padding_mask=pad,
+        tgt_key_padding_mask=tpad,
+        memory_key_padding_mask=pad,
+        tgt_is_causal=True,
+    )
     src.requires_grad_()
     tgt.requires_grad_()
     a = ref(src, tgt, tgt_mask=causal, **kw)
@@ -101,11 +110,22 @@ def test_transformer_same_outputs_and_gradients(dtype, batch_first, calls):
 def test_transformer_encoder_with_padding(dtype, norm_first, calls):
     torch.manual_seed(1)
     d, b, s = 48, 4, 13
-    layer = torch.nn.TransformerEncoderLayer(d, 6, dim_feedforward=64, dropout=0.0,
-                                             batch_first=True, norm_first=norm_first,
-                                             activation="gelu", dtype=torch.float64)
-    ref = torch.nn.TransformerEncoder(layer, num_layers=3, norm=torch.nn.LayerNorm(d, dtype=torch.float64),
-                                      enable_nested_tensor=False)
+    layer = torch.nn.TransformerEncoderLayer(
+        d,
+        6,
+        dim_feedforward=64,
+        dropout=0.0,
+        batch_first=True,
+        norm_first=norm_first,
+        activation="gelu",
+        dtype=torch.float64,
+    )
+    ref = torch.nn.TransformerEncoder(
+        layer,
+        num_layers=3,
+        norm=torch.nn.LayerNorm(d, dtype=torch.float64),
+        enable_nested_tensor=False,
+    )
     with torch.no_grad():  # non-trivial norms
         for m in ref.modules():
             if isinstance(m, torch.nn.LayerNorm):

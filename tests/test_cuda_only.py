@@ -26,7 +26,7 @@ from pyformer.testing import MASK_KINDS, expect_close, make_mask, nbytes, poison
 
 from conftest import NEEDS_CUDA
 
-DRY_RUN = os.environ.get("PYFORMER_CUDA_TESTS_ON") == "cpu"   # see the module docstring
+DRY_RUN = os.environ.get("PYFORMER_CUDA_TESTS_ON") == "cpu"  # see the module docstring
 pytestmark = pytest.mark.skipif(not DRY_RUN and not torch.cuda.is_available(), reason=NEEDS_CUDA)
 
 CUDA = "cpu" if DRY_RUN else "cuda"
@@ -34,6 +34,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+
 
 def test_poison_reaches_next_allocations():
     """pyformer.testing.poison works with this allocator: the next allocations of the poisoned
@@ -61,6 +62,7 @@ def to_cpu(x):
 
 # ---- masked_softmax: long rows, every mask kind -------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", MASK_KINDS)
 @pytest.mark.parametrize("Lk", [4096, 16384, 65536])
@@ -72,15 +74,24 @@ def test_masked_softmax_long_rows(Lk, kind, dtype):
     mask, causal, kl = make_mask(kind, B, H, Lq, Lk, generator=gen)
 
     def op(fn):
-        return lambda scores, mask, key_lengths: fn(scores, mask, scale=scale, causal=causal,
-                                                     key_lengths=key_lengths)
+        return lambda scores, mask, key_lengths: fn(
+            scores, mask, scale=scale, causal=causal, key_lengths=key_lengths
+        )
 
     # forward and backward on poisoned outputs, against the reference and its composition
     out_bytes = nbytes(x.shape, dtype)
-    v = verify(op(F.masked_softmax), op(ref.masked_softmax),
-               {"scores": x, "mask": mask, "key_lengths": kl}, dtype=dtype, device=CUDA,
-               ref_device=CUDA, grad=["scores"], outputs=["probs"], generator=gen,
-               poison_bytes=([out_bytes], [out_bytes]))
+    v = verify(
+        op(F.masked_softmax),
+        op(ref.masked_softmax),
+        {"scores": x, "mask": mask, "key_lengths": kl},
+        dtype=dtype,
+        device=CUDA,
+        ref_device=CUDA,
+        grad=["scores"],
+        outputs=["probs"],
+        generator=gen,
+        poison_bytes=([out_bytes], [out_bytes]),
+    )
     v.assert_ok(f"masked_softmax Lk={Lk} {kind}")
     y = v.outputs["probs"].cpu()
     # fully masked rows are exactly zero
@@ -91,8 +102,9 @@ def test_masked_softmax_long_rows(Lk, kind, dtype):
 
     # CUDA against CPU, same inputs
     xs, ms = v.inputs["scores"], v.inputs["mask"]
-    y_cpu = F.masked_softmax(xs.detach().cpu(), to_cpu(ms), scale=scale, causal=causal,
-                             key_lengths=kl)
+    y_cpu = F.masked_softmax(
+        xs.detach().cpu(), to_cpu(ms), scale=scale, causal=causal, key_lengths=kl
+    )
     assert rel_err(y, y_cpu) <= 2 * BOUND[dtype]
 
 
@@ -105,20 +117,27 @@ def test_masked_softmax_row_paths(Lk, dtype):
     x = randn(gen, 3, 5, Lk)
     mask = torch.rand((1, 5, Lk), generator=gen) > 0.5
     out_bytes = nbytes(x.shape, dtype)
-    verify(lambda s, m: F.masked_softmax(s, m, scale=1.3),
-           lambda s, m: ref.masked_softmax(s, m, scale=1.3), [x, mask], dtype=dtype,
-           device=CUDA, ref_device=CUDA, grad=[0], generator=gen,
-           poison_bytes=([out_bytes], [out_bytes])).assert_ok(f"row path Lk={Lk}")
+    verify(
+        lambda s, m: F.masked_softmax(s, m, scale=1.3),
+        lambda s, m: ref.masked_softmax(s, m, scale=1.3),
+        [x, mask],
+        dtype=dtype,
+        device=CUDA,
+        ref_device=CUDA,
+        grad=[0],
+        generator=gen,
+        poison_bytes=([out_bytes], [out_bytes]),
+    ).assert_ok(f"row path Lk={Lk}")
 
 
 def test_masked_softmax_special_values():
     """NaN / inf among allowed scores behave as torch.softmax; masked -inf rows give zeros."""
     x = torch.randn(4, 8, device=CUDA)
     x[0, 3] = float("nan")
-    x[1, :] = float("-inf")          # every allowed score -inf: torch gives NaN
-    x[2, 5] = float("inf")           # +inf: torch gives NaN
+    x[1, :] = float("-inf")  # every allowed score -inf: torch gives NaN
+    x[2, 5] = float("inf")  # +inf: torch gives NaN
     mask = torch.ones(4, 8, dtype=torch.bool, device=CUDA)
-    mask[3] = False                  # fully masked: zeros
+    mask[3] = False  # fully masked: zeros
     y = F.masked_softmax(x, mask)
     e = ref.masked_softmax(x.double(), mask)
     assert torch.equal(torch.isnan(y), torch.isnan(e))
@@ -128,13 +147,14 @@ def test_masked_softmax_special_values():
 def test_masked_softmax_noncontiguous_and_expanded_mask():
     gen = torch.Generator(device=CUDA).manual_seed(3)
     base = torch.randn((2, 3, 40, 300), generator=gen, device=CUDA)
-    x = base.transpose(-1, -2)[..., :33, :]          # non-contiguous view
+    x = base.transpose(-1, -2)[..., :33, :]  # non-contiguous view
     mask = (torch.rand((2, 1, 1, 40), generator=gen, device=CUDA) > 0.3).expand(2, 3, 33, 40)
     y = F.masked_softmax(x, mask)
     expect_close(y, ref.masked_softmax(x.double(), mask), None, what="non-contiguous")
 
 
 # ---- layer_norm / add_layer_norm ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("N", [1, 7, 97, 512, 1025, 4096, 8193, 20000])
@@ -144,12 +164,18 @@ def test_layer_norm_rows(N, dtype, affine):
     x = randn(gen, 6, N) * 2 + 5
     w = randn(gen, N) if affine else None
     b = randn(gen, N) if affine else None
-    stat = 8 if dtype == torch.float64 else 4          # mean and rstd: float32 (float64 for float64)
-    v = verify(lambda x, w, b: F.layer_norm(x, (N,), w, b),
-               lambda x, w, b: ref.layer_norm(x, (N,), w, b), [x, w, b], dtype=dtype,
-               device=CUDA, ref_device=CUDA, grad=[0, 1, 2] if affine else [0], generator=gen,
-               poison_bytes=([nbytes(x.shape, dtype), 6 * stat, 6 * stat],
-                             [nbytes(x.shape, dtype)]))
+    stat = 8 if dtype == torch.float64 else 4  # mean and rstd: float32 (float64 for float64)
+    v = verify(
+        lambda x, w, b: F.layer_norm(x, (N,), w, b),
+        lambda x, w, b: ref.layer_norm(x, (N,), w, b),
+        [x, w, b],
+        dtype=dtype,
+        device=CUDA,
+        ref_device=CUDA,
+        grad=[0, 1, 2] if affine else [0],
+        generator=gen,
+        poison_bytes=([nbytes(x.shape, dtype), 6 * stat, 6 * stat], [nbytes(x.shape, dtype)]),
+    )
     v.assert_ok(f"layer_norm N={N}")
 
     xd, wd, bd = (v.inputs[n] for n in ("arg0", "arg1", "arg2"))
@@ -168,8 +194,9 @@ def test_layer_norm_ops_direct(dtype):
     assert rstd.dtype == torch.float32
     x64 = x.double()
     expect_close(mean, x64.mean((-2, -1)), None, what="layer_norm mean")
-    expect_close(rstd, (x64.var((-2, -1), unbiased=False) + 1e-5).rsqrt(), None,
-                 what="layer_norm rstd")
+    expect_close(
+        rstd, (x64.var((-2, -1), unbiased=False) + 1e-5).rsqrt(), None, what="layer_norm rstd"
+    )
     expect_close(y, ref.layer_norm(x64, (4, 96), w.double()), None, what="layer_norm 2-dim shape")
     dy = torch.randn((3, 5, 4, 96), generator=gen, device=CUDA).to(dtype)
     outs = [torch.ops.pyformer.layer_norm_backward(dy, x, mean, rstd, w, [4, 96]) for _ in range(3)]
@@ -180,7 +207,9 @@ def test_layer_norm_ops_direct(dtype):
     assert dw.shape == (4, 96) and dw.dtype == dtype and db.shape == (4, 96)
     x64r, w64 = x64.requires_grad_(True), w.double().requires_grad_(True)
     b64 = torch.zeros((4, 96), dtype=torch.float64, device=CUDA, requires_grad=True)
-    g64 = torch.autograd.grad(ref.layer_norm(x64r, (4, 96), w64, b64), (x64r, w64, b64), dy.double())
+    g64 = torch.autograd.grad(
+        ref.layer_norm(x64r, (4, 96), w64, b64), (x64r, w64, b64), dy.double()
+    )
     for name, g, e in zip(["dx", "dweight", "dbias"], (dx, dw, db), g64):
         expect_close(g, e, None, what=f"layer_norm_backward {name}")
 
@@ -195,7 +224,7 @@ def test_add_layer_norm(N, dtype):
     b = torch.randn(N, generator=gen, device=CUDA).to(dtype)
     poison(CUDA, nbytes(x.shape, dtype), nbytes(x.shape, dtype), 5 * 4, 5 * 4)
     y, s = F.add_layer_norm(x, r, (N,), w, b)
-    s_ref = x + r                                      # rounded to dtype, as the op's s is
+    s_ref = x + r  # rounded to dtype, as the op's s is
     assert torch.equal(s, s_ref)
     y64 = ref.layer_norm(s_ref.double(), (N,), w.double(), b.double())
     expect_close(y, y64, ref.add_layer_norm(x, r, (N,), w, b)[0], what=f"add_layer_norm N={N}")
@@ -206,20 +235,30 @@ def test_add_layer_norm(N, dtype):
 
 # ---- scaled_qk ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("D", [1, 7, 64, 80, 128])
 @pytest.mark.parametrize("Lq,Lk", [(1, 1), (97, 130), (64, 64), (257, 33)])
 def test_scaled_qk(Lq, Lk, D, dtype):
     gen = torch.Generator().manual_seed(Lq * 131 + Lk + D)
     q, k = randn(gen, 2, 3, Lq, D), randn(gen, 2, 3, Lk, D)
-    v = verify(F.scaled_qk, ref.scaled_qk, [q, k], dtype=dtype, device=CUDA, ref_device=CUDA,
-               grad=[0, 1], generator=gen)
+    v = verify(
+        F.scaled_qk,
+        ref.scaled_qk,
+        [q, k],
+        dtype=dtype,
+        device=CUDA,
+        ref_device=CUDA,
+        grad=[0, 1],
+        generator=gen,
+    )
     v.assert_ok(f"scaled_qk Lq={Lq} Lk={Lk} D={D}")
     s_cpu = F.scaled_qk(*(t.detach().cpu() for t in v.inputs.values()))
     assert rel_err(v.outputs["out0"], s_cpu) <= 2 * BOUND[dtype]
 
 
 # ---- attention ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", MASK_KINDS)
@@ -231,9 +270,9 @@ def test_attention_fwd_bwd(Lq, Lk, D, kind, dtype):
     mask, causal, kl = make_mask(kind, B, H, Lq, Lk, generator=gen)
 
     def op(fn, need_weights=True):
-        return lambda q, k, v, mask, key_lengths: fn(q, k, v, mask, causal=causal,
-                                                     key_lengths=key_lengths,
-                                                     need_weights=need_weights)
+        return lambda q, k, v, mask, key_lengths: fn(
+            q, k, v, mask, causal=causal, key_lengths=key_lengths, need_weights=need_weights
+        )
 
     # the op allocates out, then the scores (fully written by the GEMM), then probs; backward
     # allocates dP and dS (the fused softmax backward's output), then dq, dk, dv; dP is freed
@@ -242,23 +281,35 @@ def test_attention_fwd_bwd(Lq, Lk, D, kind, dtype):
     fwd = [nbytes((B, H, Lq, D), dtype), pbytes, pbytes]
     bwd = [pbytes, pbytes, nbytes(q.shape, dtype), nbytes(k.shape, dtype), nbytes(v.shape, dtype)]
     # the composition's bound holds for out; the probabilities keep the dtype's bound alone
-    res = verify(op(F.attention), op(ref.attention), [q, k, v, mask, kl], dtype=dtype,
-                 device=CUDA, ref_device=CUDA, grad=[0, 1, 2], outputs=["out", "probs"],
-                 composed=op(ref.attention, need_weights=False), generator=gen,
-                 poison_bytes=(fwd, bwd))
+    res = verify(
+        op(F.attention),
+        op(ref.attention),
+        [q, k, v, mask, kl],
+        dtype=dtype,
+        device=CUDA,
+        ref_device=CUDA,
+        grad=[0, 1, 2],
+        outputs=["out", "probs"],
+        composed=op(ref.attention, need_weights=False),
+        generator=gen,
+        poison_bytes=(fwd, bwd),
+    )
     res.assert_ok(f"attention {kind}")
 
     qd, kd, vd, md, _ = (to_cpu(t) for t in res.inputs.values())
-    out_cpu, _ = F.attention(qd.detach(), kd.detach(), vd.detach(), md, causal=causal,
-                             key_lengths=kl)
+    out_cpu, _ = F.attention(
+        qd.detach(), kd.detach(), vd.detach(), md, causal=causal, key_lengths=kl
+    )
     assert rel_err(res.outputs["out"], out_cpu) <= 2 * BOUND[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_dropout(dtype):
     gen = torch.Generator(device=CUDA).manual_seed(11)
-    q, k, v = (torch.randn((2, 3, 50, 32), generator=gen, device=CUDA).to(dtype).requires_grad_(True)
-               for _ in range(3))
+    q, k, v = (
+        torch.randn((2, 3, 50, 32), generator=gen, device=CUDA).to(dtype).requires_grad_(True)
+        for _ in range(3)
+    )
     p = 0.3
     out, probs, keep = torch.ops.pyformer.attention(q, k, v, None, 0.2, False, None, p)
     assert keep.dtype == torch.bool and keep.shape == probs.shape
@@ -267,7 +318,7 @@ def test_attention_dropout(dtype):
     q64, k64, v64 = ref.upcast(q, k, v)
     probs64 = ref.masked_softmax(ref.scaled_qk(q64, k64, 0.2))
     expect_close(probs, probs64, None, what="attention dropout probs")
-    expect = (probs.double() * keep / (1 - p)) @ v.double()     # from the op's own probs
+    expect = (probs.double() * keep / (1 - p)) @ v.double()  # from the op's own probs
     expect_close(out, expect, None, what="attention dropout")
     # against the reference through the same keep mask, forward and backward
     out64 = (probs64 * keep / (1 - p)) @ v64

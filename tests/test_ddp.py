@@ -23,9 +23,18 @@ BATCH = 8  # per step, split in halves between the ranks
 
 def _model():
     torch.manual_seed(0)
-    return Transformer(src_pad_idx=0, trg_pad_idx=0, enc_voc_size=17, dec_voc_size=17,
-                       d_model=32, n_head=4, max_len=16, ffn_hidden=64, n_layers=2,
-                       drop_prob=0.0)
+    return Transformer(
+        src_pad_idx=0,
+        trg_pad_idx=0,
+        enc_voc_size=17,
+        dec_voc_size=17,
+        d_model=32,
+        n_head=4,
+        max_len=16,
+        ffn_hidden=64,
+        n_layers=2,
+        drop_prob=0.0,
+    )
 
 
 def _data():
@@ -42,8 +51,9 @@ def _train(model, src, trg, rows=slice(None)):
     for step in range(STEPS):
         s, t = src[step, rows], trg[step, rows]
         logits = model(s, t[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                 t[:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), t[:, 1:].reshape(-1)
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -51,16 +61,19 @@ def _train(model, src, trg, rows=slice(None)):
 
 def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
     try:
         model = _model()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         src, trg = _data()
         half = BATCH // WORLD
         _train(ddp, src, trg, slice(rank * half, (rank + 1) * half))
-        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {k: v.detach().clone() for k, v in model.state_dict().items()},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -86,7 +99,8 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     moved = 0
     for k in ref:
         torch.testing.assert_close(r0[k], r1[k], rtol=1e-6, atol=1e-7, msg=f"ranks differ: {k}")
-        torch.testing.assert_close(r0[k], ref[k], rtol=1e-4, atol=1e-5,
-                                   msg=f"DDP differs from one process: {k}")
+        torch.testing.assert_close(
+            r0[k], ref[k], rtol=1e-4, atol=1e-5, msg=f"DDP differs from one process: {k}"
+        )
         moved += not torch.equal(ref[k], before[k])
     assert moved > len(ref) // 2  # training really changed the parameters

@@ -24,9 +24,24 @@ def test_train_reverse_quick(tmp_path):
     ex = _load()
     threads = torch.get_num_threads()
     try:
-        report = ex.main(["--quick", "--steps", "12", "--batch-size", "16", "--d-model", "32",
-                          "--ffn", "64", "--eval-size", "24", "--out", str(tmp_path),
-                          "--no-progress"])
+        report = ex.main(
+            [
+                "--quick",
+                "--steps",
+                "12",
+                "--batch-size",
+                "16",
+                "--d-model",
+                "32",
+                "--ffn",
+                "64",
+                "--eval-size",
+                "24",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     losses = report["loss_curves"]
@@ -84,15 +99,19 @@ def test_viz_pictures(tmp_path):
     from pyformer import viz
 
     w = torch.softmax(torch.randn(4, 6), -1)
-    p = viz.attention_heatmap(w, list("abcdef"), list("wxyz"), str(tmp_path / "a" / "h.png"),
-                              title="t", annotate=True)
+    p = viz.attention_heatmap(
+        w, list("abcdef"), list("wxyz"), str(tmp_path / "a" / "h.png"), title="t", annotate=True
+    )
     assert os.path.getsize(p) > 1000
     fig = viz.attention_heatmap(w.numpy())  # no path: the Figure itself
     assert fig.axes
     p = viz.attention_grid({"h0": w, "h1": w.flip(-1)}, path=str(tmp_path / "g.png"))
     assert os.path.getsize(p) > 1000
-    p = viz.loss_plot({"a": [3.0, 2.0, 1.0], "b": [3.0, 2.1, 0.9]}, str(tmp_path / "l.png"),
-                      extra={"diff": [1e-12, 0.05, 0.1]})
+    p = viz.loss_plot(
+        {"a": [3.0, 2.0, 1.0], "b": [3.0, 2.1, 0.9]},
+        str(tmp_path / "l.png"),
+        extra={"diff": [1e-12, 0.05, 0.1]},
+    )
     assert os.path.getsize(p) > 1000
     with pytest.raises(ValueError, match="2-D"):
         viz.attention_heatmap(torch.rand(2, 3, 4))

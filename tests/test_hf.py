@@ -57,9 +57,16 @@ def test_register_returns_name():
 def _bert(dtype):
     from transformers import BertConfig, BertModel
 
-    cfg = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=37, max_position_embeddings=64,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     return BertModel(cfg).to(dtype).eval()
@@ -68,9 +75,19 @@ def _bert(dtype):
 def _gpt2(dtype):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                     bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(
+        vocab_size=99,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     return GPT2LMHeadModel(cfg).to(dtype).eval()
@@ -174,8 +191,15 @@ def test_grouped_query_attention_llama(calls):
     from transformers import LlamaConfig, LlamaModel
 
     name = pt.register()
-    cfg = LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     cfg._attn_implementation = "sdpa"  # Llama's eager path runs its softmax in float32
     torch.manual_seed(0)
     model = LlamaModel(cfg).double().eval()

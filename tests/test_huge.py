@@ -46,16 +46,16 @@ def _randn(shape, device):
     flat = out.view(-1)
     step = 1 << 26
     for i in range(0, flat.numel(), step):
-        flat[i:i + step] = torch.randn(min(step, flat.numel() - i), device=device)
+        flat[i : i + step] = torch.randn(min(step, flat.numel() - i), device=device)
     return out
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_masked_softmax_huge(device):
-    rows, Lk = (1 << 21) + 3, 1024                 # 2**31 + 3072 elements, 4 GiB in bfloat16
+    rows, Lk = (1 << 21) + 3, 1024  # 2**31 + 3072 elements, 4 GiB in bfloat16
     _need(device, 3 * rows * Lk * 2 + GiB)
     scale = 0.5
-    mask = torch.rand(Lk, device=device) > 0.25     # broadcast over every row
+    mask = torch.rand(Lk, device=device) > 0.25  # broadcast over every row
     x = _randn((rows, Lk), device)
     y = ops.masked_softmax(x, mask, scale, False, None)
     picks = [0, 1, rows // 2, (1 << 31) // Lk, rows - 2, rows - 1]  # past element 2**31 too
@@ -73,7 +73,7 @@ def test_masked_softmax_huge(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_layer_norm_huge(device):
     N = 4096
-    rows = (1 << 31) // N + 5                      # 2**31 + 20480 elements
+    rows = (1 << 31) // N + 5  # 2**31 + 20480 elements
     _need(device, 3 * rows * N * 2 + GiB)
     x = _randn((rows, N), device)
     w, b = _randn((N,), device), _randn((N,), device)
@@ -81,7 +81,9 @@ def test_layer_norm_huge(device):
     picks = [0, rows // 2, (1 << 31) // N, rows - 1]
     w64, b64 = w.double().requires_grad_(), b.double().requires_grad_()
     for r in picks:
-        expect_close(y[r], ref.layer_norm(x[r].double(), (N,), w64, b64), what=f"layer_norm row {r}")
+        expect_close(
+            y[r], ref.layer_norm(x[r].double(), (N,), w64, b64), what=f"layer_norm row {r}"
+        )
     del y
     g = _randn((rows, N), device)
     dx, dw, db = ops.layer_norm_backward(g, x, mean, rstd, w, [N])
@@ -94,9 +96,10 @@ def test_layer_norm_huge(device):
     dw64 = torch.zeros(N, dtype=torch.float64, device=device)
     db64 = torch.zeros(N, dtype=torch.float64, device=device)
     for i in range(0, rows, 1 << 14):
-        xc, gc = x[i:i + (1 << 14)].double(), g[i:i + (1 << 14)].double()
+        xc, gc = x[i : i + (1 << 14)].double(), g[i : i + (1 << 14)].double()
         xhat = (xc - xc.mean(-1, keepdim=True)) * torch.rsqrt(
-            xc.var(-1, unbiased=False, keepdim=True) + 1e-5)
+            xc.var(-1, unbiased=False, keepdim=True) + 1e-5
+        )
         dw64 += (gc * xhat).sum(0)
         db64 += gc.sum(0)
     expect_close(dw, dw64, what="layer_norm_backward dweight")

@@ -20,9 +20,20 @@ from pyformer.testing import rel_err as rel
 
 def _tiny(backend="pyformer", dtype=torch.float64, drop=0.0, seed=0):
     torch.manual_seed(seed)
-    return pm.Transformer(src_pad_idx=0, trg_pad_idx=0, enc_voc_size=11, dec_voc_size=13,
-                          d_model=32, n_head=4, max_len=20, ffn_hidden=48, n_layers=2,
-                          drop_prob=drop, dtype=dtype, backend=backend)
+    return pm.Transformer(
+        src_pad_idx=0,
+        trg_pad_idx=0,
+        enc_voc_size=11,
+        dec_voc_size=13,
+        d_model=32,
+        n_head=4,
+        max_len=20,
+        ffn_hidden=48,
+        n_layers=2,
+        drop_prob=drop,
+        dtype=dtype,
+        backend=backend,
+    )
 
 
 def _batch(gen, b=3, s=9, t=7):
@@ -37,10 +48,17 @@ def _batch(gen, b=3, s=9, t=7):
 def test_transformer_structure_and_shapes():
     m = _tiny()
     names = dict(m.named_modules())
-    for n in ("encoder.layers.0.attention.w_q", "encoder.layers.0.attention.w_k",
-              "encoder.layers.0.attention.w_v", "encoder.layers.0.attention.w_concat",
-              "decoder.layers.1.self_attention", "decoder.layers.1.enc_dec_attention",
-              "decoder.layers.0.norm3", "encoder.emb.pos_emb", "decoder.linear"):
+    for n in (
+        "encoder.layers.0.attention.w_q",
+        "encoder.layers.0.attention.w_k",
+        "encoder.layers.0.attention.w_v",
+        "encoder.layers.0.attention.w_concat",
+        "decoder.layers.1.self_attention",
+        "decoder.layers.1.enc_dec_attention",
+        "decoder.layers.0.norm3",
+        "encoder.emb.pos_emb",
+        "decoder.linear",
+    ):
         assert n in names, n
     assert isinstance(names["encoder.layers.0.norm1"], pnn.LayerNorm)
     assert "encoder.emb.pos_emb.encoding" not in m.state_dict()  # fixed, not persistent
@@ -56,8 +74,20 @@ def test_positional_encoding_values():
     enc = pe(torch.zeros(1, 4, dtype=torch.long))
     assert enc.shape == (4, 6)
     pos, i = 3, 1
-    assert abs(float(enc[pos, 2 * i]) - torch.sin(torch.tensor(pos / 10000 ** (2 * i / 6), dtype=torch.float64)).item()) < 1e-15
-    assert abs(float(enc[pos, 2 * i + 1]) - torch.cos(torch.tensor(pos / 10000 ** (2 * i / 6), dtype=torch.float64)).item()) < 1e-15
+    assert (
+        abs(
+            float(enc[pos, 2 * i])
+            - torch.sin(torch.tensor(pos / 10000 ** (2 * i / 6), dtype=torch.float64)).item()
+        )
+        < 1e-15
+    )
+    assert (
+        abs(
+            float(enc[pos, 2 * i + 1])
+            - torch.cos(torch.tensor(pos / 10000 ** (2 * i / 6), dtype=torch.float64)).item()
+        )
+        < 1e-15
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -95,7 +125,7 @@ def test_transformer_masks_padding_and_causality():
     with torch.no_grad():
         m2.encoder.emb.tok_emb.weight[0].normal_()  # the pad embedding is no longer zero
     assert rel(m2(src, trg)[0], out[0]) == 0.0  # batch 0 has no padding
-    non_pad = (trg != 0)
+    non_pad = trg != 0
     diff = (m2(src, trg) - out).abs().amax(-1)
     assert (diff[non_pad] < 1e-12).all()
     # causality: changing future target tokens leaves earlier positions unchanged
@@ -111,9 +141,14 @@ def test_transformer_attention_maps():
     src, trg = _batch(torch.Generator().manual_seed(3))
     logits, maps = m(src, trg, return_attention=True)
     torch.testing.assert_close(logits, m(src, trg))
-    assert set(maps) == {"encoder.layers.0.attention", "encoder.layers.1.attention",
-                         "decoder.layers.0.self_attention", "decoder.layers.0.enc_dec_attention",
-                         "decoder.layers.1.self_attention", "decoder.layers.1.enc_dec_attention"}
+    assert set(maps) == {
+        "encoder.layers.0.attention",
+        "encoder.layers.1.attention",
+        "decoder.layers.0.self_attention",
+        "decoder.layers.0.enc_dec_attention",
+        "decoder.layers.1.self_attention",
+        "decoder.layers.1.enc_dec_attention",
+    }
     cross = maps["decoder.layers.1.enc_dec_attention"]
     assert cross.shape == (3, 4, 7, 9)
     torch.testing.assert_close(cross.sum(-1), torch.ones(3, 4, 7, dtype=torch.float64))
@@ -133,7 +168,9 @@ def test_set_backend_and_dropout_reproducible():
     m = _tiny(drop=0.2)
     r = copy.deepcopy(m)
     pnn.set_backend(r, "reference")
-    assert {mod.backend for mod in r.modules() if hasattr(mod, "_pyformer_backend")} == {"reference"}
+    assert {mod.backend for mod in r.modules() if hasattr(mod, "_pyformer_backend")} == {
+        "reference"
+    }
     assert {mod.backend for mod in m.modules() if hasattr(mod, "_pyformer_backend")} == {"pyformer"}
     src, trg = _batch(torch.Generator().manual_seed(4))
     torch.manual_seed(7)
@@ -157,8 +194,9 @@ def test_scaled_dot_product_attention_module():
 
 def test_transformer_compiles_fullgraph():
     """The modules trace into one graph: the ops' fake kernels, masks and backend lookup alike."""
-    m = pm.Transformer(0, 0, 11, 11, d_model=32, n_head=4, max_len=16, ffn_hidden=48,
-                       n_layers=1, drop_prob=0.0)
+    m = pm.Transformer(
+        0, 0, 11, 11, d_model=32, n_head=4, max_len=16, ffn_hidden=48, n_layers=1, drop_prob=0.0
+    )
     src = torch.randint(1, 11, (2, 7))
     src[1, 4:] = 0
     trg = torch.randint(1, 11, (2, 5))

@@ -12,7 +12,6 @@ import copy
 import pytest
 import torch
 
-import pyformer.functional as PF
 from pyformer.testing import rel_err as rel
 import pyformer.nn as pnn
 
@@ -20,9 +19,9 @@ from pyformer.testing import BOUNDS as BOUND
 
 from conftest import NEEDS_CUDA
 
-pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask:UserWarning")
-
-
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Support for mismatched key_padding_mask:UserWarning"
+)
 
 
 # ------------------------------------------------------------------------------------ LayerNorm
@@ -89,7 +88,9 @@ def test_layer_norm_falls_back_to_torch(monkeypatch, calls):
     monkeypatch.setattr(L, "kernels_support", lambda ts: False)
     mod = pnn.LayerNorm(16)
     x = torch.randn(3, 16)
-    torch.testing.assert_close(mod(x), torch.nn.functional.layer_norm(x, (16,), mod.weight, mod.bias))
+    torch.testing.assert_close(
+        mod(x), torch.nn.functional.layer_norm(x, (16,), mod.weight, mod.bias)
+    )
     assert "layer_norm" not in calls
 
 
@@ -108,8 +109,19 @@ def _pair(embed, heads, dtype, **kw):
     return t, p
 
 
-MASKS = ["none", "kpm_right", "kpm_any", "kpm_float", "am2_bool", "am2_float", "am3_float",
-         "am2_bool+kpm_right", "am3_float+kpm_any", "causal", "causal+kpm_right"]
+MASKS = [
+    "none",
+    "kpm_right",
+    "kpm_any",
+    "kpm_float",
+    "am2_bool",
+    "am2_float",
+    "am3_float",
+    "am2_bool+kpm_right",
+    "am3_float+kpm_any",
+    "causal",
+    "causal+kpm_right",
+]
 
 
 def _masks(kind, n, h, lq, lk, gen):
@@ -132,14 +144,18 @@ def _masks(kind, n, h, lq, lk, gen):
     if "am3_float" in kind:
         kw["attn_mask"] = torch.randn(n * h, lq, lk, generator=gen, dtype=torch.float64)
     if "causal" in kind:
-        kw["attn_mask"] = torch.nn.Transformer.generate_square_subsequent_mask(lq, dtype=torch.float64)
+        kw["attn_mask"] = torch.nn.Transformer.generate_square_subsequent_mask(
+            lq, dtype=torch.float64
+        )
         kw["is_causal"] = True
     return kw
 
 
 def _cast_masks(kw, dtype):
-    return {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-            for k, v in kw.items()}
+    return {
+        k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+        for k, v in kw.items()
+    }
 
 
 @pytest.mark.parametrize("mask", MASKS)
@@ -168,7 +184,9 @@ def test_mha_matches_torch(mask, batch_first, dtype, calls):
         v.requires_grad_()
     kw = _masks(mask, n, h, lq, lk, gen)
     for avg in (True, False):
-        out_t, w_t = t(q, k if not self_attn else q, v if not self_attn else q, average_attn_weights=avg, **kw)
+        out_t, w_t = t(
+            q, k if not self_attn else q, v if not self_attn else q, average_attn_weights=avg, **kw
+        )
         out_p, w_p = p(qd, kd, vd, average_attn_weights=avg, **_cast_masks(kw, dtype))
         assert out_p.dtype == dtype and out_p.shape == out_t.shape and w_p.shape == w_t.shape
         assert rel(out_p, out_t) <= BOUND[dtype], (mask, avg)
@@ -190,7 +208,8 @@ def test_mha_kdim_vdim_and_no_bias(dtype, calls):
     torch.manual_seed(1)
     t, p = _pair(24, 3, dtype, kdim=10, vdim=14, batch_first=True)
     assert {"q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias"} <= set(
-        dict(p.named_parameters()))
+        dict(p.named_parameters())
+    )
     q = torch.randn(2, 5, 24, dtype=torch.float64)
     k, v = torch.randn(2, 8, 10, dtype=torch.float64), torch.randn(2, 8, 14, dtype=torch.float64)
     kpm = torch.arange(8) >= torch.tensor([[8], [3]])
@@ -233,7 +252,9 @@ def test_mha_fully_masked_rows_are_zero():
 
 def test_mha_fallbacks_and_errors(calls):
     torch.manual_seed(3)
-    t = torch.nn.MultiheadAttention(16, 2, add_bias_kv=True, add_zero_attn=True, dtype=torch.float64)
+    t = torch.nn.MultiheadAttention(
+        16, 2, add_bias_kv=True, add_zero_attn=True, dtype=torch.float64
+    )
     p = pnn.MultiheadAttention(16, 2, add_bias_kv=True, add_zero_attn=True, dtype=torch.float64)
     p.load_state_dict(t.state_dict())
     x = torch.randn(4, 2, 16, dtype=torch.float64)

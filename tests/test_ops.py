@@ -3,7 +3,6 @@ random inputs, over grids of dtypes, shapes (awkward ones included) and mask kin
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -22,15 +21,27 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 @pytest.mark.parametrize("Lq,Lk", [(5, 1), (7, 7), (33, 97), (3, 1025)])
 @pytest.mark.parametrize("D", [1, 64, 80, 128])
 def test_scaled_qk(device, dtype, lead, Lq, Lk, D):
-    q, k = torch.randn(*lead, Lq, D, dtype=torch.float64), torch.randn(*lead, Lk, D, dtype=torch.float64)
+    q, k = (
+        torch.randn(*lead, Lq, D, dtype=torch.float64),
+        torch.randn(*lead, Lk, D, dtype=torch.float64),
+    )
     compare(F.scaled_qk, ref.scaled_qk, [q, k], dtype=dtype, device=device, grad=(0, 1))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_scaled_qk_explicit_scale(device):
-    q, k = torch.randn(2, 3, 9, 16, dtype=torch.float64), torch.randn(2, 3, 11, 16, dtype=torch.float64)
-    compare(lambda a, b: F.scaled_qk(a, b, scale=0.37), lambda a, b: ref.scaled_qk(a, b, 0.37),
-            [q, k], dtype=torch.float32, device=device, grad=(0, 1))
+    q, k = (
+        torch.randn(2, 3, 9, 16, dtype=torch.float64),
+        torch.randn(2, 3, 11, 16, dtype=torch.float64),
+    )
+    compare(
+        lambda a, b: F.scaled_qk(a, b, scale=0.37),
+        lambda a, b: ref.scaled_qk(a, b, 0.37),
+        [q, k],
+        dtype=torch.float32,
+        device=device,
+        grad=(0, 1),
+    )
 
 
 # ---- masked_softmax ----------------------------------------------------------------------------
@@ -42,7 +53,9 @@ def test_masked_softmax(device, dtype, kind, B, H, Lq, Lk):
     s = torch.randn(B, H, Lq, Lk, dtype=torch.float64) * 3
     mask, causal, kl = make_mask(kind, B, H, Lq, Lk)
     grad = (0, 1) if mask is not None and mask.is_floating_point() else (0,)
-    f = lambda s, m: F.masked_softmax(s, m, scale=0.7, causal=causal, key_lengths=kl if kl is None else kl.to(s.device))
+    f = lambda s, m: F.masked_softmax(
+        s, m, scale=0.7, causal=causal, key_lengths=kl if kl is None else kl.to(s.device)
+    )
     r = lambda s, m: ref.masked_softmax(s, m, scale=0.7, causal=causal, key_lengths=kl)
     (p,), _ = compare(f, r, [s, mask], dtype=dtype, device=device, grad=grad, what=kind)
     assert not torch.isnan(p).any()
@@ -54,13 +67,24 @@ def test_masked_softmax_other_ranks(device, shape):
     s = torch.randn(*shape, dtype=torch.float64)
     m = torch.rand(shape[-1]) > 0.3
     m[0] = True
-    compare(lambda s: F.masked_softmax(s, m.to(s.device), scale=2.0), lambda s: ref.masked_softmax(s, m, scale=2.0),
-            [s], dtype=torch.float32, device=device, grad=(0,))
+    compare(
+        lambda s: F.masked_softmax(s, m.to(s.device), scale=2.0),
+        lambda s: ref.masked_softmax(s, m, scale=2.0),
+        [s],
+        dtype=torch.float32,
+        device=device,
+        grad=(0,),
+    )
     if len(shape) >= 2:
         kl = torch.randint(0, shape[-1] + 1, (shape[0],))
-        compare(lambda s: F.masked_softmax(s, causal=True, key_lengths=kl.to(s.device)),
-                lambda s: ref.masked_softmax(s, causal=True, key_lengths=kl), [s],
-                dtype=torch.float64, device=device, grad=(0,))
+        compare(
+            lambda s: F.masked_softmax(s, causal=True, key_lengths=kl.to(s.device)),
+            lambda s: ref.masked_softmax(s, causal=True, key_lengths=kl),
+            [s],
+            dtype=torch.float64,
+            device=device,
+            grad=(0,),
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -73,10 +97,14 @@ def test_masked_softmax_fully_masked_rows_are_zero(device, dtype):
     p = F.masked_softmax(s, m, key_lengths=kl, causal=True)
     assert torch.equal(p[0], torch.zeros_like(p[0]))
     assert torch.equal(p[1, :, 2], torch.zeros_like(p[1, :, 2]))
-    assert torch.allclose(p[1, :, [0, 1, 3]].sum(-1).float(), torch.ones(3, 3, device=device), atol=1e-2)
+    assert torch.allclose(
+        p[1, :, [0, 1, 3]].sum(-1).float(), torch.ones(3, 3, device=device), atol=1e-2
+    )
     (g,) = torch.autograd.grad(p, s, torch.randn_like(p))
     assert not torch.isnan(g).any()
-    assert torch.equal(g[0], torch.zeros_like(g[0])) and torch.equal(g[1, :, 2], torch.zeros_like(g[1, :, 2]))
+    assert torch.equal(g[0], torch.zeros_like(g[0])) and torch.equal(
+        g[1, :, 2], torch.zeros_like(g[1, :, 2])
+    )
     fm = torch.zeros(1, 1, 4, 10, device=device, dtype=dtype)
     fm[..., 1, :] = float("-inf")  # a float mask can mask a whole row too
     p = F.masked_softmax(s, fm)
@@ -105,9 +133,16 @@ def test_masked_softmax_nan_and_inf_propagate_like_torch(device):
 def test_masked_softmax_long_rows(device):
     s = torch.randn(2, 1, 3, 4096, dtype=torch.float64)
     mask, causal, kl = make_mask("bool+causal+lengths", 2, 1, 3, 4096)
-    compare(lambda s: F.masked_softmax(s, mask.to(s.device), causal=causal, key_lengths=kl.to(s.device)),
-            lambda s: ref.masked_softmax(s, mask, causal=causal, key_lengths=kl),
-            [s], dtype=torch.float32, device=device, grad=(0,))
+    compare(
+        lambda s: F.masked_softmax(
+            s, mask.to(s.device), causal=causal, key_lengths=kl.to(s.device)
+        ),
+        lambda s: ref.masked_softmax(s, mask, causal=causal, key_lengths=kl),
+        [s],
+        dtype=torch.float32,
+        device=device,
+        grad=(0,),
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -115,13 +150,27 @@ def test_masked_softmax_long_rows(device):
 def test_masked_softmax_key_lengths_dtypes(device, kl_dtype):
     s = torch.randn(3, 2, 5, 9, dtype=torch.float64)
     kl = torch.tensor([9, 0, 4], dtype=kl_dtype)
-    compare(lambda s: F.masked_softmax(s, key_lengths=kl.to(s.device)), lambda s: ref.masked_softmax(s, key_lengths=kl),
-            [s], dtype=torch.float64, device=device, grad=(0,))
+    compare(
+        lambda s: F.masked_softmax(s, key_lengths=kl.to(s.device)),
+        lambda s: ref.masked_softmax(s, key_lengths=kl),
+        [s],
+        dtype=torch.float64,
+        device=device,
+        grad=(0,),
+    )
 
 
 # ---- layer_norm / add_layer_norm ---------------------------------------------------------------
-LN_SHAPES = [((4, 1), (1,)), ((3, 7), (7,)), ((2, 5, 97), (97,)), ((3, 1025), (1025,)), ((2, 3, 768), (768,)),
-             ((1, 1, 64), (64,)), ((2, 4, 5), (4, 5)), ((6,), (6,))]
+LN_SHAPES = [
+    ((4, 1), (1,)),
+    ((3, 7), (7,)),
+    ((2, 5, 97), (97,)),
+    ((3, 1025), (1025,)),
+    ((2, 3, 768), (768,)),
+    ((1, 1, 64), (64,)),
+    ((2, 4, 5), (4, 5)),
+    ((6,), (6,)),
+]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -133,8 +182,15 @@ def test_layer_norm(device, dtype, shape, ns, affine):
     w = torch.randn(*ns, dtype=torch.float64) if affine != "none" else None
     b = torch.randn(*ns, dtype=torch.float64) if affine == "both" else None
     grad = tuple(i for i, t in enumerate([x, w, b]) if t is not None)
-    compare(lambda x, w, b: F.layer_norm(x, ns, w, b, eps=1e-5), lambda x, w, b: ref.layer_norm(x, ns, w, b, 1e-5),
-            [x, w, b], dtype=dtype, device=device, grad=grad, what=affine)
+    compare(
+        lambda x, w, b: F.layer_norm(x, ns, w, b, eps=1e-5),
+        lambda x, w, b: ref.layer_norm(x, ns, w, b, 1e-5),
+        [x, w, b],
+        dtype=dtype,
+        device=device,
+        grad=grad,
+        what=affine,
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -143,15 +199,23 @@ def test_layer_norm(device, dtype, shape, ns, affine):
 def test_add_layer_norm(device, dtype, shape, ns):
     x, r = torch.randn(*shape, dtype=torch.float64), torch.randn(*shape, dtype=torch.float64)
     w, b = torch.randn(*ns, dtype=torch.float64), torch.randn(*ns, dtype=torch.float64)
-    compare(lambda x, r, w, b: F.add_layer_norm(x, r, ns, w, b), lambda x, r, w, b: ref.add_layer_norm(x, r, ns, w, b),
-            [x, r, w, b], dtype=dtype, device=device, grad=(0, 1, 2, 3))
+    compare(
+        lambda x, r, w, b: F.add_layer_norm(x, r, ns, w, b),
+        lambda x, r, w, b: ref.add_layer_norm(x, r, ns, w, b),
+        [x, r, w, b],
+        dtype=dtype,
+        device=device,
+        grad=(0, 1, 2, 3),
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_layer_norm_matches_torch_and_int_shape(device):
     x = torch.randn(5, 33, device=device)
     w, b = torch.randn(33, device=device), torch.randn(33, device=device)
-    torch.testing.assert_close(F.layer_norm(x, 33, w, b, 1e-3), torch.nn.functional.layer_norm(x, (33,), w, b, 1e-3))
+    torch.testing.assert_close(
+        F.layer_norm(x, 33, w, b, 1e-3), torch.nn.functional.layer_norm(x, (33,), w, b, 1e-3)
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -168,15 +232,28 @@ def test_layer_norm_backward_deterministic(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", MASK_KINDS)
-@pytest.mark.parametrize("B,H,Lq,Lk,D,Dv", [(2, 3, 5, 7, 64, 64), (1, 2, 1, 1, 1, 3), (2, 1, 9, 97, 80, 16), (1, 1, 3, 1025, 128, 8)])
+@pytest.mark.parametrize(
+    "B,H,Lq,Lk,D,Dv",
+    [(2, 3, 5, 7, 64, 64), (1, 2, 1, 1, 1, 3), (2, 1, 9, 97, 80, 16), (1, 1, 3, 1025, 128, 8)],
+)
 def test_attention(device, dtype, kind, B, H, Lq, Lk, D, Dv):
     q = torch.randn(B, H, Lq, D, dtype=torch.float64)
     k = torch.randn(B, H, Lk, D, dtype=torch.float64)
     v = torch.randn(B, H, Lk, Dv, dtype=torch.float64)
     mask, causal, kl = make_mask(kind, B, H, Lq, Lk)
     grad = (0, 1, 2, 3) if mask is not None and mask.is_floating_point() else (0, 1, 2)
-    f = lambda q, k, v, m: F.attention(q, k, v, m, causal=causal, key_lengths=None if kl is None else kl.to(q.device), need_weights=True)
-    r = lambda q, k, v, m: ref.attention(q, k, v, m, causal=causal, key_lengths=kl, need_weights=True)
+    f = lambda q, k, v, m: F.attention(
+        q,
+        k,
+        v,
+        m,
+        causal=causal,
+        key_lengths=None if kl is None else kl.to(q.device),
+        need_weights=True,
+    )
+    r = lambda q, k, v, m: ref.attention(
+        q, k, v, m, causal=causal, key_lengths=kl, need_weights=True
+    )
     (out, w), _ = compare(f, r, [q, k, v, mask], dtype=dtype, device=device, grad=grad, what=kind)
     assert not torch.isnan(out).any()
 
@@ -188,8 +265,10 @@ def test_attention_matches_sdpa(device):
     m = torch.arange(6, device=device) < kl.view(2, 1, 1, 1)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
     torch.testing.assert_close(F.attention(q, k, v, key_lengths=kl)[0], want)
-    torch.testing.assert_close(F.attention(q, k, v, causal=True)[0],
-                               torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+    torch.testing.assert_close(
+        F.attention(q, k, v, causal=True)[0],
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -197,7 +276,9 @@ def test_attention_matches_sdpa(device):
 def test_attention_dropout(device, dtype):
     """out = (probs * keep / (1 - p)) @ v with the keep mask the op returns, gradients through it."""
     B, H, L, D, p = 2, 3, 40, 8, 0.4
-    q, k, v = (torch.randn(B, H, L, D, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
+    q, k, v = (
+        torch.randn(B, H, L, D, dtype=dtype, device=device, requires_grad=True) for _ in range(3)
+    )
     kl = torch.tensor([40, 23], device=device)
     out, probs, keep = torch.ops.pyformer.attention(q, k, v, None, 0.25, False, kl, p)
     assert keep.dtype == torch.bool and keep.shape == (B, H, L, L)
@@ -209,7 +290,9 @@ def test_attention_dropout(device, dtype):
     assert (out - want).norm() / want.norm() < tol
     assert (probs - want_probs).norm() / want_probs.norm() < tol  # probs are kept before dropout
     g = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q2, k2, v2), g)):
+    for a, b in zip(
+        torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q2, k2, v2), g)
+    ):
         assert (a - b).norm() / b.norm() < tol
     out1, _ = F.attention(q, k, v, dropout_p=1.0)
     assert torch.equal(out1, torch.zeros_like(out1))
@@ -223,12 +306,15 @@ def test_attention_dropout(device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 def test_attention_grad_through_weights(device):
     q, k, v = (torch.randn(2, 2, 5, 4, dtype=torch.float64) for _ in range(3))
+
     def f(q, k, v):
         out, w = F.attention(q, k, v, causal=True, need_weights=True)
         return out.sum() + (w * w).sum()
+
     def r(q, k, v):
         out, w = ref.attention(q, k, v, causal=True, need_weights=True)
         return out.sum() + (w * w).sum()
+
     compare(f, r, [q, k, v], dtype=torch.float64, device=device, grad=(0, 1, 2))
 
 
@@ -241,16 +327,33 @@ def test_non_contiguous_inputs(device):
     m = (torch.rand(2, 1, 9, 1) > 0.3).transpose(-1, -2)  # (2, 1, 1, 9) non-contiguous mask
     m[..., 0] = True
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
-    compare(lambda q, k, v: F.attention(q, k, v, m.to(q.device), need_weights=True),
-            lambda q, k, v: ref.attention(q, k, v, m, need_weights=True), [q, k, v],
-            dtype=torch.float64, device=device, grad=(0, 1, 2))
+    compare(
+        lambda q, k, v: F.attention(q, k, v, m.to(q.device), need_weights=True),
+        lambda q, k, v: ref.attention(q, k, v, m, need_weights=True),
+        [q, k, v],
+        dtype=torch.float64,
+        device=device,
+        grad=(0, 1, 2),
+    )
     compare(F.scaled_qk, ref.scaled_qk, [q, k], dtype=torch.float64, device=device, grad=(0, 1))
     s = torch.randn(2, 3, 9, 7, dtype=torch.float64).transpose(-1, -2)
-    compare(lambda s: F.masked_softmax(s, causal=True),
-            lambda s: ref.masked_softmax(s, causal=True), [s], dtype=torch.float64, device=device, grad=(0,))
+    compare(
+        lambda s: F.masked_softmax(s, causal=True),
+        lambda s: ref.masked_softmax(s, causal=True),
+        [s],
+        dtype=torch.float64,
+        device=device,
+        grad=(0,),
+    )
     x = torch.randn(8, 6, dtype=torch.float64).t()
-    compare(lambda x: F.layer_norm(x, (8,)), lambda x: ref.layer_norm(x, (8,)), [x],
-            dtype=torch.float64, device=device, grad=(0,))
+    compare(
+        lambda x: F.layer_norm(x, (8,)),
+        lambda x: ref.layer_norm(x, (8,)),
+        [x],
+        dtype=torch.float64,
+        device=device,
+        grad=(0,),
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -259,14 +362,26 @@ def test_empty_tensors(device):
     assert F.scaled_qk(torch.randn(0, 3, 4, **e), torch.randn(0, 5, 4, **e)).shape == (0, 3, 5)
     assert F.scaled_qk(torch.randn(2, 0, 4, **e), torch.randn(2, 5, 4, **e)).shape == (2, 0, 5)
     assert F.masked_softmax(torch.randn(2, 0, 5, **e), causal=True).shape == (2, 0, 5)
-    assert F.masked_softmax(torch.randn(2, 3, 0, **e), key_lengths=torch.zeros(2, dtype=torch.long, **e)).shape == (2, 3, 0)
+    assert F.masked_softmax(
+        torch.randn(2, 3, 0, **e), key_lengths=torch.zeros(2, dtype=torch.long, **e)
+    ).shape == (2, 3, 0)
     assert F.layer_norm(torch.randn(0, 8, **e), (8,)).shape == (0, 8)
     assert F.layer_norm(torch.randn(3, 0, **e), (0,)).shape == (3, 0)
     y, s = F.add_layer_norm(torch.randn(0, 4, **e), torch.randn(0, 4, **e), (4,))
     assert y.shape == s.shape == (0, 4)
-    out, w = F.attention(torch.randn(0, 2, 3, 4, **e), torch.randn(0, 2, 5, 4, **e), torch.randn(0, 2, 5, 6, **e), need_weights=True)
+    out, w = F.attention(
+        torch.randn(0, 2, 3, 4, **e),
+        torch.randn(0, 2, 5, 4, **e),
+        torch.randn(0, 2, 5, 6, **e),
+        need_weights=True,
+    )
     assert out.shape == (0, 2, 3, 6) and w.shape == (0, 2, 3, 5)
-    out, w = F.attention(torch.randn(1, 2, 3, 4, **e), torch.randn(1, 2, 0, 4, **e), torch.randn(1, 2, 0, 6, **e), need_weights=True)
+    out, w = F.attention(
+        torch.randn(1, 2, 3, 4, **e),
+        torch.randn(1, 2, 0, 4, **e),
+        torch.randn(1, 2, 0, 6, **e),
+        need_weights=True,
+    )
     assert torch.equal(out, torch.zeros(1, 2, 3, 6, **e)) and w.shape == (1, 2, 3, 0)
     x = torch.randn(0, 5, **e, requires_grad=True)
     F.layer_norm(x, (5,)).sum().backward()
@@ -281,10 +396,10 @@ def test_attention_inference_skips_probs(device, dtype):
     q, k, v = (torch.randn(2, 3, 6, 8, device=device, dtype=dtype) for _ in range(3))
     kl = torch.tensor([6, 2], device=device)
     with torch.no_grad():
-        out, w = F.attention(q, k, v, key_lengths=kl, scale=8 ** -0.5)
-    full, probs, _ = torch.ops.pyformer.attention(q, k, v, None, 8 ** -0.5, False, kl, 0.0, True)
+        out, w = F.attention(q, k, v, key_lengths=kl, scale=8**-0.5)
+    full, probs, _ = torch.ops.pyformer.attention(q, k, v, None, 8**-0.5, False, kl, 0.0, True)
     assert w is None and torch.equal(out, full) and probs.shape == (2, 3, 6, 6)
-    _, none, _ = torch.ops.pyformer.attention(q, k, v, None, 8 ** -0.5, False, kl, 0.0, False)
+    _, none, _ = torch.ops.pyformer.attention(q, k, v, None, 8**-0.5, False, kl, 0.0, False)
     assert none.numel() == 0
     qg = q.clone().requires_grad_()
     out, _, _ = torch.ops.pyformer.attention(qg, k, v, None, 1.0, False, None, 0.0, False)
@@ -296,19 +411,29 @@ def test_attention_inference_skips_probs(device, dtype):
 def test_attention_zero_head_dim(device):
     """D = 0: every score is 0, so each row averages v over its allowed keys."""
     for dtype in (torch.float32, torch.bfloat16):
-        q, k = torch.randn(2, 3, 4, 0, device=device, dtype=dtype), torch.randn(2, 3, 5, 0, device=device, dtype=dtype)
+        q, k = (
+            torch.randn(2, 3, 4, 0, device=device, dtype=dtype),
+            torch.randn(2, 3, 5, 0, device=device, dtype=dtype),
+        )
         v = torch.randn(2, 3, 5, 6, device=device, dtype=dtype)
         kl = torch.tensor([5, 2], device=device)
         out, _ = F.attention(q, k, v, key_lengths=kl)
         want, _ = ref.attention(q.double(), k.double(), v.double(), key_lengths=kl)
-        assert (out.double() - want).norm() / want.norm() < (1e-6 if dtype == torch.float32 else 1e-2)
+        assert (out.double() - want).norm() / want.norm() < (
+            1e-6 if dtype == torch.float32 else 1e-2
+        )
     # gradients: dv averages the cotangent over the allowed keys, dq and dk are empty
     for Dv in (6, 0):
         q, k = (torch.randn(2, 3, n, 0, dtype=torch.float64) for n in (4, 5))
         v = torch.randn(2, 3, 5, Dv, dtype=torch.float64)
-        compare(lambda q, k, v: F.attention(q, k, v, key_lengths=kl.to(q.device), need_weights=True),
-                lambda q, k, v: ref.attention(q, k, v, key_lengths=kl.cpu(), need_weights=True),
-                [q, k, v], dtype=torch.float32, device=device, grad=(0, 1, 2))
+        compare(
+            lambda q, k, v: F.attention(q, k, v, key_lengths=kl.to(q.device), need_weights=True),
+            lambda q, k, v: ref.attention(q, k, v, key_lengths=kl.cpu(), need_weights=True),
+            [q, k, v],
+            dtype=torch.float32,
+            device=device,
+            grad=(0, 1, 2),
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -319,9 +444,14 @@ def test_attention_grad_of_one_output(device):
     m = torch.rand(2, 1, 5, 5) > 0.3
     m[..., 0] = True
     for pick in (0, 1):
-        compare(lambda q, k, v: F.attention(q, k, v, m.to(q.device), need_weights=True)[pick],
-                lambda q, k, v: ref.attention(q, k, v, m, need_weights=True)[pick],
-                [q, k, v], dtype=torch.float64, device=device, grad=(0, 1, 2))
+        compare(
+            lambda q, k, v: F.attention(q, k, v, m.to(q.device), need_weights=True)[pick],
+            lambda q, k, v: ref.attention(q, k, v, m, need_weights=True)[pick],
+            [q, k, v],
+            dtype=torch.float64,
+            device=device,
+            grad=(0, 1, 2),
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -337,17 +467,28 @@ def test_masked_softmax_high_rank_and_broadcast_masks(device):
     s2 = torch.randn(2, 1, 2, 2, 1, 3, 1, 2, 3, 5, dtype=torch.float64)
     kl = torch.randint(1, 6, (2,))
     for scores, mask in ((s, m), (s2, mt)):
-        compare(lambda s: F.masked_softmax(s, mask.to(s.device), scale=0.7, causal=True,
-                                           key_lengths=kl.to(s.device)),
-                lambda s: ref.masked_softmax(s, mask, scale=0.7, causal=True, key_lengths=kl),
-                [scores], dtype=torch.float32, device=device, grad=(0,))
+        compare(
+            lambda s: F.masked_softmax(
+                s, mask.to(s.device), scale=0.7, causal=True, key_lengths=kl.to(s.device)
+            ),
+            lambda s: ref.masked_softmax(s, mask, scale=0.7, causal=True, key_lengths=kl),
+            [scores],
+            dtype=torch.float32,
+            device=device,
+            grad=(0,),
+        )
     add = torch.randn(2, 1, 1, 5, dtype=torch.float32)
     add[..., 3] = float("-inf")
     big = add.expand(2, 4, 3, 5)  # stride 0 over heads and queries
     x = torch.randn(2, 4, 3, 5, dtype=torch.float64)
-    compare(lambda x: F.masked_softmax(x, big.to(x.device), scale=0.5),
-            lambda x: ref.masked_softmax(x, big.double(), scale=0.5),
-            [x], dtype=torch.bfloat16, device=device, grad=(0,))
+    compare(
+        lambda x: F.masked_softmax(x, big.to(x.device), scale=0.5),
+        lambda x: ref.masked_softmax(x, big.double(), scale=0.5),
+        [x],
+        dtype=torch.bfloat16,
+        device=device,
+        grad=(0,),
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -367,18 +508,28 @@ def test_layer_norm_constant_rows_are_exact(device, dtype, N):
     # the float64 reference is exact on constant rows of float32/bfloat16 values (their sum in
     # float64 is exact), not of float64 values, where it is the less accurate side
     if dtype != torch.float64:
-        compare(lambda x, w, b: F.layer_norm(x, (N,), w, b),
-                lambda x, w, b: ref.layer_norm(x, (N,), w, b),
-                [x.double().cpu(), w.double().cpu(), b.double().cpu()], dtype=dtype,
-                device=device, grad=(0, 1, 2))
+        compare(
+            lambda x, w, b: F.layer_norm(x, (N,), w, b),
+            lambda x, w, b: ref.layer_norm(x, (N,), w, b),
+            [x.double().cpu(), w.double().cpu(), b.double().cpu()],
+            dtype=dtype,
+            device=device,
+            grad=(0, 1, 2),
+        )
     if N == 1:
         xr = x.clone().requires_grad_()
         (dx,) = torch.autograd.grad(F.layer_norm(xr, (N,), w, b), xr, torch.randn_like(xr))
         assert not dx.any()
     spike = torch.randn(2, N, dtype=torch.float64)
     spike[:, 0] = 1000.0
-    compare(lambda s: F.layer_norm(s, (N,)), lambda s: ref.layer_norm(s, (N,)), [spike],
-            dtype=dtype, device=device, grad=(0,))
+    compare(
+        lambda s: F.layer_norm(s, (N,)),
+        lambda s: ref.layer_norm(s, (N,)),
+        [spike],
+        dtype=dtype,
+        device=device,
+        grad=(0,),
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -386,16 +537,32 @@ def test_large_outputs(device):
     """Outputs of 4 MiB and more (on the CPU they are allocated with the huge-page advice of
     csrc/cpu/memory.h) hold the same values as small ones: every op, forward and backward."""
     x = torch.randn(1024, 2048, dtype=torch.float64)  # 8 MiB in float32
-    compare(lambda x: F.layer_norm(x, (2048,)), lambda x: ref.layer_norm(x, (2048,)), [x],
-            dtype=torch.float32, device=device, grad=(0,))
+    compare(
+        lambda x: F.layer_norm(x, (2048,)),
+        lambda x: ref.layer_norm(x, (2048,)),
+        [x],
+        dtype=torch.float32,
+        device=device,
+        grad=(0,),
+    )
     s = torch.randn(2, 4, 256, 1024, dtype=torch.float64)
     m = torch.rand(2, 1, 1, 1024) > 0.3
     m[..., 0] = True
-    compare(lambda s: F.masked_softmax(s, m.to(s.device), scale=0.125),
-            lambda s: ref.masked_softmax(s, m, scale=0.125), [s], dtype=torch.float32,
-            device=device, grad=(0,))
+    compare(
+        lambda s: F.masked_softmax(s, m.to(s.device), scale=0.125),
+        lambda s: ref.masked_softmax(s, m, scale=0.125),
+        [s],
+        dtype=torch.float32,
+        device=device,
+        grad=(0,),
+    )
     q, k, v = (torch.randn(2, 4, 512, 64, dtype=torch.float64) for _ in range(3))
-    compare(lambda q, k, v: F.attention(q, k, v, m[..., :512].to(q.device), need_weights=True),
-            lambda q, k, v: ref.attention(q, k, v, m[..., :512], need_weights=True),
-            [q, k, v], dtype=torch.float32, device=device, grad=(0, 1, 2))
+    compare(
+        lambda q, k, v: F.attention(q, k, v, m[..., :512].to(q.device), need_weights=True),
+        lambda q, k, v: ref.attention(q, k, v, m[..., :512], need_weights=True),
+        [q, k, v],
+        dtype=torch.float32,
+        device=device,
+        grad=(0, 1, 2),
+    )
     compare(F.scaled_qk, ref.scaled_qk, [q, k], dtype=torch.float32, device=device, grad=(0, 1))

@@ -8,7 +8,6 @@ import torch
 
 import pyformer
 import pyformer.functional as F
-import pyformer.reference as ref
 from conftest import DEVICES
 
 P = torch.ops.pyformer
@@ -21,20 +20,33 @@ def _d(*shape, device="cpu", grad=True):
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck(device):
     gc = lambda f, xs: torch.autograd.gradcheck(f, xs, eps=1e-6, atol=1e-7, rtol=1e-5)
-    q, k, v = _d(2, 2, 4, 3, device=device), _d(2, 2, 5, 3, device=device), _d(2, 2, 5, 2, device=device)
+    q, k, v = (
+        _d(2, 2, 4, 3, device=device),
+        _d(2, 2, 5, 3, device=device),
+        _d(2, 2, 5, 2, device=device),
+    )
     kl = torch.tensor([5, 3], device=device)
-    pad = (torch.arange(5, device=device) < torch.tensor([4, 5], device=device).view(2, 1, 1, 1))
+    pad = torch.arange(5, device=device) < torch.tensor([4, 5], device=device).view(2, 1, 1, 1)
     fmask = _d(1, 2, 4, 5, device=device)
     assert gc(lambda q, k: F.scaled_qk(q, k), (q, k))
-    assert gc(lambda s: F.masked_softmax(s, pad, scale=0.5, causal=True, key_lengths=kl), (_d(2, 2, 4, 5, device=device),))
-    assert gc(lambda s, m: F.masked_softmax(s, m, scale=1.5), (_d(2, 2, 4, 5, device=device), fmask))
+    assert gc(
+        lambda s: F.masked_softmax(s, pad, scale=0.5, causal=True, key_lengths=kl),
+        (_d(2, 2, 4, 5, device=device),),
+    )
+    assert gc(
+        lambda s, m: F.masked_softmax(s, m, scale=1.5), (_d(2, 2, 4, 5, device=device), fmask)
+    )
     x, w, b = _d(3, 4, 6, device=device), _d(6, device=device), _d(6, device=device)
     assert gc(lambda x, w, b: F.layer_norm(x, (6,), w, b), (x, w, b))
     assert gc(lambda x, w, b: F.layer_norm(x, (4, 6), w.repeat(4, 1), b.repeat(4, 1)), (x, w, b))
     r = _d(3, 4, 6, device=device)
     assert gc(lambda x, r, w, b: F.add_layer_norm(x, r, (6,), w, b), (x, r, w, b))
-    assert gc(lambda q, k, v: F.attention(q, k, v, pad, key_lengths=kl, need_weights=True), (q, k, v))
-    assert gc(lambda q, k, v, m: F.attention(q, k, v, m, causal=True, need_weights=True), (q, k, v, fmask))
+    assert gc(
+        lambda q, k, v: F.attention(q, k, v, pad, key_lengths=kl, need_weights=True), (q, k, v)
+    )
+    assert gc(
+        lambda q, k, v, m: F.attention(q, k, v, m, causal=True, need_weights=True), (q, k, v, fmask)
+    )
 
 
 def _samples(device):
@@ -55,8 +67,34 @@ def _samples(device):
         (P.add_layer_norm, (t(4, 16), t(4, 16), [16], t(16), t(16), 1e-5)),
         (P.attention, (q, k, v, pad, 0.35, False, kl, 0.0)),
         (P.attention, (q, k, v, t(2, 1, 4, 5), 0.35, True, None, 0.0)),
-        (P.attention_backward, (t(2, 3, 4, 6), None, q, k, v, probs, torch.empty(0, dtype=torch.bool, device=device), 0.35, 0.0)),
-        (P.attention_backward, (t(2, 3, 4, 6), t(2, 3, 4, 5), q, k, v, probs, torch.empty(0, dtype=torch.bool, device=device), 0.35, 0.0)),
+        (
+            P.attention_backward,
+            (
+                t(2, 3, 4, 6),
+                None,
+                q,
+                k,
+                v,
+                probs,
+                torch.empty(0, dtype=torch.bool, device=device),
+                0.35,
+                0.0,
+            ),
+        ),
+        (
+            P.attention_backward,
+            (
+                t(2, 3, 4, 6),
+                t(2, 3, 4, 5),
+                q,
+                k,
+                v,
+                probs,
+                torch.empty(0, dtype=torch.bool, device=device),
+                0.35,
+                0.0,
+            ),
+        ),
     ]
 
 
@@ -66,8 +104,12 @@ def test_opcheck(device):
     for op, args in _samples(device):
         # forward ops with differentiable inputs (their autograd is checked); backward ops plain
         grad = op in forward
-        args = tuple(a.detach().clone().requires_grad_(grad and a.is_floating_point()) if isinstance(a, torch.Tensor) else a
-                     for a in args)
+        args = tuple(
+            a.detach().clone().requires_grad_(grad and a.is_floating_point())
+            if isinstance(a, torch.Tensor)
+            else a
+            for a in args
+        )
         torch.library.opcheck(op, args)
 
 
@@ -83,8 +125,17 @@ def _model(x, r, w, b, q, k, v, s, kl):
 def test_torch_compile_fullgraph(device):
     torch._dynamo.reset()
     t = lambda *s: torch.randn(*s, device=device, requires_grad=True)
-    args = [t(3, 5, 16), t(3, 5, 16), t(16), t(16), t(2, 2, 6, 8), t(2, 2, 6, 8), t(2, 2, 6, 4), torch.randn(2, 2, 6, 6, device=device),
-            torch.tensor([6, 3], device=device)]
+    args = [
+        t(3, 5, 16),
+        t(3, 5, 16),
+        t(16),
+        t(16),
+        t(2, 2, 6, 8),
+        t(2, 2, 6, 8),
+        t(2, 2, 6, 4),
+        torch.randn(2, 2, 6, 6, device=device),
+        torch.tensor([6, 3], device=device),
+    ]
     compiled = torch.compile(_model, fullgraph=True, backend="inductor")
     want = _model(*args)
     g_want = torch.autograd.grad(want, [a for a in args if a.requires_grad])

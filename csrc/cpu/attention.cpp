@@ -40,9 +40,9 @@ namespace {
 using sgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*, const float*,
                          const float*, const int*, const float*, const int*, const float*, float*,
                          const int*);
-using dgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*, const double*,
-                         const double*, const int*, const double*, const int*, const double*,
-                         double*, const int*);
+using dgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*,
+                         const double*, const double*, const int*, const double*, const int*,
+                         const double*, double*, const int*);
 
 struct Blas {
   sgemm_t sgemm = nullptr;
@@ -74,9 +74,12 @@ void gemm_rm(bool trans_a, bool trans_b, int m, int n, int k, T alpha, const T* 
 
 template <typename T>
 bool have_blas() {
-  if constexpr (std::is_same_v<T, float>) return blas().sgemm != nullptr;
-  else if constexpr (std::is_same_v<T, double>) return blas().dgemm != nullptr;
-  else return false;
+  if constexpr (std::is_same_v<T, float>)
+    return blas().sgemm != nullptr;
+  else if constexpr (std::is_same_v<T, double>)
+    return blas().dgemm != nullptr;
+  else
+    return false;
 }
 
 // Per-head fused path (float32 / float64 with a BLAS).
@@ -87,7 +90,8 @@ void attention_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   using acc_t = acc_type<scalar_t>;
   const int64_t H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2), Dv = v.size(3);
   const int64_t BH = q.size(0) * H;
-  const scalar_t *Q = q.const_data_ptr<scalar_t>(), *K = k.const_data_ptr<scalar_t>(), *V = v.const_data_ptr<scalar_t>();
+  const scalar_t *Q = q.const_data_ptr<scalar_t>(), *K = k.const_data_ptr<scalar_t>(),
+                 *V = v.const_data_ptr<scalar_t>();
   scalar_t* P = probs.defined() ? probs.mutable_data_ptr<scalar_t>() : nullptr;  // null: not wanted
   scalar_t* O = out.mutable_data_ptr<scalar_t>();
   const bool* KEEP = keep.defined() ? keep.const_data_ptr<bool>() : nullptr;
@@ -104,8 +108,10 @@ void attention_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       scalar_t* ph = P ? P + bh * Lq * Lk : nullptr;
       scalar_t* oh = O + bh * Lq * Dv;
       // S (Lq, len), compact = scale * q_h @ k_h[:len]^T
-      if (len > 0 && D > 0) gemm_rm<acc_t>(false, true, Lq, len, D, scale, qh, D, kh, D, S.data(), len);
-      else std::fill(S.begin(), S.begin() + Lq * len, acc_t(0));
+      if (len > 0 && D > 0)
+        gemm_rm<acc_t>(false, true, Lq, len, D, scale, qh, D, kh, D, S.data(), len);
+      else
+        std::fill(S.begin(), S.begin() + Lq * len, acc_t(0));
       // softmax in place in the cached scores, rows of `len` (keys past len are not stored)
       for (int64_t i = 0; i < Lq; ++i) {
         const int64_t r = bh * Lq + i;
@@ -116,7 +122,8 @@ void attention_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
         // came out NaN (NaN or inf among its unmasked scores) is NaN throughout, as torch.softmax.
         if (!ph) continue;
         if (len > 0 && std::isnan(srow[0]))
-          std::fill(ph + i * Lk, ph + (i + 1) * Lk, scalar_t(std::numeric_limits<acc_t>::quiet_NaN()));
+          std::fill(ph + i * Lk, ph + (i + 1) * Lk,
+                    scalar_t(std::numeric_limits<acc_t>::quiet_NaN()));
         else
           store_scaled<scalar_t, acc_t>(ph + i * Lk, srow, len, Lk, acc_t(1));
       }
@@ -129,7 +136,8 @@ void attention_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
         const bool* kp = KEEP + bh * Lq * Lk;
         for (int64_t i = 0; i < Lq; ++i)
           for (int64_t j = 0; j < len; ++j)
-            pd[i * len + j] = kp[i * Lk + j] ? S[i * len + j] * static_cast<acc_t>(keep_scale) : acc_t(0);
+            pd[i * len + j] =
+                kp[i * Lk + j] ? S[i * len + j] * static_cast<acc_t>(keep_scale) : acc_t(0);
         pv = pd.data();
       }
       gemm_rm<acc_t>(false, false, Lq, Dv, len, acc_t(1), pv, len, vh, Dv, oh, Dv);
@@ -147,12 +155,15 @@ void attention_backward_fused(const at::Tensor& g, const at::Tensor& gp, const a
                               const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
                               const at::Tensor& dS) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t BH = q.size(0) * q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2), Dv = v.size(3);
-  const scalar_t *G = g.const_data_ptr<scalar_t>(), *Q = q.const_data_ptr<scalar_t>(), *K = k.const_data_ptr<scalar_t>();
+  const int64_t BH = q.size(0) * q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2),
+                Dv = v.size(3);
+  const scalar_t *G = g.const_data_ptr<scalar_t>(), *Q = q.const_data_ptr<scalar_t>(),
+                 *K = k.const_data_ptr<scalar_t>();
   const scalar_t *V = v.const_data_ptr<scalar_t>(), *P = probs.const_data_ptr<scalar_t>();
   const scalar_t* GP = gp.defined() ? gp.const_data_ptr<scalar_t>() : nullptr;
   const bool* KEEP = keep.defined() ? keep.const_data_ptr<bool>() : nullptr;
-  scalar_t *DQ = dq.mutable_data_ptr<scalar_t>(), *DK = dk.mutable_data_ptr<scalar_t>(), *DV = dv.mutable_data_ptr<scalar_t>();
+  scalar_t *DQ = dq.mutable_data_ptr<scalar_t>(), *DK = dk.mutable_data_ptr<scalar_t>(),
+           *DV = dv.mutable_data_ptr<scalar_t>();
   scalar_t* DS = dS.mutable_data_ptr<scalar_t>();
   const acc_t ks = static_cast<acc_t>(keep_scale);
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
@@ -163,8 +174,11 @@ void attention_backward_fused(const at::Tensor& g, const at::Tensor& gp, const a
       const scalar_t* ph = P + off;
       scalar_t* dsh = DS + off;
       // dP = dO @ V^T (Lq, Lk), through dropout, plus the gradient flowing into probs
-      if (Dv > 0) gemm_rm<acc_t>(false, true, Lq, Lk, Dv, acc_t(1), gh, Dv, V + bh * Lk * Dv, Dv, dP.data(), Lk);
-      else std::fill(dP.begin(), dP.end(), acc_t(0));
+      if (Dv > 0)
+        gemm_rm<acc_t>(false, true, Lq, Lk, Dv, acc_t(1), gh, Dv, V + bh * Lk * Dv, Dv, dP.data(),
+                       Lk);
+      else
+        std::fill(dP.begin(), dP.end(), acc_t(0));
       if (KEEP) {
         const bool* kh = KEEP + off;
         for (int64_t e = 0; e < Lq * Lk; ++e) {
@@ -178,14 +192,19 @@ void attention_backward_fused(const at::Tensor& g, const at::Tensor& gp, const a
       }
       // dS = P * (dP - sum(dP * P)), row by row, written out as dlogits
       for (int64_t i = 0; i < Lq; ++i)
-        masked_softmax_backward_row<scalar_t>(dP.data() + i * Lk, ph + i * Lk, dsh + i * Lk, Lk, acc_t(1));
+        masked_softmax_backward_row<scalar_t>(dP.data() + i * Lk, ph + i * Lk, dsh + i * Lk, Lk,
+                                              acc_t(1));
       if (D > 0) {
         // dq = scale * dS @ K (Lq, D);  dk = scale * dS^T @ Q (Lk, D)
-        gemm_rm<acc_t>(false, false, Lq, D, Lk, static_cast<acc_t>(scale), dsh, Lk, K + bh * Lk * D, D, DQ + bh * Lq * D, D);
-        gemm_rm<acc_t>(true, false, Lk, D, Lq, static_cast<acc_t>(scale), dsh, Lk, Q + bh * Lq * D, D, DK + bh * Lk * D, D);
+        gemm_rm<acc_t>(false, false, Lq, D, Lk, static_cast<acc_t>(scale), dsh, Lk, K + bh * Lk * D,
+                       D, DQ + bh * Lq * D, D);
+        gemm_rm<acc_t>(true, false, Lk, D, Lq, static_cast<acc_t>(scale), dsh, Lk, Q + bh * Lq * D,
+                       D, DK + bh * Lk * D, D);
       }
       // dv = P_dropped^T @ dO (Lk, Dv)
-      if (Dv > 0) gemm_rm<acc_t>(true, false, Lk, Dv, Lq, acc_t(1), KEEP ? pd.data() : ph, Lk, gh, Dv, DV + bh * Lk * Dv, Dv);
+      if (Dv > 0)
+        gemm_rm<acc_t>(true, false, Lk, Dv, Lq, acc_t(1), KEEP ? pd.data() : ph, Lk, gh, Dv,
+                       DV + bh * Lk * Dv, Dv);
     }
   });
 }
@@ -208,10 +227,11 @@ bool attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   return true;
 }
 
-bool attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& grad_probs, const at::Tensor& q,
-                       const at::Tensor& k, const at::Tensor& v, const at::Tensor& probs,
-                       const at::Tensor& keep, double scale, double keep_scale, const at::Tensor& dq,
-                       const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& dlogits) {
+bool attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& grad_probs,
+                       const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& probs, const at::Tensor& keep, double scale,
+                       double keep_scale, const at::Tensor& dq, const at::Tensor& dk,
+                       const at::Tensor& dv, const at::Tensor& dlogits) {
   if (!fused_takes(q, k, v)) return false;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_backward_cpu", [&] {
     attention_backward_fused<scalar_t>(grad_out, grad_probs, q, k, v, probs, keep, scale,

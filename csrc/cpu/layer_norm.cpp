@@ -5,15 +5,15 @@
 //   add_layer_norm: s = x + residual (written out, rounded to x's dtype) and y = layer_norm(s)
 //
 // Algorithm (forward): rows are split across threads; each row is read once from memory into a
-// float buffer (for float32/float64 the row itself, or the just-written s, serves), then the mean and the
-// biased variance in two vectorized passes over the cached row (a corrected two-pass: exact where the
-// one-pass E[x^2] - E[x]^2 formula cancels, and the centred sum refines the mean, so a constant
-// row normalizes to exactly 0), then y in a third. Napkin math: 4 bytes read + 4
-// written per float32 element (+ 4 + 4 for the residual and s), ~8 flops per element.
-// Backward: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * weight, per row;
-// dweight = sum_rows dy * xhat and dbias = sum_rows dy through per-block partial sums over a fixed
-// number of contiguous row blocks, then one reduction over the blocks in a fixed order:
-// deterministic run to run, whatever the thread count.
+// float buffer (for float32/float64 the row itself, or the just-written s, serves), then the mean
+// and the biased variance in two vectorized passes over the cached row (a corrected two-pass: exact
+// where the one-pass E[x^2] - E[x]^2 formula cancels, and the centred sum refines the mean, so a
+// constant row normalizes to exactly 0), then y in a third. Napkin math: 4 bytes read + 4 written
+// per float32 element (+ 4 + 4 for the residual and s), ~8 flops per element. Backward: dx = rstd *
+// (g - mean(g) - xhat * mean(g * xhat)) with g = dy * weight, per row; dweight = sum_rows dy * xhat
+// and dbias = sum_rows dy through per-block partial sums over a fixed number of contiguous row
+// blocks, then one reduction over the blocks in a fixed order: deterministic run to run, whatever
+// the thread count.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -96,7 +96,8 @@ void layer_norm_forward_rows(const scalar_t* x, const scalar_t* res, scalar_t* s
         scalar_t* sr = s + r * N;
         if constexpr (direct) {  // s itself, just written and still in cache, is the row
           int64_t j = 0;
-          for (; j + Vec::size() <= N; j += Vec::size()) (Vec::loadu(xr + j) + Vec::loadu(rr + j)).store(sr + j);
+          for (; j + Vec::size() <= N; j += Vec::size())
+            (Vec::loadu(xr + j) + Vec::loadu(rr + j)).store(sr + j);
           for (; j < N; ++j) sr[j] = xr[j] + rr[j];
           row = reinterpret_cast<const acc_t*>(sr);
         } else {
@@ -154,10 +155,12 @@ void layer_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& residual, const a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     layer_norm_forward_rows<scalar_t>(
-        x.const_data_ptr<scalar_t>(), residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr,
+        x.const_data_ptr<scalar_t>(),
+        residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr,
         s.defined() ? s.mutable_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(),
-        w.defined() ? w.const_data_ptr<acc_t>() : nullptr, b.defined() ? b.const_data_ptr<acc_t>() : nullptr,
-        mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), R, N, eps);
+        w.defined() ? w.const_data_ptr<acc_t>() : nullptr,
+        b.defined() ? b.const_data_ptr<acc_t>() : nullptr, mean.mutable_data_ptr<acc_t>(),
+        rstd.mutable_data_ptr<acc_t>(), R, N, eps);
   });
 }
 
@@ -169,110 +172,112 @@ void layer_norm_bwd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::T
   // Fixed block count (independent of the thread count), capped so the partials stay <= 256 MB.
   const int64_t nblk = std::max<int64_t>(1, std::min<int64_t>({R, 32, (int64_t(32) << 20) / N}));
   const at::Tensor w = as_acc(weight, acc);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_backward_cpu", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const scalar_t* X = x.const_data_ptr<scalar_t>();
-    const scalar_t* G = grad.const_data_ptr<scalar_t>();
-    const acc_t* MU = mean.const_data_ptr<acc_t>();
-    const acc_t* RS = rstd.const_data_ptr<acc_t>();
-    const acc_t* W = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
-    scalar_t* DX = dx.mutable_data_ptr<scalar_t>();
-    // the per-block partials, uninitialized (each block zeroes its own)
-    const std::unique_ptr<acc_t[]> part(new acc_t[2 * nblk * N]);
-    acc_t* DW = part.get();
-    acc_t* DB = DW + nblk * N;
-    at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
-      constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
-      std::vector<acc_t> xh(direct ? 0 : N), g(direct ? 0 : N);
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        acc_t* dw = DW + blk * N;
-        acc_t* db = DB + blk * N;
-        std::fill(dw, dw + N, acc_t(0));
-        std::fill(db, db + N, acc_t(0));
-        const int64_t r0 = R * blk / nblk, r1 = R * (blk + 1) / nblk;
-        for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* xr = X + r * N;
-          const scalar_t* gr = G + r * N;
-          scalar_t* dxr = DX + r * N;
-          const acc_t mu = MU[r], rs = RS[r];
-          if constexpr (std::is_same_v<scalar_t, acc_t>) {
-            // float32 / float64: two vectorized passes over the cached row; xhat and g are
-            // recomputed in the second rather than stored
-            using Vec = Vectorized<acc_t>;
-            const Vec vmu(mu), vrs(rs);
-            Vec vsg(0), vsgx(0);
-            int64_t j = 0;
-            for (; j + Vec::size() <= N; j += Vec::size()) {
-              const Vec dy = Vec::loadu(gr + j), xhv = (Vec::loadu(xr + j) - vmu) * vrs;
-              const Vec gv = W ? dy * Vec::loadu(W + j) : dy;
-              at::vec::fmadd(dy, xhv, Vec::loadu(dw + j)).store(dw + j);
-              (Vec::loadu(db + j) + dy).store(db + j);
-              vsg = vsg + gv;
-              vsgx = at::vec::fmadd(gv, xhv, vsgx);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_backward_cpu", [&] {
+        using acc_t = acc_type<scalar_t>;
+        const scalar_t* X = x.const_data_ptr<scalar_t>();
+        const scalar_t* G = grad.const_data_ptr<scalar_t>();
+        const acc_t* MU = mean.const_data_ptr<acc_t>();
+        const acc_t* RS = rstd.const_data_ptr<acc_t>();
+        const acc_t* W = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
+        scalar_t* DX = dx.mutable_data_ptr<scalar_t>();
+        // the per-block partials, uninitialized (each block zeroes its own)
+        const std::unique_ptr<acc_t[]> part(new acc_t[2 * nblk * N]);
+        acc_t* DW = part.get();
+        acc_t* DB = DW + nblk * N;
+        at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+          constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
+          std::vector<acc_t> xh(direct ? 0 : N), g(direct ? 0 : N);
+          for (int64_t blk = b0; blk < b1; ++blk) {
+            acc_t* dw = DW + blk * N;
+            acc_t* db = DB + blk * N;
+            std::fill(dw, dw + N, acc_t(0));
+            std::fill(db, db + N, acc_t(0));
+            const int64_t r0 = R * blk / nblk, r1 = R * (blk + 1) / nblk;
+            for (int64_t r = r0; r < r1; ++r) {
+              const scalar_t* xr = X + r * N;
+              const scalar_t* gr = G + r * N;
+              scalar_t* dxr = DX + r * N;
+              const acc_t mu = MU[r], rs = RS[r];
+              if constexpr (std::is_same_v<scalar_t, acc_t>) {
+                // float32 / float64: two vectorized passes over the cached row; xhat and g are
+                // recomputed in the second rather than stored
+                using Vec = Vectorized<acc_t>;
+                const Vec vmu(mu), vrs(rs);
+                Vec vsg(0), vsgx(0);
+                int64_t j = 0;
+                for (; j + Vec::size() <= N; j += Vec::size()) {
+                  const Vec dy = Vec::loadu(gr + j), xhv = (Vec::loadu(xr + j) - vmu) * vrs;
+                  const Vec gv = W ? dy * Vec::loadu(W + j) : dy;
+                  at::vec::fmadd(dy, xhv, Vec::loadu(dw + j)).store(dw + j);
+                  (Vec::loadu(db + j) + dy).store(db + j);
+                  vsg = vsg + gv;
+                  vsgx = at::vec::fmadd(gv, xhv, vsgx);
+                }
+                acc_t sg = hsum(vsg), sgx = hsum(vsgx);
+                for (int64_t jj = j; jj < N; ++jj) {
+                  const acc_t dy = gr[jj], xhv = (xr[jj] - mu) * rs, gv = W ? dy * W[jj] : dy;
+                  dw[jj] += dy * xhv;
+                  db[jj] += dy;
+                  sg += gv;
+                  sgx += gv * xhv;
+                }
+                const acc_t a = sg / N, c = sgx / N;
+                const Vec va(a), vc(c);
+                j = 0;
+                for (; j + Vec::size() <= N; j += Vec::size()) {
+                  const Vec dy = Vec::loadu(gr + j), xhv = (Vec::loadu(xr + j) - vmu) * vrs;
+                  const Vec gv = W ? dy * Vec::loadu(W + j) : dy;
+                  (vrs * (gv - va - xhv * vc)).store(dxr + j);
+                }
+                for (; j < N; ++j) {
+                  const acc_t dy = gr[j], xhv = (xr[j] - mu) * rs, gv = W ? dy * W[j] : dy;
+                  dxr[j] = rs * (gv - a - xhv * c);
+                }
+              } else {  // float16 / bfloat16: convert once into float buffers
+                acc_t sgx = 0;
+                for (int64_t j = 0; j < N; ++j) {
+                  const acc_t dy = static_cast<acc_t>(gr[j]);
+                  xh[j] = (static_cast<acc_t>(xr[j]) - mu) * rs;
+                  g[j] = W ? dy * W[j] : dy;
+                  dw[j] += dy * xh[j];
+                  db[j] += dy;
+                }
+                const acc_t sg = vsum(g.data(), N);
+                for (int64_t j = 0; j < N; ++j) sgx += g[j] * xh[j];
+                const acc_t a = sg / N, c = sgx / N;
+                for (int64_t j = 0; j < N; ++j)
+                  dxr[j] = static_cast<scalar_t>(rs * (g[j] - a - xh[j] * c));
+              }
             }
-            acc_t sg = hsum(vsg), sgx = hsum(vsgx);
-            for (int64_t jj = j; jj < N; ++jj) {
-              const acc_t dy = gr[jj], xhv = (xr[jj] - mu) * rs, gv = W ? dy * W[jj] : dy;
-              dw[jj] += dy * xhv;
-              db[jj] += dy;
-              sg += gv;
-              sgx += gv * xhv;
-            }
-            const acc_t a = sg / N, c = sgx / N;
-            const Vec va(a), vc(c);
-            j = 0;
-            for (; j + Vec::size() <= N; j += Vec::size()) {
-              const Vec dy = Vec::loadu(gr + j), xhv = (Vec::loadu(xr + j) - vmu) * vrs;
-              const Vec gv = W ? dy * Vec::loadu(W + j) : dy;
-              (vrs * (gv - va - xhv * vc)).store(dxr + j);
-            }
-            for (; j < N; ++j) {
-              const acc_t dy = gr[j], xhv = (xr[j] - mu) * rs, gv = W ? dy * W[j] : dy;
-              dxr[j] = rs * (gv - a - xhv * c);
-            }
-          } else {  // float16 / bfloat16: convert once into float buffers
-            acc_t sgx = 0;
-            for (int64_t j = 0; j < N; ++j) {
-              const acc_t dy = static_cast<acc_t>(gr[j]);
-              xh[j] = (static_cast<acc_t>(xr[j]) - mu) * rs;
-              g[j] = W ? dy * W[j] : dy;
-              dw[j] += dy * xh[j];
-              db[j] += dy;
-            }
-            const acc_t sg = vsum(g.data(), N);
-            for (int64_t j = 0; j < N; ++j) sgx += g[j] * xh[j];
-            const acc_t a = sg / N, c = sgx / N;
-            for (int64_t j = 0; j < N; ++j) dxr[j] = static_cast<scalar_t>(rs * (g[j] - a - xh[j] * c));
           }
-        }
-      }
-    });
-    // a fixed-order reduction over the blocks (block 0 first), columns in chunks so the
-    // inner loop runs along contiguous partials
-    scalar_t* GW = dweight.mutable_data_ptr<scalar_t>();
-    scalar_t* GB = dbias.mutable_data_ptr<scalar_t>();
-    constexpr int64_t kChunk = 256;
-    at::parallel_for(0, (N + kChunk - 1) / kChunk, 16, [&](int64_t c0, int64_t c1) {
-      acc_t sw[kChunk], sb[kChunk];
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t j0 = c * kChunk, n = std::min(kChunk, N - j0);
-        std::fill(sw, sw + n, acc_t(0));
-        std::fill(sb, sb + n, acc_t(0));
-        for (int64_t blk = 0; blk < nblk; ++blk) {
-          const acc_t* dw = DW + blk * N + j0;
-          const acc_t* db = DB + blk * N + j0;
-          for (int64_t j = 0; j < n; ++j) {
-            sw[j] += dw[j];
-            sb[j] += db[j];
+        });
+        // a fixed-order reduction over the blocks (block 0 first), columns in chunks so the
+        // inner loop runs along contiguous partials
+        scalar_t* GW = dweight.mutable_data_ptr<scalar_t>();
+        scalar_t* GB = dbias.mutable_data_ptr<scalar_t>();
+        constexpr int64_t kChunk = 256;
+        at::parallel_for(0, (N + kChunk - 1) / kChunk, 16, [&](int64_t c0, int64_t c1) {
+          acc_t sw[kChunk], sb[kChunk];
+          for (int64_t c = c0; c < c1; ++c) {
+            const int64_t j0 = c * kChunk, n = std::min(kChunk, N - j0);
+            std::fill(sw, sw + n, acc_t(0));
+            std::fill(sb, sb + n, acc_t(0));
+            for (int64_t blk = 0; blk < nblk; ++blk) {
+              const acc_t* dw = DW + blk * N + j0;
+              const acc_t* db = DB + blk * N + j0;
+              for (int64_t j = 0; j < n; ++j) {
+                sw[j] += dw[j];
+                sb[j] += db[j];
+              }
+            }
+            for (int64_t j = 0; j < n; ++j) {
+              GW[j0 + j] = static_cast<scalar_t>(sw[j]);
+              GB[j0 + j] = static_cast<scalar_t>(sb[j]);
+            }
           }
-        }
-        for (int64_t j = 0; j < n; ++j) {
-          GW[j0 + j] = static_cast<scalar_t>(sw[j]);
-          GB[j0 + j] = static_cast<scalar_t>(sb[j]);
-        }
-      }
-    });
-  });
+        });
+      });
 }
 
 }  // namespace

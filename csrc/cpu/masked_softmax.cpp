@@ -37,26 +37,29 @@ void softmax_rows(const scalar_t* x, scalar_t* y, int64_t rows, int64_t lk, doub
 void masked_softmax_fwd_cpu(const at::Tensor& x, const at::Tensor& y, const MaskLayout& mask,
                             double scale) {
   const int64_t lk = x.size(-1), rows = x.numel() / lk;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_softmax_cpu", [&] {
-    softmax_rows<scalar_t>(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), rows, lk,
-                           scale, mask);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "masked_softmax_cpu", [&] {
+        softmax_rows<scalar_t>(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), rows,
+                               lk, scale, mask);
+      });
 }
 
 void masked_softmax_bwd_cpu(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& dx,
                             double scale) {
   const int64_t lk = y.size(-1), rows = y.numel() / lk;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "masked_softmax_backward_cpu", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const scalar_t* g = dy.const_data_ptr<scalar_t>();
-    const scalar_t* p = y.const_data_ptr<scalar_t>();
-    scalar_t* d = dx.mutable_data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, 32768 / lk);
-    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r)
-        masked_softmax_backward_row<scalar_t>(g + r * lk, p + r * lk, d + r * lk, lk, static_cast<acc_t>(scale));
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, y.scalar_type(), "masked_softmax_backward_cpu", [&] {
+        using acc_t = acc_type<scalar_t>;
+        const scalar_t* g = dy.const_data_ptr<scalar_t>();
+        const scalar_t* p = y.const_data_ptr<scalar_t>();
+        scalar_t* d = dx.mutable_data_ptr<scalar_t>();
+        const int64_t grain = std::max<int64_t>(1, 32768 / lk);
+        at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+          for (int64_t r = b; r < e; ++r)
+            masked_softmax_backward_row<scalar_t>(g + r * lk, p + r * lk, d + r * lk, lk,
+                                                  static_cast<acc_t>(scale));
+        });
+      });
 }
 
 }  // namespace

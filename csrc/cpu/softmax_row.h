@@ -46,8 +46,10 @@ inline RowMask<scalar_t> row_mask(const MaskLayout& m, int64_t row) {
   RowMask<scalar_t> rm;
   if (m.kind == 0) return rm;
   const int64_t off = m.offset(row);
-  if (m.kind == 1) rm.b = static_cast<const bool*>(m.data) + off;
-  else rm.f = static_cast<const scalar_t*>(m.data) + off;
+  if (m.kind == 1)
+    rm.b = static_cast<const bool*>(m.data) + off;
+  else
+    rm.f = static_cast<const scalar_t*>(m.data) + off;
   rm.stride = m.mlast;
   return rm;
 }
@@ -76,7 +78,8 @@ inline int64_t scale_mask_row(const in_t* x, acc_t* buf, int64_t end, acc_t scal
         std::memcpy(&bits, m.b + j, 8);
         const __m256i m32 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(bits)));
         const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(m32, zero));
-        _mm256_storeu_ps(buf + j, _mm256_blendv_ps(vninf, _mm256_mul_ps(_mm256_loadu_ps(x + j), vs), keep));
+        _mm256_storeu_ps(buf + j,
+                         _mm256_blendv_ps(vninf, _mm256_mul_ps(_mm256_loadu_ps(x + j), vs), keep));
         count += __builtin_popcountll(bits);
       }
     }
@@ -108,7 +111,8 @@ inline acc_t row_max(const acc_t* buf, int64_t n) {
     for (; j + Vec::size() <= n; j += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(buf + j));
     acc_t tmp[Vec::size()];
     vm.store(tmp);
-    for (int64_t t = 0; t < Vec::size(); ++t) mx = (std::isnan(tmp[t]) || tmp[t] > mx) ? tmp[t] : mx;
+    for (int64_t t = 0; t < Vec::size(); ++t)
+      mx = (std::isnan(tmp[t]) || tmp[t] > mx) ? tmp[t] : mx;
   }
   for (; j < n; ++j) mx = (std::isnan(buf[j]) || buf[j] > mx) ? buf[j] : mx;
   return mx;
@@ -153,8 +157,8 @@ inline void store_scaled(scalar_t* y, const acc_t* buf, int64_t n, int64_t lk, a
 // The whole row. `buf` holds at least `end` accumulators; x may be the scores in scalar_t or, in
 // attention, the float scores straight out of the GEMM (in_t = acc_t); x and y may alias.
 template <typename scalar_t, typename in_t = scalar_t, typename acc_t = acc_type<scalar_t>>
-inline void masked_softmax_row(const in_t* x, scalar_t* y, int64_t lk, int64_t end,
-                               acc_t scale, const RowMask<scalar_t>& m, acc_t* buf) {
+inline void masked_softmax_row(const in_t* x, scalar_t* y, int64_t lk, int64_t end, acc_t scale,
+                               const RowMask<scalar_t>& m, acc_t* buf) {
   int64_t count;
   const bool unit = m.stride == 1;
   if (m.b) {
@@ -188,7 +192,8 @@ inline void masked_softmax_backward_row(const scalar_t* dy, const scalar_t* y, s
     using Vec = Vectorized<acc_t>;
     Vec vd(0);
     int64_t j = 0;
-    for (; j + Vec::size() <= n; j += Vec::size()) vd = at::vec::fmadd(Vec::loadu(dy + j), Vec::loadu(y + j), vd);
+    for (; j + Vec::size() <= n; j += Vec::size())
+      vd = at::vec::fmadd(Vec::loadu(dy + j), Vec::loadu(y + j), vd);
     acc_t tmp[Vec::size()];
     vd.store(tmp);
     for (int64_t t = 0; t < Vec::size(); ++t) dot += tmp[t];
@@ -201,7 +206,8 @@ inline void masked_softmax_backward_row(const scalar_t* dy, const scalar_t* y, s
   } else {
     for (int64_t j = 0; j < n; ++j) dot += static_cast<acc_t>(dy[j]) * static_cast<acc_t>(y[j]);
     for (int64_t j = 0; j < n; ++j)
-      dx[j] = static_cast<scalar_t>(scale * static_cast<acc_t>(y[j]) * (static_cast<acc_t>(dy[j]) - dot));
+      dx[j] = static_cast<scalar_t>(scale * static_cast<acc_t>(y[j]) *
+                                    (static_cast<acc_t>(dy[j]) - dot));
   }
 }
 

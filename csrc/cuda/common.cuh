@@ -31,7 +31,8 @@ namespace cuda {
 
 // ---- types --------------------------------------------------------------------------------------
 // Reductions accumulate in float32, or float64 for float64 input (docs/ops.md).
-template <typename T> using acc_t = at::opmath_type<T>;
+template <typename T>
+using acc_t = at::opmath_type<T>;
 
 // A 16-byte (or smaller) aligned vector of N elements, for one wide load or store.
 template <typename T, int N>
@@ -40,7 +41,10 @@ struct alignas(sizeof(T) * N) Vec {
 };
 
 // Elements per 16-byte vector: 8 for half types, 4 for float, 2 for double.
-template <typename T> constexpr int vec16() { return 16 / static_cast<int>(sizeof(T)); }
+template <typename T>
+constexpr int vec16() {
+  return 16 / static_cast<int>(sizeof(T));
+}
 
 __host__ __device__ inline bool is_aligned(const void* p, int bytes) {
   return (reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes)) == 0;
@@ -75,19 +79,25 @@ __device__ __forceinline__ double acc_rsqrt(double x) { return rsqrt(x); }
 // fmax ignores a NaN operand; NaN still reaches the output through the sum (see masked_softmax.cu).
 __device__ __forceinline__ float acc_max(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double acc_max(double a, double b) { return fmax(a, b); }
-template <typename A> __device__ __forceinline__ A neg_inf() {
+template <typename A>
+__device__ __forceinline__ A neg_inf() {
   return -std::numeric_limits<A>::infinity();
 }
-template <typename A> __device__ __forceinline__ A quiet_nan() {
+template <typename A>
+__device__ __forceinline__ A quiet_nan() {
   return std::numeric_limits<A>::quiet_NaN();
 }
 
 // ---- reductions ---------------------------------------------------------------------------------
 struct SumOp {
-  template <typename A> __device__ __forceinline__ A operator()(A a, A b) const { return a + b; }
+  template <typename A>
+  __device__ __forceinline__ A operator()(A a, A b) const {
+    return a + b;
+  }
 };
 struct MaxOp {
-  template <typename A> __device__ __forceinline__ A operator()(A a, A b) const {
+  template <typename A>
+  __device__ __forceinline__ A operator()(A a, A b) const {
     return acc_max(a, b);
   }
 };
@@ -237,8 +247,14 @@ __device__ __forceinline__ void store_row(T* yr, int64_t n, F f) {
 
 // Chunk counts of the register paths for a vector width: the small warp variant (n <= 128, or
 // 256 for VEC 8), the large warp variant (n <= 512) and the block variant (n <= 8192).
-template <int VEC> constexpr int small_chunks() { return VEC >= 4 ? 1 : 4 / VEC; }
-template <int VEC> constexpr int row_chunks() { return kRowItems / VEC; }
+template <int VEC>
+constexpr int small_chunks() {
+  return VEC >= 4 ? 1 : 4 / VEC;
+}
+template <int VEC>
+constexpr int row_chunks() {
+  return kRowItems / VEC;
+}
 
 // Threads (a multiple of 32) of the block path for rows of n values, `items` per thread.
 inline int block_threads_for(int64_t n, int items) {

@@ -51,7 +51,7 @@ namespace {
 // The row kernels' sizes (kRowItems, kWarpRowsPerBlock, kMaxRowThreads, kLongThreads), RowMap,
 // store_row, load_vec / store_vec, can_vectorize and launch_rows are in common.cuh, shared with
 // masked_softmax.cu.
-constexpr int kTileCols = 32;         // dweight/dbias partial kernel: block (32, 16)
+constexpr int kTileCols = 32;  // dweight/dbias partial kernel: block (32, 16)
 constexpr int kTileRows = 16;
 
 // ---- device helpers -----------------------------------------------------------------------------
@@ -77,7 +77,7 @@ __device__ __forceinline__ Vec<T, VEC> load_input(const T* xr, const T* rr, T* s
 // res/s_out are null for layer_norm; w/b may be null.
 template <typename T, int VEC, int CHUNKS, bool WARP>
 __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads,
-                                      row_min_blocks<T, WARP, VEC>())
+                                  row_min_blocks<T, WARP, VEC>())
     ln_fwd_regs_kernel(const T* __restrict__ x, const T* __restrict__ res, T* __restrict__ s_out,
                        const T* __restrict__ w, const T* __restrict__ b, T* __restrict__ y,
                        acc_t<T>* __restrict__ mean_out, acc_t<T>* __restrict__ rstd_out,
@@ -226,7 +226,7 @@ __global__ void __launch_bounds__(kLongThreads, 1)
 // dx for register-resident rows.
 template <typename T, int VEC, int CHUNKS, bool WARP>
 __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads,
-                                      row_min_blocks<T, WARP, VEC>())
+                                  row_min_blocks<T, WARP, VEC>())
     ln_bwd_dx_regs_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                           const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ rstd,
                           const T* __restrict__ w, T* __restrict__ dx, int64_t rows, int64_t N) {
@@ -317,7 +317,7 @@ __global__ void __launch_bounds__(kLongThreads, 1)
 // dweight/dbias, step 1: block (kTileCols, kTileRows) owns columns [bx*32, bx*32+32) of the row
 // slice [by*rows_per_part, ...), and writes part_dw/part_db[by * N + col] (float, or double).
 template <typename T>
-__global__ void __launch_bounds__(kTileCols * kTileRows, 2)
+__global__ void __launch_bounds__(kTileCols* kTileRows, 2)
     ln_bwd_gb_partial_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                              const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ rstd,
                              acc_t<T>* __restrict__ part_dw, acc_t<T>* __restrict__ part_db,
@@ -416,24 +416,24 @@ void layer_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& res, const at::T
                          const at::Tensor& w, const at::Tensor& b, const at::Tensor& y,
                          const at::Tensor& mean, const at::Tensor& rstd, double eps) {
   const int64_t rows = mean.numel(), N = x.numel() / rows;  // rows, N > 0 (the host's contract)
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_cuda",
-                                  [&] {
-    using A = acc_t<scalar_t>;
-    constexpr int V = vec16<scalar_t>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* sp = s.defined() ? s.mutable_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* wp = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    A* mp = mean.mutable_data_ptr<A>();
-    A* rsp = rstd.mutable_data_ptr<A>();
-    if (can_vectorize(N, V, {xp, rp, sp, wp, bp, yp})) {
-      launch_ln_fwd<scalar_t, V>(xp, rp, sp, wp, bp, yp, mp, rsp, rows, N, eps);
-    } else {
-      launch_ln_fwd<scalar_t, 1>(xp, rp, sp, wp, bp, yp, mp, rsp, rows, N, eps);
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_cuda", [&] {
+        using A = acc_t<scalar_t>;
+        constexpr int V = vec16<scalar_t>();
+        const scalar_t* xp = x.const_data_ptr<scalar_t>();
+        const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
+        scalar_t* sp = s.defined() ? s.mutable_data_ptr<scalar_t>() : nullptr;
+        const scalar_t* wp = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
+        const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+        scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+        A* mp = mean.mutable_data_ptr<A>();
+        A* rsp = rstd.mutable_data_ptr<A>();
+        if (can_vectorize(N, V, {xp, rp, sp, wp, bp, yp})) {
+          launch_ln_fwd<scalar_t, V>(xp, rp, sp, wp, bp, yp, mp, rsp, rows, N, eps);
+        } else {
+          launch_ln_fwd<scalar_t, 1>(xp, rp, sp, wp, bp, yp, mp, rsp, rows, N, eps);
+        }
+      });
 }
 
 void layer_norm_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
@@ -451,33 +451,33 @@ void layer_norm_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Te
   at::Tensor part_dw = at::empty({parts, N}, mean.options());
   at::Tensor part_db = at::empty({parts, N}, mean.options());
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "layer_norm_backward_cuda", [&] {
-    using A = acc_t<scalar_t>;
-    constexpr int V = vec16<scalar_t>();
-    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* wp = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
-    const A* mp = mean.const_data_ptr<A>();
-    const A* rsp = rstd.const_data_ptr<A>();
-    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    if (can_vectorize(N, V, {dyp, xp, wp, dxp})) {
-      launch_ln_bwd_dx<scalar_t, V>(dyp, xp, mp, rsp, wp, dxp, rows, N);
-    } else {
-      launch_ln_bwd_dx<scalar_t, 1>(dyp, xp, mp, rsp, wp, dxp, rows, N);
-    }
-    TORCH_CHECK(col_tiles <= int64_t(std::numeric_limits<int>::max()),
-                "layer_norm_backward (CUDA): normalized size ", N, " too large");
-    const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(parts));
-    ln_bwd_gb_partial_kernel<scalar_t><<<grid, dim3(kTileCols, kTileRows), 0, stream>>>(
-        dyp, xp, mp, rsp, part_dw.mutable_data_ptr<A>(), part_db.mutable_data_ptr<A>(), rows, N,
-        rows_per_part);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    ln_bwd_gb_final_kernel<scalar_t><<<grid_for(N, 256), 256, 0, stream>>>(
-        part_dw.const_data_ptr<A>(), part_db.const_data_ptr<A>(), parts, N,
-        dw.mutable_data_ptr<scalar_t>(), db.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_backward_cuda", [&] {
+        using A = acc_t<scalar_t>;
+        constexpr int V = vec16<scalar_t>();
+        const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+        const scalar_t* xp = x.const_data_ptr<scalar_t>();
+        const scalar_t* wp = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
+        const A* mp = mean.const_data_ptr<A>();
+        const A* rsp = rstd.const_data_ptr<A>();
+        scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+        if (can_vectorize(N, V, {dyp, xp, wp, dxp})) {
+          launch_ln_bwd_dx<scalar_t, V>(dyp, xp, mp, rsp, wp, dxp, rows, N);
+        } else {
+          launch_ln_bwd_dx<scalar_t, 1>(dyp, xp, mp, rsp, wp, dxp, rows, N);
+        }
+        TORCH_CHECK(col_tiles <= int64_t(std::numeric_limits<int>::max()),
+                    "layer_norm_backward (CUDA): normalized size ", N, " too large");
+        const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(parts));
+        ln_bwd_gb_partial_kernel<scalar_t><<<grid, dim3(kTileCols, kTileRows), 0, stream>>>(
+            dyp, xp, mp, rsp, part_dw.mutable_data_ptr<A>(), part_db.mutable_data_ptr<A>(), rows, N,
+            rows_per_part);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        ln_bwd_gb_final_kernel<scalar_t><<<grid_for(N, 256), 256, 0, stream>>>(
+            part_dw.const_data_ptr<A>(), part_db.const_data_ptr<A>(), parts, N,
+            dw.mutable_data_ptr<scalar_t>(), db.mutable_data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 }  // namespace

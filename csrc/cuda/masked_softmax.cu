@@ -120,7 +120,7 @@ __device__ __forceinline__ void online_combine(A& m, A& s, A m2, A s2) {
 // condition is uniform and the reductions' __syncthreads() are safe.
 template <typename T, int VEC, int CHUNKS, bool WARP>
 __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads,
-                                      row_min_blocks<T, WARP, VEC>())
+                                  row_min_blocks<T, WARP, VEC>())
     softmax_fwd_regs_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int64_t L,
                             acc_t<T> scale, MaskLayout p) {
   using A = acc_t<T>;
@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {
       const int j0 = (c * nt + tid) * VEC;  // < 8192: 32-bit in-row offsets
-      if (j0 < ri.limit) {  // skip what causal / key_lengths mask
+      if (j0 < ri.limit) {                  // skip what causal / key_lengths mask
         const V in = load_vec<T, VEC>(xr, j0);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
@@ -239,8 +239,7 @@ __global__ void __launch_bounds__(kLongThreads, 1)
     for (int64_t j0 = int64_t(threadIdx.x) * VEC; j0 < L; j0 += step) {
       V out;
       if (j0 < ri.limit) {
-        const V in =
-            cache ? load_vec<T, VEC>(row_cache, j0) : load_vec<T, VEC>(xr, j0);
+        const V in = cache ? load_vec<T, VEC>(row_cache, j0) : load_vec<T, VEC>(xr, j0);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           bool ok;
@@ -262,9 +261,9 @@ __global__ void __launch_bounds__(kLongThreads, 1)
 // dx = scale * y * (dy - sum(dy * y)), register-resident rows (same mapping as the forward).
 template <typename T, int VEC, int CHUNKS, bool WARP>
 __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads,
-                                      row_min_blocks<T, WARP, VEC>())
-    softmax_bwd_regs_kernel(const T* __restrict__ dy, const T* __restrict__ y,
-                            T* __restrict__ dx, int64_t rows, int64_t L, acc_t<T> scale) {
+                                  row_min_blocks<T, WARP, VEC>())
+    softmax_bwd_regs_kernel(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx,
+                            int64_t rows, int64_t L, acc_t<T> scale) {
   using A = acc_t<T>;
   using V = Vec<T, VEC>;
   __shared__ A smem[33];
@@ -301,8 +300,8 @@ __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads
 // Any row length: pass 1 reduces the dot product, pass 2 re-reads (L2) and writes.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kLongThreads, 1)
-    softmax_bwd_long_kernel(const T* __restrict__ dy, const T* __restrict__ y,
-                            T* __restrict__ dx, int64_t rows, int64_t L, acc_t<T> scale) {
+    softmax_bwd_long_kernel(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx,
+                            int64_t rows, int64_t L, acc_t<T> scale) {
   using A = acc_t<T>;
   using V = Vec<T, VEC>;
   __shared__ A smem[33];
@@ -381,17 +380,17 @@ void launch_softmax_bwd(const T* dy, const T* y, T* dx, int64_t rows, int64_t L,
 void masked_softmax_fwd_cuda(const at::Tensor& x, const at::Tensor& y, const MaskLayout& mask,
                              double scale) {
   const int64_t L = x.size(-1), rows = x.numel() / L;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "masked_softmax_cuda", [&] {
-    constexpr int V = vec16<scalar_t>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    if (can_vectorize(L, V, {xp, yp})) {
-      launch_softmax_fwd<scalar_t, V>(xp, yp, rows, L, scale, mask);
-    } else {
-      launch_softmax_fwd<scalar_t, 1>(xp, yp, rows, L, scale, mask);
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_softmax_cuda",
+                                  [&] {
+                                    constexpr int V = vec16<scalar_t>();
+                                    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+                                    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+                                    if (can_vectorize(L, V, {xp, yp})) {
+                                      launch_softmax_fwd<scalar_t, V>(xp, yp, rows, L, scale, mask);
+                                    } else {
+                                      launch_softmax_fwd<scalar_t, 1>(xp, yp, rows, L, scale, mask);
+                                    }
+                                  });
 }
 
 void masked_softmax_bwd_cuda(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& dx,
@@ -399,16 +398,16 @@ void masked_softmax_bwd_cuda(const at::Tensor& dy, const at::Tensor& y, const at
   const int64_t L = y.size(-1), rows = y.numel() / L;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(),
                                   "masked_softmax_backward_cuda", [&] {
-    constexpr int V = vec16<scalar_t>();
-    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
-    const scalar_t* yp = y.const_data_ptr<scalar_t>();
-    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    if (can_vectorize(L, V, {dyp, yp, dxp})) {
-      launch_softmax_bwd<scalar_t, V>(dyp, yp, dxp, rows, L, scale);
-    } else {
-      launch_softmax_bwd<scalar_t, 1>(dyp, yp, dxp, rows, L, scale);
-    }
-  });
+                                    constexpr int V = vec16<scalar_t>();
+                                    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+                                    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+                                    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+                                    if (can_vectorize(L, V, {dyp, yp, dxp})) {
+                                      launch_softmax_bwd<scalar_t, V>(dyp, yp, dxp, rows, L, scale);
+                                    } else {
+                                      launch_softmax_bwd<scalar_t, 1>(dyp, yp, dxp, rows, L, scale);
+                                    }
+                                  });
 }
 
 }  // namespace

@@ -56,9 +56,16 @@ constexpr int kSimtThreads = 256;
 
 // ---- device helpers -----------------------------------------------------------------------------
 
-template <typename T> struct WmmaType;
-template <> struct WmmaType<c10::Half> { using type = __half; };
-template <> struct WmmaType<c10::BFloat16> { using type = __nv_bfloat16; };
+template <typename T>
+struct WmmaType;
+template <>
+struct WmmaType<c10::Half> {
+  using type = __half;
+};
+template <>
+struct WmmaType<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
 
 // Which tile this block works on: tn fastest, so consecutive blocks share a q tile (L2 reuse).
 struct Tile {
@@ -322,8 +329,7 @@ void scaled_qk_fwd_cuda(const at::Tensor& q3, const at::Tensor& k3, const at::Te
     AT_DISPATCH_FLOATING_TYPES(st, "scaled_qk_cuda", [&] {
       scaled_qk_simt_kernel<scalar_t><<<grid, kSimtThreads, 0, stream>>>(
           q3.const_data_ptr<scalar_t>(), k3.const_data_ptr<scalar_t>(),
-          out.mutable_data_ptr<scalar_t>(), batch, Lq, Lk, D,
-          static_cast<acc_t<scalar_t>>(scale));
+          out.mutable_data_ptr<scalar_t>(), batch, Lq, Lk, D, static_cast<acc_t<scalar_t>>(scale));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

@@ -64,8 +64,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
   }
   // the composition: scores = scale * q @ k^T, probs = the masked softmax rows, out = probs @ v
   at::Tensor scores = at::empty({B * H, Lq, Lk}, q.options());
-  if (D == 0) scores.zero_();
-  else at::baddbmm_out(scores, scores, bh3(q), bh3(k).transpose(1, 2), /*beta=*/0, /*alpha=*/scale);
+  if (D == 0)
+    scores.zero_();
+  else
+    at::baddbmm_out(scores, scores, bh3(q), bh3(k).transpose(1, 2), /*beta=*/0, /*alpha=*/scale);
   if (!probs.defined()) probs = empty_output(ps, q.options());  // the product's input anyway
   kernels::masked_softmax_fwd.require(q.device())(scores, probs, m.layout, 1.0);
   scores.reset();  // let the allocator reuse it for the product below
@@ -97,7 +99,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     return {dq, dk, dv, dS};
   }
   if (const auto fused = kernels::attention_bwd(q.device())) {
-    if (fused(g, gp, q, k, v, probs, keep, scale, keep_scale, dq, dk, dv, dS)) return {dq, dk, dv, dS};
+    if (fused(g, gp, q, k, v, probs, keep, scale, keep_scale, dq, dk, dv, dS))
+      return {dq, dk, dv, dS};
   }
   // the composition
   const at::Tensor g3 = bh3(g), q3 = bh3(q), k3 = bh3(k), v3 = bh3(v);
@@ -161,7 +164,8 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
     const variable_list s = ctx->get_saved_variables();
     const at::Tensor &q = s[0], &k = s[1], &v = s[2];
     at::Tensor grad_out = grads[0];
-    if (!grad_out.defined()) grad_out = at::zeros({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+    if (!grad_out.defined())
+      grad_out = at::zeros({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
     const std::optional<at::Tensor> grad_probs =
         grads[1].defined() ? std::optional<at::Tensor>(grads[1]) : std::nullopt;
     auto [dq, dk, dv, dlogits] = attention_backward_op().call(
@@ -172,7 +176,8 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
       dmask = mask_grad(dlogits, ctx->saved_data["mask_sizes"].toIntVector(),
                         static_cast<at::ScalarType>(ctx->saved_data["mask_dtype"].toInt()));
     }
-    return {dq, dk, dv, dmask, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dq,           dk,           dv,           dmask,       at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -184,8 +189,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_autograd(
     const at::AutoDispatchBelowADInplaceOrView below;
     return attention_op().call(q, k, v, mask, scale, causal, key_lengths, dropout_p, need_probs);
   }
-  const variable_list r = AttentionFunction::apply(q, k, v, mask, scale, causal, key_lengths,
-                                                   dropout_p, need_probs);
+  const variable_list r =
+      AttentionFunction::apply(q, k, v, mask, scale, causal, key_lengths, dropout_p, need_probs);
   return {r[0], r[1], r[2]};
 }
 

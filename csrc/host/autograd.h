@@ -20,11 +20,11 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // name##_op(): the typed handle of pyformer::<name>, looked up once.
-#define PYFORMER_OP_HANDLE(name, Sig)                                                     \
-  static const c10::TypedOperatorHandle<Sig>& name##_op() {                               \
-    static const auto handle =                                                            \
+#define PYFORMER_OP_HANDLE(name, Sig)                                                        \
+  static const c10::TypedOperatorHandle<Sig>& name##_op() {                                  \
+    static const auto handle =                                                               \
         c10::Dispatcher::singleton().findSchemaOrThrow("pyformer::" #name, "").typed<Sig>(); \
-    return handle;                                                                        \
+    return handle;                                                                           \
   }
 
 inline bool requires_grad(const std::optional<at::Tensor>& t) {

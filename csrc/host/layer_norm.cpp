@@ -45,9 +45,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_forward(
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(
-    const at::Tensor& x, at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(const at::Tensor& x,
+                                                          at::IntArrayRef normalized_shape,
+                                                          const std::optional<at::Tensor>& weight,
+                                                          const std::optional<at::Tensor>& bias,
+                                                          double eps) {
   check_layer_norm(x, normalized_shape, weight, bias, eps);
   auto [y, s, mean, rstd] = norm_forward(x, at::Tensor(), normalized_shape, weight, bias, eps);
   return {y, mean, rstd};
@@ -61,9 +63,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(
-    const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& mean_,
-    const at::Tensor& rstd_, const std::optional<at::Tensor>& weight,
-    at::IntArrayRef normalized_shape) {
+    const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& mean_, const at::Tensor& rstd_,
+    const std::optional<at::Tensor>& weight, at::IntArrayRef normalized_shape) {
   check_layer_norm_backward(grad_, x_, mean_, rstd_, weight, normalized_shape);
   const BelowAutograd below_autograd;
   const c10::OptionalDeviceGuard guard(x_.device());
@@ -74,7 +75,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(
   if (R == 0 || N == 0) {
     return {dx, at::zeros(normalized_shape, x.options()), at::zeros(normalized_shape, x.options())};
   }
-  at::Tensor dw = at::empty(normalized_shape, x.options()), db = at::empty(normalized_shape, x.options());
+  at::Tensor dw = at::empty(normalized_shape, x.options()),
+             db = at::empty(normalized_shape, x.options());
   const at::Tensor w = weight ? weight->contiguous() : at::Tensor();
   kernels::layer_norm_bwd.require(x.device())(grad, x, mean, rstd, w, dx, dw, db);
   return {dx, dw, db};
@@ -106,7 +108,8 @@ void save_norm(AutogradContext* ctx, at::IntArrayRef normalized_shape,
 }
 
 // (dx, dweight, dbias) of the norm itself; undefined where there is no such input.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(AutogradContext* ctx, at::Tensor grad_y,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(AutogradContext* ctx,
+                                                             at::Tensor grad_y,
                                                              const variable_list& saved) {
   const at::Tensor& x = saved[0];
   if (!grad_y.defined()) grad_y = at::zeros_like(x);
@@ -139,15 +142,16 @@ struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    if (!grads[0].defined())
+      return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     auto [dx, dw, db] = norm_backward(ctx, grads[0], ctx->get_saved_variables());
     return {dx, at::Tensor(), dw, db, at::Tensor()};
   }
 };
 
 struct AddLayerNormFunction : torch::autograd::Function<AddLayerNormFunction> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& residual,
-                               at::IntArrayRef normalized_shape,
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
+                               const at::Tensor& residual, at::IntArrayRef normalized_shape,
                                const std::optional<at::Tensor>& weight,
                                const std::optional<at::Tensor>& bias, double eps) {
     at::Tensor y, s, mean, rstd;
@@ -188,7 +192,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_autogr
     const at::AutoDispatchBelowADInplaceOrView below;
     return add_layer_norm_op().call(x, residual, normalized_shape, weight, bias, eps);
   }
-  const variable_list r = AddLayerNormFunction::apply(x, residual, normalized_shape, weight, bias, eps);
+  const variable_list r =
+      AddLayerNormFunction::apply(x, residual, normalized_shape, weight, bias, eps);
   return {r[0], r[1], r[2], r[3]};
 }
 

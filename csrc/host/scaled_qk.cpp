@@ -41,8 +41,10 @@ at::Tensor scaled_qk(const at::Tensor& q, const at::Tensor& k, double scale) {
   if (const auto kernel = kernels::scaled_qk_fwd(q.device())) {
     at::Tensor out = empty_output({q3.size(0), q3.size(1), k3.size(1)}, q.options());
     if (out.numel() > 0) {
-      if (q3.size(2) == 0) out.zero_();
-      else kernel(q3.contiguous(), k3.contiguous(), out, scale);
+      if (q3.size(2) == 0)
+        out.zero_();
+      else
+        kernel(q3.contiguous(), k3.contiguous(), out, scale);
     }
     return out.view(shape);
   }

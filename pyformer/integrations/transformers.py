@@ -38,11 +38,22 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n_rep, length, d).reshape(b, h * n_rep, length, d)
 
 
-def _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs):
+def _sdpa_fallback(
+    module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
+):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                  scaling=scaling, is_causal=is_causal, **kwargs)
+    return sdpa_attention_forward(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=dropout,
+        scaling=scaling,
+        is_causal=is_causal,
+        **kwargs,
+    )
 
 
 def pyformer_attention_forward(
@@ -75,11 +86,14 @@ def pyformer_attention_forward(
     from ..nn._backend import kernels_support
 
     cache = kwargs.get("cache")
-    if (any(kwargs.get(k) is not None for k in _UNSUPPORTED_KWARGS)
-            or (cache is not None and type(cache).__name__ == "PagedAttentionCache")
-            or not kernels_support((query, key, value, attention_mask))):
-        return _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling,
-                              is_causal, **kwargs)
+    if (
+        any(kwargs.get(k) is not None for k in _UNSUPPORTED_KWARGS)
+        or (cache is not None and type(cache).__name__ == "PagedAttentionCache")
+        or not kernels_support((query, key, value, attention_mask))
+    ):
+        return _sdpa_fallback(
+            module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
+        )
     import pyformer.functional as PF
 
     n_rep = getattr(module, "num_key_value_groups", 1) or 1
@@ -92,8 +106,16 @@ def pyformer_attention_forward(
         if mask.dtype != torch.bool:
             mask = mask.to(query.dtype)
     want = bool(kwargs.get("output_attentions", False))
-    out, weights = PF.attention(query, key, value, mask, scale=scaling, causal=causal,
-                                dropout_p=float(dropout), need_weights=want)
+    out, weights = PF.attention(
+        query,
+        key,
+        value,
+        mask,
+        scale=scaling,
+        causal=causal,
+        dropout_p=float(dropout),
+        need_weights=want,
+    )
     return out.transpose(1, 2).contiguous(), weights
 
 

@@ -54,15 +54,31 @@ class ScaledDotProductAttention(BackendMixin, nn.Module):
         ``(out, weights)``: :math:`(B, H, L_q, D_v)` and :math:`(B, H, L_q, L_k)` or None.
     """
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, *,
-                causal: bool = False, key_lengths: Optional[Tensor] = None,
-                dropout_p: float = 0.0, need_weights: bool = False
-                ) -> Tuple[Tensor, Optional[Tensor]]:
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Optional[Tensor] = None,
+        *,
+        causal: bool = False,
+        key_lengths: Optional[Tensor] = None,
+        dropout_p: float = 0.0,
+        need_weights: bool = False,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
         ops = self.F
         if self.backend == "pyformer" and not kernels_support((q, k, v, mask)):
             ops = reference()  # PyTorch ops for what the kernels do not take
-        return ops.attention(q, k, v, mask, causal=causal, key_lengths=key_lengths,
-                             dropout_p=dropout_p, need_weights=need_weights)
+        return ops.attention(
+            q,
+            k,
+            v,
+            mask,
+            causal=causal,
+            key_lengths=key_lengths,
+            dropout_p=dropout_p,
+            need_weights=need_weights,
+        )
 
 
 class MultiHeadAttention(BackendMixin, nn.Module):
@@ -85,12 +101,14 @@ class MultiHeadAttention(BackendMixin, nn.Module):
     does that for every attention of a model.
     """
 
-    def __init__(self, d_model: int, n_head: int, drop_prob: float = 0.0, *, device=None,
-                 dtype=None):
+    def __init__(
+        self, d_model: int, n_head: int, drop_prob: float = 0.0, *, device=None, dtype=None
+    ):
         super().__init__()
         if d_model % n_head:
-            raise ValueError(f"MultiHeadAttention: d_model ({d_model}) must be divisible by "
-                             f"n_head ({n_head})")
+            raise ValueError(
+                f"MultiHeadAttention: d_model ({d_model}) must be divisible by n_head ({n_head})"
+            )
         fk = {"device": device, "dtype": dtype}
         self.n_head = n_head
         self.drop_prob = drop_prob
@@ -112,14 +130,29 @@ class MultiHeadAttention(BackendMixin, nn.Module):
         b, h, length, dh = t.shape
         return t.transpose(1, 2).reshape(b, length, h * dh)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, *,
-                causal: bool = False, key_lengths: Optional[Tensor] = None,
-                need_weights: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Optional[Tensor] = None,
+        *,
+        causal: bool = False,
+        key_lengths: Optional[Tensor] = None,
+        need_weights: bool = False,
+    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         q, k, v = self.split(self.w_q(q)), self.split(self.w_k(k)), self.split(self.w_v(v))
         want = need_weights or self.store_attention
         out, weights = self.attention(
-            q, k, v, mask, causal=causal, key_lengths=key_lengths,
-            dropout_p=self.drop_prob if self.training else 0.0, need_weights=want)
+            q,
+            k,
+            v,
+            mask,
+            causal=causal,
+            key_lengths=key_lengths,
+            dropout_p=self.drop_prob if self.training else 0.0,
+            need_weights=want,
+        )
         if self.store_attention:
             self.last_attention = weights.detach()
         out = self.w_concat(self.concat(out))
@@ -146,22 +179,33 @@ class PositionalEncoding(nn.Module):
         enc = torch.zeros(max_len, d_model, dtype=torch.float64)
         enc[:, 0::2] = torch.sin(angle)
         enc[:, 1::2] = torch.cos(angle[:, : d_model // 2])
-        self.register_buffer("encoding", enc.to(device=device, dtype=dtype or torch.get_default_dtype()),
-                             persistent=False)
+        self.register_buffer(
+            "encoding",
+            enc.to(device=device, dtype=dtype or torch.get_default_dtype()),
+            persistent=False,
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         length = x.shape[1]
         if length > self.max_len:
-            raise ValueError(f"PositionalEncoding: sequence length {length} exceeds max_len "
-                             f"{self.max_len}")
+            raise ValueError(
+                f"PositionalEncoding: sequence length {length} exceeds max_len {self.max_len}"
+            )
         return self.encoding[:length]
 
 
 class TokenEmbedding(nn.Embedding):
     """Token ids -> vectors; the padding token's vector is zero and gets no gradient."""
 
-    def __init__(self, vocab_size: int, d_model: int, padding_idx: Optional[int] = None, *,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        padding_idx: Optional[int] = None,
+        *,
+        device=None,
+        dtype=None,
+    ):
         super().__init__(vocab_size, d_model, padding_idx=padding_idx, device=device, dtype=dtype)
 
 
@@ -175,8 +219,17 @@ class TransformerEmbedding(nn.Module):
     Shape: ids :math:`(B, L)` -> :math:`(B, L, d_{model})`.
     """
 
-    def __init__(self, vocab_size: int, d_model: int, max_len: int, drop_prob: float,
-                 padding_idx: Optional[int] = None, *, device=None, dtype=None):
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        max_len: int,
+        drop_prob: float,
+        padding_idx: Optional[int] = None,
+        *,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.tok_emb = TokenEmbedding(vocab_size, d_model, padding_idx, device=device, dtype=dtype)
         self.pos_emb = PositionalEncoding(d_model, max_len, device=device, dtype=dtype)
@@ -192,8 +245,9 @@ class PositionwiseFeedForward(nn.Module):
     Args: d_model (int), hidden (int), drop_prob (float), device, dtype.
     """
 
-    def __init__(self, d_model: int, hidden: int, drop_prob: float = 0.1, *, device=None,
-                 dtype=None):
+    def __init__(
+        self, d_model: int, hidden: int, drop_prob: float = 0.1, *, device=None, dtype=None
+    ):
         super().__init__()
         self.linear1 = nn.Linear(d_model, hidden, device=device, dtype=dtype)
         self.linear2 = nn.Linear(hidden, d_model, device=device, dtype=dtype)
@@ -216,8 +270,16 @@ class EncoderLayer(nn.Module):
     ``src_mask`` bool :math:`(B, 1, 1, S)` (``True`` = real token).
     """
 
-    def __init__(self, d_model: int, ffn_hidden: int, n_head: int, drop_prob: float, *,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        d_model: int,
+        ffn_hidden: int,
+        n_head: int,
+        drop_prob: float,
+        *,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         fk = {"device": device, "dtype": dtype}
         self.attention = MultiHeadAttention(d_model, n_head, **fk)
@@ -227,8 +289,9 @@ class EncoderLayer(nn.Module):
         self.norm2 = LayerNorm(d_model, **fk)
         self.dropout2 = nn.Dropout(p=drop_prob)
 
-    def forward(self, x: Tensor, src_mask: Optional[Tensor] = None,
-                src_key_lengths: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self, x: Tensor, src_mask: Optional[Tensor] = None, src_key_lengths: Optional[Tensor] = None
+    ) -> Tensor:
         y = self.attention(x, x, x, src_mask, key_lengths=src_key_lengths)
         x = self.norm1(self.dropout1(y), residual=x)
         y = self.ffn(x)
@@ -246,8 +309,16 @@ class DecoderLayer(nn.Module):
     with the causal mask), ``src_mask`` bool :math:`(B, 1, 1, S)`.
     """
 
-    def __init__(self, d_model: int, ffn_hidden: int, n_head: int, drop_prob: float, *,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        d_model: int,
+        ffn_hidden: int,
+        n_head: int,
+        drop_prob: float,
+        *,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         fk = {"device": device, "dtype": dtype}
         self.self_attention = MultiHeadAttention(d_model, n_head, **fk)
@@ -260,8 +331,13 @@ class DecoderLayer(nn.Module):
         self.norm3 = LayerNorm(d_model, **fk)
         self.dropout3 = nn.Dropout(p=drop_prob)
 
-    def forward(self, dec: Tensor, enc: Optional[Tensor], trg_mask: Optional[Tensor] = None,
-                src_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        dec: Tensor,
+        enc: Optional[Tensor],
+        trg_mask: Optional[Tensor] = None,
+        src_mask: Optional[Tensor] = None,
+    ) -> Tensor:
         y = self.self_attention(dec, dec, dec, trg_mask, causal=True)
         x = self.norm1(self.dropout1(y), residual=dec)
         if enc is not None:
@@ -274,14 +350,28 @@ class DecoderLayer(nn.Module):
 class Encoder(nn.Module):
     """Embedding and ``n_layers`` :class:`EncoderLayer`: ids :math:`(B, S)` -> :math:`(B, S, d)`."""
 
-    def __init__(self, enc_voc_size: int, max_len: int, d_model: int, ffn_hidden: int,
-                 n_head: int, n_layers: int, drop_prob: float, padding_idx: Optional[int] = None,
-                 *, device=None, dtype=None):
+    def __init__(
+        self,
+        enc_voc_size: int,
+        max_len: int,
+        d_model: int,
+        ffn_hidden: int,
+        n_head: int,
+        n_layers: int,
+        drop_prob: float,
+        padding_idx: Optional[int] = None,
+        *,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         fk = {"device": device, "dtype": dtype}
-        self.emb = TransformerEmbedding(enc_voc_size, d_model, max_len, drop_prob, padding_idx, **fk)
+        self.emb = TransformerEmbedding(
+            enc_voc_size, d_model, max_len, drop_prob, padding_idx, **fk
+        )
         self.layers = nn.ModuleList(
-            [EncoderLayer(d_model, ffn_hidden, n_head, drop_prob, **fk) for _ in range(n_layers)])
+            [EncoderLayer(d_model, ffn_hidden, n_head, drop_prob, **fk) for _ in range(n_layers)]
+        )
 
     def forward(self, x: Tensor, src_mask: Optional[Tensor] = None) -> Tensor:
         x = self.emb(x)
@@ -293,18 +383,37 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Embedding, ``n_layers`` :class:`DecoderLayer` and the output projection to logits."""
 
-    def __init__(self, dec_voc_size: int, max_len: int, d_model: int, ffn_hidden: int,
-                 n_head: int, n_layers: int, drop_prob: float, padding_idx: Optional[int] = None,
-                 *, device=None, dtype=None):
+    def __init__(
+        self,
+        dec_voc_size: int,
+        max_len: int,
+        d_model: int,
+        ffn_hidden: int,
+        n_head: int,
+        n_layers: int,
+        drop_prob: float,
+        padding_idx: Optional[int] = None,
+        *,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         fk = {"device": device, "dtype": dtype}
-        self.emb = TransformerEmbedding(dec_voc_size, d_model, max_len, drop_prob, padding_idx, **fk)
+        self.emb = TransformerEmbedding(
+            dec_voc_size, d_model, max_len, drop_prob, padding_idx, **fk
+        )
         self.layers = nn.ModuleList(
-            [DecoderLayer(d_model, ffn_hidden, n_head, drop_prob, **fk) for _ in range(n_layers)])
+            [DecoderLayer(d_model, ffn_hidden, n_head, drop_prob, **fk) for _ in range(n_layers)]
+        )
         self.linear = nn.Linear(d_model, dec_voc_size, **fk)
 
-    def forward(self, trg: Tensor, enc_src: Tensor, trg_mask: Optional[Tensor] = None,
-                src_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        trg: Tensor,
+        enc_src: Tensor,
+        trg_mask: Optional[Tensor] = None,
+        src_mask: Optional[Tensor] = None,
+    ) -> Tensor:
         x = self.emb(trg)
         for layer in self.layers:
             x = layer(x, enc_src, trg_mask, src_mask)
@@ -345,19 +454,50 @@ class Transformer(nn.Module):
         >>> maps["decoder.layers.1.enc_dec_attention"].shape  # (B, 4, T, S)
     """
 
-    def __init__(self, src_pad_idx: int, trg_pad_idx: int, enc_voc_size: int,
-                 dec_voc_size: int, d_model: int, n_head: int, max_len: int, ffn_hidden: int,
-                 n_layers: int, drop_prob: float, *, device=None, dtype=None,
-                 backend: str = "pyformer"):
+    def __init__(
+        self,
+        src_pad_idx: int,
+        trg_pad_idx: int,
+        enc_voc_size: int,
+        dec_voc_size: int,
+        d_model: int,
+        n_head: int,
+        max_len: int,
+        ffn_hidden: int,
+        n_layers: int,
+        drop_prob: float,
+        *,
+        device=None,
+        dtype=None,
+        backend: str = "pyformer",
+    ):
         super().__init__()
         check_backend(backend)
         self.src_pad_idx = src_pad_idx
         self.trg_pad_idx = trg_pad_idx
         fk = {"device": device, "dtype": dtype}
-        self.encoder = Encoder(enc_voc_size, max_len, d_model, ffn_hidden, n_head, n_layers,
-                               drop_prob, src_pad_idx, **fk)
-        self.decoder = Decoder(dec_voc_size, max_len, d_model, ffn_hidden, n_head, n_layers,
-                               drop_prob, trg_pad_idx, **fk)
+        self.encoder = Encoder(
+            enc_voc_size,
+            max_len,
+            d_model,
+            ffn_hidden,
+            n_head,
+            n_layers,
+            drop_prob,
+            src_pad_idx,
+            **fk,
+        )
+        self.decoder = Decoder(
+            dec_voc_size,
+            max_len,
+            d_model,
+            ffn_hidden,
+            n_head,
+            n_layers,
+            drop_prob,
+            trg_pad_idx,
+            **fk,
+        )
         set_backend(self, backend)
 
     def make_src_mask(self, src: Tensor) -> Tensor:
@@ -377,8 +517,9 @@ class Transformer(nn.Module):
         """Logits (B, T, dec_voc_size) for target ids ``trg`` given the encoder output."""
         return self.decoder(trg, enc_src, self.make_trg_mask(trg), src_mask)
 
-    def forward(self, src: Tensor, trg: Tensor, return_attention: bool = False
-                ) -> Union[Tensor, Tuple[Tensor, Dict[str, Tensor]]]:
+    def forward(
+        self, src: Tensor, trg: Tensor, return_attention: bool = False
+    ) -> Union[Tensor, Tuple[Tensor, Dict[str, Tensor]]]:
         if not return_attention:
             enc_src, src_mask = self.encode(src)
             return self.decode(trg, enc_src, src_mask)

@@ -62,9 +62,12 @@ class LayerNorm(BackendMixin, torch.nn.LayerNorm):
 
     def add_norm(self, input: Tensor, residual: Tensor) -> Tuple[Tensor, Tensor]:
         """``(layer_norm(input + residual), input + residual)`` in one pass (the Add & Norm)."""
-        if self.backend == "reference" or kernels_support((input, residual, self.weight, self.bias)):
-            return self.F.add_layer_norm(input, residual, self.normalized_shape, self.weight,
-                                         self.bias, self.eps)
+        if self.backend == "reference" or kernels_support(
+            (input, residual, self.weight, self.bias)
+        ):
+            return self.F.add_layer_norm(
+                input, residual, self.normalized_shape, self.weight, self.bias, self.eps
+            )
         s = input + residual
         return super().forward(s), s
 
@@ -170,20 +173,41 @@ class MultiheadAttention(BackendMixin, torch.nn.MultiheadAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> Tuple[Tensor, Optional[Tensor]]:
-        args = (query, key, value, key_padding_mask, need_weights, attn_mask,
-                average_attn_weights, is_causal)
-        if (self.bias_k is not None or self.add_zero_attn or query.dim() not in (2, 3)
-                or query.dim() != key.dim() or key.dim() != value.dim()):
+        args = (
+            query,
+            key,
+            value,
+            key_padding_mask,
+            need_weights,
+            attn_mask,
+            average_attn_weights,
+            is_causal,
+        )
+        if (
+            self.bias_k is not None
+            or self.add_zero_attn
+            or query.dim() not in (2, 3)
+            or query.dim() != key.dim()
+            or key.dim() != value.dim()
+        ):
             return super().forward(*args)  # PyTorch's own path (and its shape errors)
-        weights = [self.in_proj_weight, self.q_proj_weight, self.k_proj_weight,
-                   self.v_proj_weight, self.in_proj_bias, self.out_proj.weight]
+        weights = [
+            self.in_proj_weight,
+            self.q_proj_weight,
+            self.k_proj_weight,
+            self.v_proj_weight,
+            self.in_proj_bias,
+            self.out_proj.weight,
+        ]
         if self.backend == "pyformer" and not kernels_support(
-                [query, key, value, key_padding_mask, attn_mask] + weights):
+            [query, key, value, key_padding_mask, attn_mask] + weights
+        ):
             return super().forward(*args)
         if is_causal and attn_mask is None:
             raise RuntimeError(
                 "pyformer.nn.MultiheadAttention: is_causal=True is a hint that attn_mask is the "
-                "causal mask, so attn_mask must be given (as in torch.nn.MultiheadAttention)")
+                "causal mask, so attn_mask must be given (as in torch.nn.MultiheadAttention)"
+            )
 
         batched = query.dim() == 3
         if hasattr(TF, "_mha_shape_check"):  # PyTorch's own checks and messages
@@ -199,16 +223,21 @@ class MultiheadAttention(BackendMixin, torch.nn.MultiheadAttention):
         n, lq, e = query.shape
         lk = key.shape[1]
         # PyTorch raises AssertionError for these; so do we, naming the argument
-        for arg, t, dim in (("query", query, self.embed_dim), ("key", key, self.kdim),
-                            ("value", value, self.vdim)):
+        for arg, t, dim in (
+            ("query", query, self.embed_dim),
+            ("key", key, self.kdim),
+            ("value", value, self.vdim),
+        ):
             if t.shape[0] != n or t.shape[-1] != dim:
                 raise AssertionError(
                     f"pyformer.nn.MultiheadAttention: {arg} must have batch size {n} and "
-                    f"{dim} features, got shape {tuple(t.shape)} (batch_first={self.batch_first})")
+                    f"{dim} features, got shape {tuple(t.shape)} (batch_first={self.batch_first})"
+                )
         if value.shape[1] != lk:
             raise AssertionError(
                 f"pyformer.nn.MultiheadAttention: key and value must have the same sequence "
-                f"length, got {lk} and {value.shape[1]}")
+                f"length, got {lk} and {value.shape[1]}"
+            )
         h = self.num_heads
         dh = self.head_dim
 
@@ -236,7 +265,11 @@ class MultiheadAttention(BackendMixin, torch.nn.MultiheadAttention):
         causal = bool(is_causal)
         mask = None
         if attn_mask is not None and not causal:
-            am = attn_mask.view(1, 1, lq, lk) if attn_mask.dim() == 2 else attn_mask.view(n, h, lq, lk)
+            am = (
+                attn_mask.view(1, 1, lq, lk)
+                if attn_mask.dim() == 2
+                else attn_mask.view(n, h, lq, lk)
+            )
             mask = ~am if am.dtype == torch.bool else am
         key_lengths = None
         if key_padding_mask is not None:
@@ -249,8 +282,15 @@ class MultiheadAttention(BackendMixin, torch.nn.MultiheadAttention):
             mask = _combine(mask, kp)
 
         out, probs = self.F.attention(
-            q, k, v, mask, causal=causal, key_lengths=key_lengths,
-            dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights)
+            q,
+            k,
+            v,
+            mask,
+            causal=causal,
+            key_lengths=key_lengths,
+            dropout_p=self.dropout if self.training else 0.0,
+            need_weights=need_weights,
+        )
 
         out = out.transpose(1, 2).reshape(n, lq, e)
         out = TF.linear(out, self.out_proj.weight, self.out_proj.bias)

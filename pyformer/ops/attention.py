@@ -12,7 +12,10 @@ lib = "pyformer::attention"
 
 @torch.library.register_fake(lib)
 def _attention_fake(q, k, v, mask, scale, causal, key_lengths, dropout_p, need_probs=True):
-    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "pyformer.attention: q, k, v must be 4-dim")
+    torch._check(
+        q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
+        lambda: "pyformer.attention: q, k, v must be 4-dim",
+    )
     B, H, Lq, _ = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
     keep_shape = (B, H, Lq, Lk) if dropout_p > 0 else (0,)

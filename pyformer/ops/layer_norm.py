@@ -20,7 +20,7 @@ def _stats_dtype(x):
 @torch.library.register_fake(lib)
 def _layer_norm_fake(x, normalized_shape, weight, bias, eps):
     torch._check(
-        tuple(x.shape[x.dim() - len(normalized_shape):]) == tuple(normalized_shape),
+        tuple(x.shape[x.dim() - len(normalized_shape) :]) == tuple(normalized_shape),
         lambda: f"pyformer.layer_norm: x's trailing dims must be {tuple(normalized_shape)}",
     )
     shape = _stats_shape(x, normalized_shape)

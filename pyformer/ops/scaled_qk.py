@@ -7,7 +7,10 @@ lib = "pyformer::scaled_qk"
 
 @torch.library.register_fake(lib)
 def _scaled_qk_fake(q, k, scale):
-    torch._check(q.dim() >= 2 and k.dim() == q.dim(), lambda: "pyformer.scaled_qk: q and k must be (..., L, D)")
+    torch._check(
+        q.dim() >= 2 and k.dim() == q.dim(),
+        lambda: "pyformer.scaled_qk: q and k must be (..., L, D)",
+    )
     torch._check(q.shape[-1] == k.shape[-1], lambda: "pyformer.scaled_qk: q and k must share D")
     return q.new_empty((*q.shape[:-1], k.shape[-2]))
 
