@@ -10,7 +10,7 @@ MultiheadAttention; ``pyformer.models`` the textbook Transformer built on them;
 
 __version__ = "0.1.0"
 
-from . import ops  # noqa: E402,F401  (loads pyformer._C and registers fake kernels and autograd)
+from . import ops  # noqa: E402,F401  (loads pyformer._C and registers the fake kernels)
 from . import functional, reference  # noqa: E402,F401
 from . import nn  # noqa: E402,F401
 from . import models  # noqa: E402,F401
