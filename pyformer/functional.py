@@ -15,6 +15,7 @@ combine. A query row with every key masked gets all-zero probabilities (and outp
 from __future__ import annotations
 
 import math
+import operator
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -60,12 +61,14 @@ def _shape(normalized_shape: Union[int, Sequence[int], torch.Size]) -> List[int]
         )
     out = []
     for s in normalized_shape:
-        if isinstance(s, bool) or not isinstance(s, (int, torch.SymInt)):
+        if isinstance(s, bool) or not (
+            isinstance(s, (int, torch.SymInt)) or hasattr(type(s), "__index__")
+        ):
             raise TypeError(
                 "pyformer: argument 'normalized_shape': expected an int or a sequence of ints, "
                 f"got an element of type {type(s).__name__}"
             )
-        out.append(s)
+        out.append(s if isinstance(s, (int, torch.SymInt)) else operator.index(s))
     return out
 
 
