@@ -1,7 +1,7 @@
 """The one verification harness: what "correct" means for the tests, ``pyformer check``, the
 CUDA-only tests and ``pyformer bench``'s sanity check.
 
-The rule of ``shared/design/ops.md``: compare against the reference computed in float64 from the
+The rule of ``docs/ops.md``: compare against the reference computed in float64 from the
 same inputs by the relative error ``||out - ref|| / ||ref||``, within a bound per dtype and, for
 half types, within twice the error of the pure-PyTorch composition run in the same dtype, plus
 1e-5. NaN (or inf) where the reference has none always fails.

@@ -1,5 +1,5 @@
 """pyformer.convert: PyTorch's Transformer models give the same outputs and gradients after
-conversion, in float64 and float32 (ops.md's bounds against a float64 run of the original)."""
+conversion, in float64 and float32 (docs/ops.md's bounds against a float64 run of the original)."""
 
 from __future__ import annotations
 

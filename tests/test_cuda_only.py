@@ -5,7 +5,7 @@ every mask kind, outputs poisoned with NaN before each run (so an element a kern
 write fails), CUDA against CPU on the same inputs, and dweight/dbias determinism. Tensors of more
 than 2**31 elements are in test_huge.py (CUDA and, opt-in, CPU). Every comparison is
 pyformer.testing's (the tests', ``pyformer check``'s): truth is pyformer.reference in float64;
-bounds are ops.md's (relative Frobenius error; for half types also at most twice the error of the
+bounds are docs/ops.md's (relative Frobenius error; for half types also at most twice the error of the
 pure-PyTorch composition run in the same dtype, plus 1e-5); masks come from its one generator.
 
 Dry run: PYFORMER_CUDA_TESTS_ON=cpu runs these bodies on the CPU kernels instead (no poisoning,

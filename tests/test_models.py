@@ -2,7 +2,7 @@
 
 Every comparison is against a float64 computation of the same thing (the pure-PyTorch reference
 backend or PyTorch's own op) on fresh random inputs, by relative error ||out - ref|| / ||ref||
-with ops.md's bounds; gradients likewise. Tests also check that the fast ops really ran.
+with docs/ops.md's bounds; gradients likewise. Tests also check that the fast ops really ran.
 """
 
 from __future__ import annotations

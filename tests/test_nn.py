@@ -2,7 +2,7 @@
 
 Every comparison is against a float64 computation of the same thing (PyTorch's own module or the
 pure-PyTorch reference backend) on fresh random inputs, by relative error ||out - ref|| / ||ref||
-with ops.md's bounds; gradients likewise. Tests also check that the fast ops really ran.
+with docs/ops.md's bounds; gradients likewise. Tests also check that the fast ops really ran.
 """
 
 from __future__ import annotations
@@ -307,7 +307,7 @@ def test_layers_on_cuda(dtype, calls):
     ref, _ = t(x, x, x, key_padding_mask=kpm)
     xc = x.to(device="cuda", dtype=dtype)
     out, _ = p(xc, xc, xc, key_padding_mask=kpm.cuda())
-    # ops.md for half types: no worse than twice PyTorch's own error in the same dtype, + 1e-5
+    # docs/ops.md for half types: no worse than twice PyTorch's own error in the same dtype, + 1e-5
     tc = copy.deepcopy(t).to(device="cuda", dtype=dtype)
     torch_out, _ = tc(xc, xc, xc, key_padding_mask=kpm.cuda())
     bound = 1e-5 if dtype == torch.float32 else 2 * rel(torch_out.cpu(), ref) + 1e-5
