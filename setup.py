@@ -1,15 +1,19 @@
 """Builds pyformer and its extension pyformer._C with torch.utils.cpp_extension.
 
-The C++ sources (csrc/*.cpp, csrc/host/*.cpp, csrc/cpu/*.cpp) are always built. The CUDA sources (csrc/cuda/*.cu)
-are added when the installed torch was built with CUDA (torch.version.cuda) and nvcc is found.
+The C++ sources (csrc/*.cpp, csrc/host/*.cpp, csrc/cpu/*.cpp) are always built, the CPU kernels
+for baseline x86-64. On x86-64 the CPU kernels (csrc/cpu/*.cpp) are built a second time with AVX2,
+FMA and F16C into pyformer/_cpu_avx2*.so, which pyformer._C loads when the CPU it runs on has them
+(csrc/kernels.h), so a wheel runs on any x86-64 CPU and uses AVX2 where there is one. The CUDA
+sources (csrc/cuda/*.cu) are added when the installed torch was built with CUDA (torch.version.cuda)
+and nvcc is found.
 
 Environment:
   PYFORMER_CUDA=0          force a CPU-only build (=1: fail if CUDA cannot be built)
   TORCH_CUDA_ARCH_LIST     CUDA architectures; default "8.0;9.0" when no GPU is visible
-  PYFORMER_CPU_VEC         avx2 | none | auto (default: avx2 when this machine's CPU has AVX2+FMA)
+  PYFORMER_CPU_VEC         avx2 | none (default: avx2 on x86-64; none: baseline CPU kernels only)
   MAX_JOBS                 parallel compile jobs (ninja)
 
-The objects are kept in build/temp.<platform>-<python>/ in the source tree, editable installs
+The objects are kept in build/temp.<platform>-<python>/<extension>/ in the source tree, editable installs
 included (pip's editable install would otherwise compile in a fresh temporary folder each time),
 so a second install, or one after an edit, recompiles only what changed (ninja's incremental
 build; without ninja every install compiles everything). Delete build/ to start from scratch.
@@ -17,6 +21,7 @@ build; without ninja every install compiles everything). Delete build/ to start 
 
 import glob
 import os
+import platform
 import shutil
 import sys
 import sysconfig
@@ -43,21 +48,12 @@ def _want_cuda() -> bool:
     return possible
 
 
-def _cpu_has_avx2() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags
-
-
 def _cpu_vec() -> str:
-    want = os.environ.get("PYFORMER_CPU_VEC", "auto").strip().lower()
-    if want not in ("auto", "avx2", "none"):
-        raise RuntimeError(f"PYFORMER_CPU_VEC must be auto, avx2 or none, got {want!r}")
-    if want == "auto":
-        return "avx2" if _cpu_has_avx2() else "none"
+    want = os.environ.get("PYFORMER_CPU_VEC", "avx2").strip().lower()
+    if want not in ("avx2", "none"):
+        raise RuntimeError(f"PYFORMER_CPU_VEC must be avx2 or none, got {want!r}")
+    if want == "avx2" and platform.machine().lower() not in ("x86_64", "amd64"):
+        return "none"
     return want
 
 
@@ -73,18 +69,30 @@ def extensions():
     # itself is compiled with OpenMP; at run time the libgomp.so.1 that torch loads is shared.
     # -ffp-contract=off: arithmetic as written (fused multiply-adds only where the kernels ask for
     # them), so e.g. layer norm's dx is exactly 0 where it must be, as in the reference.
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", f'-DPYFORMER_CPU_VEC="{vec}"']
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
     link = ["-fopenmp"]
+    cpu_libs = []
     if vec == "avx2":
-        # at::vec's AVX2 specializations (the CPU kernels' Vectorized<float> is 8 wide). The
-        # extension is built for the machine that builds it, like -march builds.
-        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+        # The same kernel files with at::vec's AVX2 specializations (Vectorized<float> in ymm
+        # registers), in a library of their own with hidden visibility: none of its AVX2 code can
+        # be linked in place of _C's baseline code.
+        avx2 = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+        hidden = ["-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+        cpu_libs.append(
+            CppExtension(
+                "pyformer._cpu_avx2",
+                sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+                + [os.path.join("csrc", "cpu_lib", "export.cpp")],
+                extra_compile_args={"cxx": cxx + avx2 + hidden + ["-DPYFORMER_CPU_KERNEL_LIB"]},
+                extra_link_args=link,
+            )
+        )
     if not cuda:
         return [
             CppExtension(
                 "pyformer._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link
             )
-        ]
+        ] + cpu_libs
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "native")
@@ -104,17 +112,18 @@ def extensions():
             extra_compile_args={"cxx": cxx + defs, "nvcc": nvcc},
             extra_link_args=link,
         )
-    ]
+    ] + cpu_libs
 
 
 class PersistentBuildExtension(BuildExtension):
     """torch's BuildExtension, with the objects (and ninja's build files) in one folder of the
-    source tree that outlives the install: build/temp.<platform>-<python>/."""
+    source tree that outlives the install: build/temp.<platform>-<python>/<extension>/ (one per
+    extension, as csrc/cpu/*.cpp is compiled into two of them with different flags)."""
 
-    def finalize_options(self):
-        super().finalize_options()
+    def build_extension(self, ext):
         tag = f"{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
-        self.build_temp = os.path.join(ROOT, "build", f"temp.{tag}")
+        self.build_temp = os.path.join(ROOT, "build", f"temp.{tag}", ext.name)
+        super().build_extension(ext)
 
 
 setup(

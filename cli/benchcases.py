@@ -50,11 +50,14 @@ class Provider:
 class Problem:
     """A config's inputs made concrete: the providers and the work, per mode.
 
+    ``reference()`` is ``pyformer.reference``'s op in float64 on the same inputs (bench's
+    sanity check judges pyformer's forward against it, as the tests and ``pyformer check`` do).
     ``bytes`` (memory-bound ops) counts each input read once and each output written once;
     ``flops`` (matrix ops) counts the matrix products. Both are per mode.
     """
 
     providers: Dict[str, Provider]
+    reference: Callable[[], object]
     bytes: Optional[Dict[str, int]] = None
     flops: Optional[Dict[str, int]] = None
 
@@ -94,6 +97,15 @@ def _padding(g, b, lk, device):
     return lens, mask
 
 
+def _f64(fn, *args, **kwargs) -> Callable[[], object]:
+    """``fn(*args, **kwargs)`` with every floating tensor argument as a float64 copy."""
+
+    def up(a):
+        return a.detach().double() if torch.is_tensor(a) and a.is_floating_point() else a
+
+    return lambda: fn(*(up(a) for a in args), **{k: up(a) for k, a in kwargs.items()})
+
+
 def _modes(fwd: int, bwd: int) -> Dict[str, int]:
     return {"forward": fwd, "backward": bwd, "both": fwd + bwd}
 
@@ -115,6 +127,7 @@ def scaled_qk_config(b: int, h: int, l: int, d: int) -> BenchConfig:
                 "pyformer": Provider(lambda: pf.scaled_qk(q, k), [q, k]),
                 "textbook": Provider(lambda: ref.scaled_qk(q, k), [q, k]),
             },
+            _f64(ref.scaled_qk, q, k),
             flops=_modes(flops, 2 * flops),
         )
 
@@ -145,6 +158,7 @@ def masked_softmax_config(b: int, h: int, l: int, scale: float = 0.125) -> Bench
                 ),
                 "torch": Provider(lambda: F.softmax(pre, dim=-1), [pre]),
             },
+            _f64(ref.masked_softmax, scores, mask, scale=scale),
             bytes=_modes(2 * n + nbytes(mask), 3 * n),
         )
 
@@ -182,6 +196,7 @@ def layer_norm_config(m: int, n: int) -> BenchConfig:
                 "textbook": Provider(lambda: ref.layer_norm(x, (n,), w, bias), leaves),
                 "torch": Provider(lambda: F.layer_norm(x, (n,), w, bias), leaves),
             },
+            _f64(ref.layer_norm, x, (n,), w, bias),
             bytes=_norm_bytes(x, w),
         )
 
@@ -209,6 +224,7 @@ def add_layer_norm_config(m: int, n: int) -> BenchConfig:
                 "textbook": Provider(lambda: ref.add_layer_norm(x, r, (n,), w, bias), leaves),
                 "torch": Provider(fused, leaves),
             },
+            _f64(ref.add_layer_norm, x, r, (n,), w, bias),
             bytes=_norm_bytes(x, w, extra_in=(r,), extra_out=(x,)),
         )
 
@@ -232,12 +248,14 @@ def attention_config(
         lens, mask = _padding(g, b, l, device)
         flops = 4 * b * h * l * l * d // (2 if causal else 1)
         if causal:
+            reference = _f64(ref.attention, q, k, v, causal=True)
             providers = {
                 "pyformer": lambda: pf.attention(q, k, v, causal=True),
                 "textbook": lambda: ref.attention(q, k, v, causal=True, zero_masked_rows=False),
                 "torch": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
             }
         else:
+            reference = _f64(ref.attention, q, k, v, mask)
             providers = {
                 "pyformer": (lambda: pf.attention(q, k, v, mask))
                 if bool_mask
@@ -247,6 +265,7 @@ def attention_config(
             }
         return Problem(
             {name: Provider(fn, [q, k, v]) for name, fn in providers.items()},
+            reference,
             flops=_modes(flops, 2 * flops),
         )
 
@@ -278,6 +297,7 @@ def attention_decode_config(b: int, h: int, lq: int, lk: int, d: int) -> BenchCo
         }
         return Problem(
             {name: Provider(fn, [q, k, v]) for name, fn in providers.items()},
+            _f64(ref.attention, q, k, v),
             flops=_modes(flops, 2 * flops),
         )
 

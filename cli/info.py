@@ -39,6 +39,12 @@ def collect() -> Dict[str, object]:
     }
 
 
+def _cpu_kernels(b: Dict[str, object]) -> str:
+    cap = str(b.get("cpu_capability") or "default")
+    note = b.get("cpu_capability_note")
+    return f"{cap} ({note})" if note else cap
+
+
 def _lines(d: Dict[str, object]) -> List[Tuple[str, str]]:
     b = d["backends"]
     rows = [
@@ -47,7 +53,7 @@ def _lines(d: Dict[str, object]) -> List[Tuple[str, str]]:
         ("CUDA (torch built with)", str(d["cuda"] or "none")),
         ("python", str(d["python"])),
         ("backends compiled in", ", ".join(k for k in ("cpu", "cuda") if b.get(k)) or "none"),
-        ("CPU vectorization", str(b.get("cpu_vec") or "-")),
+        ("CPU kernels", _cpu_kernels(b)),
         ("CUDA archs compiled for", str(b.get("cuda_archs") or "-")),
         ("torch CUDA arch list", " ".join(d["torch_arch_list"]) or "-"),
         ("CPU", f"{d['cpu']} ({d['cpu_threads']} threads)"),

@@ -20,12 +20,27 @@
 
 namespace pyformer::kernels {
 
-// One function pointer per device type (CPU, CUDA) for one kernel entry.
-template <typename Fn>
-struct Slot {
-  const char* name;
+// Every slot, by name, for the loader of the AVX2 CPU kernels (below).
+struct SlotBase {
+  const char* id;    // the slot's C++ name: "masked_softmax_fwd"
+  const char* name;  // for messages: "masked_softmax forward"
+  constexpr SlotBase(const char* i, const char* n) : id(i), name(n) {}
+  virtual void set_cpu(void* fn) = 0;
+};
+// The slot whose id is `id`, or null; list_slot adds one (PYFORMER_DEFINE_SLOT does).
+SlotBase* find_slot(const char* id);
+bool list_slot(SlotBase* slot);
+
+// One function pointer per device type (CPU, CUDA) for one kernel entry; defined in the op's
+// host file: PYFORMER_DEFINE_SLOT(MaskedSoftmaxFwd, masked_softmax_fwd, "masked_softmax forward").
+// Slots are constant-initialized, so kernels may register into them from any file's static
+// initializers.
+template <typename F>
+struct Slot final : SlotBase {
+  using Fn = F;
   Fn cpu = nullptr;
   Fn cuda = nullptr;
+  constexpr Slot(const char* i, const char* n) : SlotBase(i, n) {}
 
   // The kernel for `device`, or null when that device has none.
   Fn operator()(const at::Device& device) const {
@@ -45,11 +60,48 @@ struct Slot {
     (type == c10::DeviceType::CUDA ? cuda : cpu) = fn;
     return true;
   }
+  void set_cpu(void* fn) override { cpu = reinterpret_cast<Fn>(fn); }
 };
 
+#define PYFORMER_DEFINE_SLOT(type, id, name) \
+  constinit Slot<type> id{#id, name};        \
+  static const bool pyformer_listed_##id [[maybe_unused]] = list_slot(&id)
+
+// CPU kernels by instruction set, chosen at run time as ATen chooses its own. The files in
+// csrc/cpu/ are compiled twice: into pyformer._C for baseline x86-64 (at::vec's DEFAULT
+// Vectorized, SSE2), and into pyformer/_cpu_avx2*.so with -mavx2 -mfma -mf16c
+// (PYFORMER_CPU_KERNEL_LIB and CPU_CAPABILITY_AVX2 defined). _C's own kernels register as every
+// other kernel does; when the library is imported on a CPU with AVX2, FMA and F16C (and
+// PYFORMER_CPU_CAPABILITY is not "default"), it loads the AVX2 library, which hands over its
+// kernels by slot name, and those replace the baseline ones. The AVX2 library is a separate
+// shared object built with hidden visibility so that none of its code (the AVX2 copies of inline
+// functions from the headers included) can stand in for _C's: a wheel built on an AVX2 machine
+// runs on any x86-64 CPU.
+struct OfferedKernel {
+  const char* slot;
+  void* fn;
+};
+#if defined(PYFORMER_CPU_KERNEL_LIB)
+// In the AVX2 library: record a kernel for the loader (csrc/cpu_lib/export.cpp).
+bool offer(const char* slot, void* fn);
+#define PYFORMER_REGISTER_KERNEL(slot, device, fn)                           \
+  static_assert(c10::DeviceType::device == c10::DeviceType::CPU,             \
+                "the CPU kernel library holds CPU kernels only");            \
+  static const bool pyformer_registered_##slot##_##device [[maybe_unused]] = \
+      ::pyformer::kernels::offer(                                            \
+          #slot,                                                             \
+          reinterpret_cast<void*>(static_cast<decltype(::pyformer::kernels::slot)::Fn>(fn)))
+#else
 #define PYFORMER_REGISTER_KERNEL(slot, device, fn)                           \
   static const bool pyformer_registered_##slot##_##device [[maybe_unused]] = \
       ::pyformer::kernels::slot.set(c10::DeviceType::device, fn)
+#endif
+
+// Loads the AVX2 CPU kernels from `path` when this CPU and PYFORMER_CPU_CAPABILITY allow (see
+// above). Returns the instruction set the CPU kernels now use ("avx2" or "default") and, in
+// `why`, the reason when that is "default". Raises on an unknown PYFORMER_CPU_CAPABILITY, or a
+// library whose kernels do not match this build's slots.
+std::string load_cpu_kernels(const std::string& path, std::string& why);
 
 // ---- scaled_qk ---------------------------------------------------------------------------------
 // out (N, Lq, Lk) = scale * q (N, Lq, D) @ k (N, Lk, D)^T; N * Lq * Lk > 0 and D > 0.

@@ -13,16 +13,17 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <dlfcn.h>
+#include <unistd.h>
+
 #include <string>
 #include <vector>
 
+#include "kernels.h"
 #include "pyformer.h"
 
 #ifndef PYFORMER_CUDA_ARCHS
 #define PYFORMER_CUDA_ARCHS ""
-#endif
-#ifndef PYFORMER_CPU_VEC
-#define PYFORMER_CPU_VEC "default"
 #endif
 
 namespace {
@@ -240,14 +241,30 @@ PyObject* py_attention(PyObject*, PyObject* const* a, Py_ssize_t n) {
   END_HANDLE_TH_ERRORS
 }
 
+// What the CPU kernels run on, set when the module loads (kernels::load_cpu_kernels).
+std::string cpu_capability = "default", cpu_capability_note;
+
 PyObject* build_info(PyObject*, PyObject*) {
 #ifdef PYFORMER_WITH_CUDA
   PyObject* cuda = Py_True;
 #else
   PyObject* cuda = Py_False;
 #endif
-  return Py_BuildValue("{s:O,s:O,s:s,s:s}", "cpu", Py_True, "cuda", cuda, "cuda_archs",
-                       PYFORMER_CUDA_ARCHS, "cpu_vec", PYFORMER_CPU_VEC);
+  return Py_BuildValue("{s:O,s:O,s:s,s:s,s:s}", "cpu", Py_True, "cuda", cuda, "cuda_archs",
+                       PYFORMER_CUDA_ARCHS, "cpu_capability", cpu_capability.c_str(),
+                       "cpu_capability_note", cpu_capability_note.c_str());
+}
+
+// The AVX2 kernel library's path: this file's own, with "_C" replaced by "_cpu_avx2" (the two
+// share the extension suffix, e.g. .cpython-311-x86_64-linux-gnu.so); "" when it is absent.
+std::string avx2_library_path() {
+  Dl_info info;
+  if (dladdr(reinterpret_cast<void*>(&avx2_library_path), &info) == 0 || !info.dli_fname) return "";
+  std::string self = info.dli_fname;
+  const size_t slash = self.rfind('/') + 1;  // 0 when there is none
+  if (self.compare(slash, 3, "_C.") != 0) return "";
+  std::string path = self.substr(0, slash) + "_cpu_avx2" + self.substr(slash + 2);
+  return access(path.c_str(), R_OK) == 0 ? path : "";
 }
 
 #define FAST(name, doc)                                                                           \
@@ -256,7 +273,8 @@ PyObject* build_info(PyObject*, PyObject*) {
 
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS,
-     "What this build of pyformer._C holds: {'cpu', 'cuda', 'cuda_archs', 'cpu_vec'}."},
+     "What this build of pyformer._C holds: {'cpu', 'cuda', 'cuda_archs', 'cpu_capability', "
+     "'cpu_capability_note'}."},
     FAST(scaled_qk, "scaled_qk(q, k, scale) -> scores"),
     FAST(masked_softmax, "masked_softmax(scores, mask, scale, causal, key_lengths) -> probs"),
     FAST(layer_norm, "layer_norm(x, normalized_shape, weight, bias, eps) -> y"),
@@ -271,4 +289,15 @@ struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__C(void) {
+  try {
+    cpu_capability = pyformer::kernels::load_cpu_kernels(avx2_library_path(), cpu_capability_note);
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ImportError, e.what_without_backtrace());
+    return nullptr;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ImportError, e.what());
+    return nullptr;
+  }
+  return PyModule_Create(&module);
+}

@@ -21,9 +21,12 @@ def backends() -> dict:
     """What this build of pyformer holds.
 
     Returns a dict: ``cpu`` (always True), ``cuda`` (the CUDA kernels were compiled in),
-    ``cuda_archs`` (the architectures they were compiled for, e.g. ``"8.0;9.0"``), ``cpu_vec``
-    (the CPU kernels' vector instruction set: ``"avx2"`` or ``"none"``) and ``cuda_available``
-    (compiled in and a GPU is visible now).
+    ``cuda_archs`` (the architectures they were compiled for, e.g. ``"8.0;9.0"``),
+    ``cpu_capability`` (the instruction set the CPU kernels run with: ``"avx2"`` where the CPU has
+    AVX2, FMA and F16C and the build has the AVX2 kernels, else ``"default"``, baseline x86-64;
+    ``PYFORMER_CPU_CAPABILITY=default`` in the environment forces the baseline),
+    ``cpu_capability_note`` (why it is ``"default"``, or empty) and ``cuda_available`` (compiled
+    in and a GPU is visible now).
     """
     import torch
 

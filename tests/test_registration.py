@@ -151,3 +151,81 @@ def test_backends_and_version():
     assert info["cpu"] is True and isinstance(info["cuda"], bool)
     assert isinstance(pyformer.__version__, str) and pyformer.__version__.count(".") >= 1
     assert hasattr(torch.ops.pyformer, "masked_softmax")
+
+
+def _import_with(capability):
+    """pyformer.backends() in a fresh interpreter with PYFORMER_CPU_CAPABILITY set."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYFORMER_CPU_CAPABILITY=capability)
+    code = "import pyformer, json; print(json.dumps(pyformer.backends()))"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+
+def test_cpu_capability_is_chosen_at_import():
+    import json
+
+    info = pyformer.backends()
+    assert info["cpu_capability"] in ("avx2", "default")
+    assert (info["cpu_capability"] == "default") == bool(info["cpu_capability_note"])
+    forced = _import_with("default")
+    assert forced.returncode == 0, forced.stderr
+    got = json.loads(forced.stdout.strip().splitlines()[-1])
+    assert got["cpu_capability"] == "default"
+    assert "PYFORMER_CPU_CAPABILITY" in got["cpu_capability_note"]
+    bad = _import_with("avx9000")
+    assert bad.returncode != 0 and "PYFORMER_CPU_CAPABILITY must be" in bad.stderr
+
+
+def test_baseline_and_avx2_kernels_agree():
+    """The two CPU builds of the kernels give results within the contract's bounds of each other
+    (each is checked against the float64 reference on its own by the whole suite, run once per
+    capability in CI); here the point is that both are really there and both run."""
+    import os
+    import subprocess
+    import sys
+
+    if pyformer.backends()["cpu_capability"] != "avx2":
+        pytest.skip("the AVX2 kernels are not in use here")
+    code = (
+        "import torch, pyformer, pyformer.functional as F, sys\n"
+        "torch.manual_seed(0)\n"
+        "x = torch.randn(6, 37, 301); w = torch.randn(301); b = torch.randn(301)\n"
+        "y = torch.cat([F.masked_softmax(x, causal=True).flatten(),\n"
+        "               F.layer_norm(x, (301,), w, b).flatten(),\n"
+        "               F.attention(x[:2, None], x[2:4, None], x[4:, None])[0].flatten()])\n"
+        "torch.save(y, sys.argv[1])\n"
+    )
+    import tempfile
+
+    outs = {}
+    with tempfile.TemporaryDirectory() as d:
+        for cap in ("avx2", "default"):
+            path = os.path.join(d, cap + ".pt")
+            env = dict(os.environ, PYFORMER_CPU_CAPABILITY=cap)
+            r = subprocess.run([sys.executable, "-c", code, path], env=env, capture_output=True)
+            assert r.returncode == 0, r.stderr.decode()
+            outs[cap] = torch.load(path)
+    torch.testing.assert_close(outs["avx2"], outs["default"], rtol=1e-5, atol=1e-6)
+
+
+def test_baseline_library_holds_no_avx_instructions():
+    """pyformer._C (loaded on every CPU) is baseline x86-64: no ymm/zmm register in its code, so a
+    wheel built on an AVX2 machine imports on a CPU without AVX; the AVX2 code is all in
+    pyformer/_cpu_avx2*.so, loaded only where the CPU has it."""
+    import platform
+    import shutil
+    import subprocess
+
+    if platform.machine().lower() not in ("x86_64", "amd64") or not shutil.which("objdump"):
+        pytest.skip("needs x86-64 and objdump")
+    from pyformer import _C
+
+    asm = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", _C.__file__], capture_output=True, text=True
+    ).stdout
+    assert asm.count("\n") > 10_000, "objdump gave no disassembly"
+    avx = [line for line in asm.splitlines() if "%ymm" in line or "%zmm" in line]
+    assert not avx, f"{len(avx)} AVX instructions in {_C.__file__}, e.g. {avx[:3]}"

@@ -208,6 +208,6 @@ TORCH_LIBRARY_IMPL(pyformer, Autograd, m) {
 }  // namespace pyformer::host
 
 namespace pyformer::kernels {
-Slot<AttentionFwd> attention_fwd{"attention forward"};
-Slot<AttentionBwd> attention_bwd{"attention backward"};
+PYFORMER_DEFINE_SLOT(AttentionFwd, attention_fwd, "attention forward");
+PYFORMER_DEFINE_SLOT(AttentionBwd, attention_bwd, "attention backward");
 }  // namespace pyformer::kernels

@@ -213,6 +213,6 @@ TORCH_LIBRARY_IMPL(pyformer, Autograd, m) {
 }  // namespace pyformer::host
 
 namespace pyformer::kernels {
-Slot<LayerNormFwd> layer_norm_fwd{"layer_norm forward"};
-Slot<LayerNormBwd> layer_norm_bwd{"layer_norm backward"};
+PYFORMER_DEFINE_SLOT(LayerNormFwd, layer_norm_fwd, "layer_norm forward");
+PYFORMER_DEFINE_SLOT(LayerNormBwd, layer_norm_bwd, "layer_norm backward");
 }  // namespace pyformer::kernels

@@ -110,6 +110,6 @@ TORCH_LIBRARY_IMPL(pyformer, Autograd, m) {
 }  // namespace pyformer::host
 
 namespace pyformer::kernels {
-Slot<MaskedSoftmaxFwd> masked_softmax_fwd{"masked_softmax forward"};
-Slot<MaskedSoftmaxBwd> masked_softmax_bwd{"masked_softmax backward"};
+PYFORMER_DEFINE_SLOT(MaskedSoftmaxFwd, masked_softmax_fwd, "masked_softmax forward");
+PYFORMER_DEFINE_SLOT(MaskedSoftmaxBwd, masked_softmax_bwd, "masked_softmax backward");
 }  // namespace pyformer::kernels

@@ -113,5 +113,5 @@ TORCH_LIBRARY_IMPL(pyformer, Autograd, m) {
 }  // namespace pyformer::host
 
 namespace pyformer::kernels {
-Slot<ScaledQkFwd> scaled_qk_fwd{"scaled_qk forward"};
+PYFORMER_DEFINE_SLOT(ScaledQkFwd, scaled_qk_fwd, "scaled_qk forward");
 }  // namespace pyformer::kernels
