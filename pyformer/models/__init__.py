@@ -12,30 +12,5 @@ in :mod:`pyformer.nn`; this package is a model written on them, not a replacemen
 module.
 """
 
-from .transformer import (
-    Decoder,
-    DecoderLayer,
-    Encoder,
-    EncoderLayer,
-    MultiHeadAttention,
-    PositionalEncoding,
-    PositionwiseFeedForward,
-    ScaledDotProductAttention,
-    TokenEmbedding,
-    Transformer,
-    TransformerEmbedding,
-)
-
-__all__ = [
-    "ScaledDotProductAttention",
-    "MultiHeadAttention",
-    "PositionalEncoding",
-    "TokenEmbedding",
-    "TransformerEmbedding",
-    "PositionwiseFeedForward",
-    "EncoderLayer",
-    "DecoderLayer",
-    "Encoder",
-    "Decoder",
-    "Transformer",
-]
+from .transformer import *  # noqa: F401,F403  (the names of transformer.__all__)
+from .transformer import __all__  # noqa: F401
