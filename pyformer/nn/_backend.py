@@ -13,7 +13,7 @@ dict lookup (no import machinery at call time) keeps the modules traceable by ``
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
@@ -102,10 +102,28 @@ def set_backend(module: torch.nn.Module, name: str) -> torch.nn.Module:
     return module
 
 
+def uniform(x: torch.Tensor, tensors: Iterable[Optional[torch.Tensor]]) -> bool:
+    """True when every given tensor (None aside) has the dtype and the device of ``x``.
+
+    pyformer's ops take one dtype and one device for all their floating inputs; PyTorch's modules
+    accept some mixes (float32 parameters with a bfloat16 input, ...), so a layer runs PyTorch's
+    own implementation for them.
+    """
+    for t in tensors:
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            return False
+    return True
+
+
 class BackendMixin:
-    """Gives a module a ``backend`` attribute and ``self.F``, the ops of that backend."""
+    """Gives a module a ``backend`` attribute and ``self.F``, the ops of that backend.
+
+    TorchScript compiles a module's properties too; these two are Python-only (a scripted layer
+    runs PyTorch's own implementation, see :mod:`pyformer.nn.layers`), so it is told to skip them.
+    """
 
     _pyformer_backend = "pyformer"
+    __jit_unused_properties__ = ["backend", "F"]
 
     @property
     def backend(self) -> str:

@@ -4,19 +4,24 @@ Both subclass the PyTorch module they replace: same constructor arguments, same 
 buffers, same ``state_dict`` keys and the same attributes that PyTorch's own Transformer layers
 read (``batch_first``, ``_qkv_same_embed_dim``, ``in_proj_bias``, ...). Only ``forward`` differs:
 it runs pyformer's kernels. An input the kernels do not take (a dtype or device they were not
-built for, nested tensors, ``add_bias_kv``/``add_zero_attn``) goes to PyTorch's own forward, so the
-answer is always right; it is just not pyformer's.
+built for, a mix of dtypes or devices, nested tensors, ``add_bias_kv``/``add_zero_attn``) goes to
+PyTorch's own forward, so the answer is always PyTorch's; each layer decides this in one method,
+``_kernels_take``. Bad input raises the exceptions of :mod:`pyformer.nn.errors`, which are also the
+types PyTorch's modules raise. Under ``torch.jit.script`` both layers run PyTorch's own
+implementation (TorchScript cannot compile pyformer's Python path or call its ops).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 import torch.nn.functional as TF
 
-from ._backend import BackendMixin, kernels_support
+from ._backend import BackendMixin, kernels_support, uniform
+from .errors import AttentionShapeError, MaskDtypeError, ShapeError
 
 __all__ = ["LayerNorm", "MultiheadAttention"]
 
@@ -32,6 +37,14 @@ class LayerNorm(BackendMixin, torch.nn.LayerNorm):
     one thing, the fused "Add & Norm" of a post-norm Transformer layer: ``norm(x, residual)``
     returns ``layer_norm(x + residual)`` computed in one pass by
     :func:`pyformer.functional.add_layer_norm`.
+
+    An input the kernels do not take runs :func:`torch.nn.functional.layer_norm`, with PyTorch's
+    answer or error: a dtype other than the parameters' (e.g. a bfloat16 input with float32
+    parameters, which PyTorch accepts), an integer input, another device, a negative or non-finite
+    ``eps``. An input whose trailing dims are not ``normalized_shape`` raises
+    :class:`pyformer.nn.ShapeError`, a ``ValueError`` and a ``RuntimeError`` (what
+    ``torch.nn.LayerNorm`` raises). Under ``torch.jit.script`` the module runs
+    :func:`torch.nn.functional.layer_norm` (``residual`` added first).
 
     Args:
         normalized_shape (int or list or torch.Size): the trailing shape normalized over.
@@ -54,22 +67,45 @@ class LayerNorm(BackendMixin, torch.nn.LayerNorm):
     """
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if torch.jit.is_scripting():
+            if residual is not None:
+                input = input + residual
+            return TF.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        return self._forward(input, residual)
+
+    @torch.jit.unused
+    def _forward(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
         if residual is not None:
             return self.add_norm(input, residual)[0]
-        if self.backend == "reference" or kernels_support((input, self.weight, self.bias)):
+        if not self._kernels_take((input, self.weight, self.bias)):
+            return super().forward(input)
+        try:
             return self.F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
-        return super().forward(input)
+        except ValueError as e:  # a shape: raised as the RuntimeError torch.nn.LayerNorm raises
+            raise ShapeError(str(e)) from e
 
     def add_norm(self, input: Tensor, residual: Tensor) -> Tuple[Tensor, Tensor]:
         """``(layer_norm(input + residual), input + residual)`` in one pass (the Add & Norm)."""
-        if self.backend == "reference" or kernels_support(
-            (input, residual, self.weight, self.bias)
-        ):
+        if not self._kernels_take((input, residual, self.weight, self.bias)):
+            s = input + residual
+            return super().forward(s), s
+        try:
             return self.F.add_layer_norm(
                 input, residual, self.normalized_shape, self.weight, self.bias, self.eps
             )
-        s = input + residual
-        return super().forward(s), s
+        except ValueError as e:
+            raise ShapeError(str(e)) from e
+
+    def _kernels_take(self, tensors: Sequence[Optional[Tensor]]) -> bool:
+        """Whether pyformer's ops take ``tensors`` (the input first, then the residual if any and
+        the parameters); if not, the layer runs PyTorch's layer norm. The one place this is
+        decided: a floating input, one dtype and one device for all, an ``eps`` the op takes
+        (finite, >= 0), and a dtype and device the kernels were built for (the reference backend
+        runs on any)."""
+        x = tensors[0]
+        if not (x.is_floating_point() and uniform(x, tensors) and 0.0 <= self.eps < math.inf):
+            return False
+        return self.backend == "reference" or kernels_support(tensors)
 
 
 def _additive(m: Tensor, dtype: torch.dtype) -> Tensor:
@@ -108,6 +144,22 @@ def _right_padding_lengths(valid: Tensor) -> Optional[Tensor]:
     return lengths if torch.equal(expected, valid) else None
 
 
+_MHA = "pyformer.nn.MultiheadAttention"
+
+
+def _dims(*dims) -> str:
+    return "(" + ", ".join(str(d) for d in dims) + ")"
+
+
+def _check_mask_dtype(name: str, m: Optional[Tensor]) -> None:
+    """An integer mask is an error (as in PyTorch), never added as an additive mask."""
+    if m is not None and m.dtype != torch.bool and not m.is_floating_point():
+        raise MaskDtypeError(
+            f"{_MHA}: argument '{name}': expected a bool or floating mask, got dtype {m.dtype} "
+            "(an integer mask is never added; convert it with .bool())"
+        )
+
+
 class MultiheadAttention(BackendMixin, torch.nn.MultiheadAttention):
     r"""Multi-head attention on :func:`pyformer.functional.attention`.
 
@@ -121,16 +173,28 @@ class MultiheadAttention(BackendMixin, torch.nn.MultiheadAttention):
     ``out_proj``), so ``load_state_dict`` from a PyTorch module works, and the same ``forward``
     with PyTorch's conventions at the boundary:
 
-    - ``key_padding_mask`` (N, S): bool ``True`` = *ignore* this key, or float, added.
-    - ``attn_mask`` (L, S) or (N * num_heads, L, S): bool ``True`` = *not allowed*, or float, added.
+    - ``key_padding_mask`` (N, S), (S) unbatched: bool ``True`` = *ignore* this key, or float,
+      added.
+    - ``attn_mask`` (L, S) or (N * num_heads, L, S), (num_heads, L, S) unbatched: bool ``True`` =
+      *not allowed*, or float, added.
     - ``is_causal``: a hint that ``attn_mask`` is the causal mask; it is then applied by index
       arithmetic in the kernel and ``attn_mask`` is not read (as PyTorch's hint allows).
 
     Inside, masks are converted to pyformer's convention (bool ``True`` = may attend, broadcast
     as (N, 1, 1, S) or (1, 1, L, S), never expanded); a right-padding ``key_padding_mask`` becomes
     ``key_lengths``. A query row whose every key is masked returns zeros (PyTorch returns NaN).
-    ``add_bias_kv``, ``add_zero_attn``, nested tensors and dtypes or devices the kernels were not
-    built for use PyTorch's own forward.
+    A float mask may have another floating dtype than the query (it is converted).
+
+    ``add_bias_kv``, ``add_zero_attn``, nested tensors, dtypes or devices the kernels were not
+    built for, and a mix of dtypes or devices among query, key, value and the parameters (e.g. an
+    ``in_proj_bias`` of another dtype, which PyTorch accepts) run PyTorch's own forward, with its
+    answer or its error. Under ``torch.jit.script`` the module runs PyTorch's computation
+    (:func:`torch.nn.functional.multi_head_attention_forward`).
+
+    Errors: a query, key, value or mask of the wrong shape raises
+    :class:`pyformer.nn.AttentionShapeError` (a ``ValueError``, an ``AssertionError`` and a
+    ``RuntimeError``: what PyTorch raises for these); an integer mask raises
+    :class:`pyformer.nn.MaskDtypeError` (a ``TypeError`` and an ``AssertionError``).
 
     Args:
         embed_dim (int): model dimension ``E``.
@@ -173,7 +237,18 @@ class MultiheadAttention(BackendMixin, torch.nn.MultiheadAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> Tuple[Tensor, Optional[Tensor]]:
-        args = (
+        if torch.jit.is_scripting():
+            return self._torch_forward(
+                query,
+                key,
+                value,
+                key_padding_mask,
+                need_weights,
+                attn_mask,
+                average_attn_weights,
+                is_causal,
+            )
+        return self._forward(
             query,
             key,
             value,
@@ -183,35 +258,202 @@ class MultiheadAttention(BackendMixin, torch.nn.MultiheadAttention):
             average_attn_weights,
             is_causal,
         )
-        if (
-            self.bias_k is not None
-            or self.add_zero_attn
-            or query.dim() not in (2, 3)
-            or query.dim() != key.dim()
-            or key.dim() != value.dim()
-        ):
-            return super().forward(*args)  # PyTorch's own path (and its shape errors)
-        weights = [
+
+    def _torch_forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor],
+        need_weights: bool,
+        attn_mask: Optional[Tensor],
+        average_attn_weights: bool,
+        is_causal: bool,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """PyTorch's computation, what a scripted module runs: ``torch.nn.MultiheadAttention``'s
+        forward without its fused inference fast path (TorchScript cannot call ``super()``)."""
+        batched = query.dim() == 3
+        if self.batch_first and batched:
+            # as PyTorch does, keeping `query is key is value` (one packed projection)
+            if key is value:
+                if query is key:
+                    query = key = value = query.transpose(1, 0)
+                else:
+                    query, key = query.transpose(1, 0), key.transpose(1, 0)
+                    value = key
+            else:
+                query, key, value = (
+                    query.transpose(1, 0),
+                    key.transpose(1, 0),
+                    value.transpose(1, 0),
+                )
+        out, weights = TF.multi_head_attention_forward(
+            query,
+            key,
+            value,
+            self.embed_dim,
+            self.num_heads,
+            self.in_proj_weight,
+            self.in_proj_bias,
+            self.bias_k,
+            self.bias_v,
+            self.add_zero_attn,
+            self.dropout,
+            self.out_proj.weight,
+            self.out_proj.bias,
+            training=self.training,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            use_separate_proj_weight=not self._qkv_same_embed_dim,
+            q_proj_weight=self.q_proj_weight,
+            k_proj_weight=self.k_proj_weight,
+            v_proj_weight=self.v_proj_weight,
+            average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+        )
+        if self.batch_first and batched:
+            out = out.transpose(1, 0)
+        return out, weights
+
+    def _kernels_take(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor],
+        attn_mask: Optional[Tensor],
+    ) -> bool:
+        """Whether pyformer's path takes these inputs; if not, the layer runs PyTorch's forward.
+        The one place this is decided: no ``add_bias_kv``/``add_zero_attn``, a floating query,
+        one dtype and one device for query, key, value and every parameter (masks: the device; a
+        float mask of another dtype is converted), and tensors the kernels were built for (the
+        reference backend runs on any)."""
+        if self.bias_k is not None or self.add_zero_attn or not query.is_floating_point():
+            return False
+        params = (
             self.in_proj_weight,
             self.q_proj_weight,
             self.k_proj_weight,
             self.v_proj_weight,
             self.in_proj_bias,
             self.out_proj.weight,
-        ]
-        if self.backend == "pyformer" and not kernels_support(
-            [query, key, value, key_padding_mask, attn_mask] + weights
+            self.out_proj.bias,
+        )
+        if not uniform(query, (key, value) + params):
+            return False
+        for m in (key_padding_mask, attn_mask):
+            if m is not None and m.device != query.device:
+                return False
+        return self.backend == "reference" or kernels_support(
+            (query, key, value, key_padding_mask, attn_mask)
+        )
+
+    def _check_shapes(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor],
+        attn_mask: Optional[Tensor],
+    ) -> None:
+        """The shapes ``torch.nn.MultiheadAttention`` takes; anything else raises
+        :class:`AttentionShapeError` naming the argument (never a reshape error deep inside, or an
+        error about an argument the caller did not pass). Only integers are compared until a check
+        fails: the messages are built then."""
+        nd = query.dim()
+        if nd not in (2, 3):
+            raise AttentionShapeError(
+                f"{_MHA}: argument 'query': expected a 3-D (batched) or 2-D (unbatched) tensor, "
+                f"got shape {_dims(*query.shape)}"
+            )
+        for name, t in (("key", key), ("value", value)):
+            if t.dim() != nd:
+                raise AttentionShapeError(
+                    f"{_MHA}: argument '{name}': expected a {nd}-D tensor (as 'query' is), "
+                    f"got shape {_dims(*t.shape)}"
+                )
+        batched = nd == 3
+        # the batch and sequence dims: (N, L, E), (L, N, E), or (L, E) unbatched
+        b, s = ((0, 1) if self.batch_first else (1, 0)) if batched else (0, 0)
+        n = query.shape[b] if batched else 1
+        lq, lk = query.shape[s], key.shape[s]
+        if query.shape[-1] != self.embed_dim:
+            self._shape_error("query", query, "L", "N", self.embed_dim)
+        if key.shape[-1] != self.kdim or (batched and key.shape[b] != n):
+            self._shape_error("key", key, "S", n, self.kdim)
+        if (
+            value.shape[-1] != self.vdim
+            or value.shape[s] != lk
+            or (batched and value.shape[b] != n)
         ):
-            return super().forward(*args)
+            self._shape_error("value", value, lk, n, self.vdim)
+        if key_padding_mask is not None:
+            kpm = key_padding_mask.shape
+            if (batched and kpm != (n, lk)) or (not batched and kpm != (lk,)):
+                raise AttentionShapeError(
+                    f"{_MHA}: argument 'key_padding_mask': expected shape "
+                    + (f"(N, S) = {_dims(n, lk)}" if batched else f"(S) = {_dims(lk)}")
+                    + f", got {_dims(*kpm)}"
+                )
+        if attn_mask is not None:
+            am, h = attn_mask.shape, self.num_heads
+            if am != (lq, lk) and am != ((n * h, lq, lk) if batched else (h, lq, lk)):
+                three = (
+                    f"(N * num_heads, L, S) = {_dims(n * h, lq, lk)}"
+                    if batched
+                    else f"(num_heads, L, S) = {_dims(h, lq, lk)}"
+                )
+                raise AttentionShapeError(
+                    f"{_MHA}: argument 'attn_mask': expected shape (L, S) = {_dims(lq, lk)} or "
+                    f"{three}, got {_dims(*am)}"
+                )
+
+    def _shape_error(self, name: str, t: Tensor, seq, batch, features: int) -> None:
+        """Raises the error of a query, key or value of the wrong shape, in the input's layout."""
+        if t.dim() == 2:
+            expected, how = _dims(seq, features), "unbatched"
+        elif self.batch_first:
+            expected, how = _dims(batch, seq, features), "batch_first=True"
+        else:
+            expected, how = _dims(seq, batch, features), "batch_first=False"
+        raise AttentionShapeError(
+            f"{_MHA}: argument '{name}': expected shape {expected} ({how}), got {_dims(*t.shape)}"
+        )
+
+    @torch.jit.unused
+    def _forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor],
+        need_weights: bool,
+        attn_mask: Optional[Tensor],
+        average_attn_weights: bool,
+        is_causal: bool,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        _check_mask_dtype("key_padding_mask", key_padding_mask)
+        _check_mask_dtype("attn_mask", attn_mask)
+        if not self._kernels_take(query, key, value, key_padding_mask, attn_mask):
+            return super().forward(  # PyTorch's own path (and its errors)
+                query,
+                key,
+                value,
+                key_padding_mask,
+                need_weights,
+                attn_mask,
+                average_attn_weights,
+                is_causal,
+            )
         if is_causal and attn_mask is None:
             raise RuntimeError(
-                "pyformer.nn.MultiheadAttention: is_causal=True is a hint that attn_mask is the "
-                "causal mask, so attn_mask must be given (as in torch.nn.MultiheadAttention)"
+                f"{_MHA}: is_causal=True is a hint that attn_mask is the causal mask, so "
+                "attn_mask must be given (as in torch.nn.MultiheadAttention)"
             )
+        self._check_shapes(query, key, value, key_padding_mask, attn_mask)
 
         batched = query.dim() == 3
-        if hasattr(TF, "_mha_shape_check"):  # PyTorch's own checks and messages
-            TF._mha_shape_check(query, key, value, key_padding_mask, attn_mask, self.num_heads)
         self_attention = query is key and key is value
         if not batched:  # (L, E) -> (1, L, E)
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
@@ -222,22 +464,6 @@ class MultiheadAttention(BackendMixin, torch.nn.MultiheadAttention):
 
         n, lq, e = query.shape
         lk = key.shape[1]
-        # PyTorch raises AssertionError for these; so do we, naming the argument
-        for arg, t, dim in (
-            ("query", query, self.embed_dim),
-            ("key", key, self.kdim),
-            ("value", value, self.vdim),
-        ):
-            if t.shape[0] != n or t.shape[-1] != dim:
-                raise AssertionError(
-                    f"pyformer.nn.MultiheadAttention: {arg} must have batch size {n} and "
-                    f"{dim} features, got shape {tuple(t.shape)} (batch_first={self.batch_first})"
-                )
-        if value.shape[1] != lk:
-            raise AssertionError(
-                f"pyformer.nn.MultiheadAttention: key and value must have the same sequence "
-                f"length, got {lk} and {value.shape[1]}"
-            )
         h = self.num_heads
         dh = self.head_dim
 
@@ -281,16 +507,19 @@ class MultiheadAttention(BackendMixin, torch.nn.MultiheadAttention):
                 kp = key_padding_mask.view(n, 1, 1, lk)
             mask = _combine(mask, kp)
 
-        out, probs = self.F.attention(
-            q,
-            k,
-            v,
-            mask,
-            causal=causal,
-            key_lengths=key_lengths,
-            dropout_p=self.dropout if self.training else 0.0,
-            need_weights=need_weights,
-        )
+        try:
+            out, probs = self.F.attention(
+                q,
+                k,
+                v,
+                mask,
+                causal=causal,
+                key_lengths=key_lengths,
+                dropout_p=self.dropout if self.training else 0.0,
+                need_weights=need_weights,
+            )
+        except ValueError as e:  # what the checks above let through, as PyTorch's error types
+            raise AttentionShapeError(str(e)) from e
 
         out = out.transpose(1, 2).reshape(n, lq, e)
         out = TF.linear(out, self.out_proj.weight, self.out_proj.bias)
