@@ -85,7 +85,10 @@ void check_masks(const char* op, at::IntArrayRef sizes, const at::Device& device
     if (kl.numel() > 0) {
       const int64_t lk = sizes[nd - 1];
       // one read-back (on CUDA one sync) for both ends
-      const at::Tensor ends = at::stack({kl.min(), kl.max()}).to(at::kCPU, at::kLong);
+      // as int64 first: min/max have no kernels for uint16/32/64 (a uint64 above 2^63 turns
+      // negative and fails the range check below)
+      const at::Tensor kl64 = kl.to(at::kLong);
+      const at::Tensor ends = at::stack({kl64.min(), kl64.max()}).to(at::kCPU);
       const int64_t lo = ends[0].item<int64_t>(), hi = ends[1].item<int64_t>();
       PYF_VALUE(lo >= 0 && hi <= lk, op, "key_lengths", "values in [0, " + std::to_string(lk) + "]",
                 "values in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");

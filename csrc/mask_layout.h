@@ -27,7 +27,8 @@ namespace pyformer {
 constexpr int kMaxMaskDims = 8;
 
 struct MaskLayout {
-  const void* data = nullptr;          // bool mask, or additive mask in the scores' dtype
+  const void* data = nullptr;          // bool mask (bytes, nonzero = may attend), or additive
+                                       // mask in the scores' accumulation type (float; double)
   int kind = 0;                        // 0 none, 1 bool, 2 additive
   int nlead = 0;                       // merged leading dims of the scores (mask kinds 1, 2)
   int64_t size[kMaxMaskDims] = {};     // their sizes, outermost first

@@ -8,12 +8,13 @@
 // float buffer (for float32/float64 the row itself, or the just-written s, serves), then the mean
 // and the biased variance in two vectorized passes over the cached row (a corrected two-pass: exact
 // where the one-pass E[x^2] - E[x]^2 formula cancels, and the centred sum refines the mean, so a
-// constant row normalizes to exactly 0), then y in a third. Napkin math: 4 bytes read + 4 written
-// per float32 element (+ 4 + 4 for the residual and s), ~8 flops per element. Backward: dx = rstd *
-// (g - mean(g) - xhat * mean(g * xhat)) with g = dy * weight, per row; dweight = sum_rows dy * xhat
-// and dbias = sum_rows dy through per-block partial sums over a fixed number of contiguous row
-// blocks, then one reduction over the blocks in a fixed order: deterministic run to run, whatever
-// the thread count.
+// constant row normalizes to exactly 0), then y in a third. Row sums are blocked and compensated
+// (vsum below), so their error does not grow with the row length. Napkin math: 4 bytes read + 4
+// written per float32 element (+ 4 + 4 for the residual and s), ~8 flops per element. Backward: dx
+// = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * weight, per row; dweight = sum_rows
+// dy * xhat and dbias = sum_rows dy through per-block partial sums over a fixed number of
+// contiguous row blocks, then one reduction over the blocks in a fixed order: deterministic run to
+// run, whatever the thread count.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -39,8 +40,28 @@ inline acc_t hsum(const Vectorized<acc_t>& v) {
   return r;
 }
 
+// Row sums whose error does not grow with the row length N: blocks of kSumBlock elements are
+// summed in one vector accumulator (at most kSumBlock / lanes adds per lane), and the block totals
+// are combined by Neumaier's compensated sum, so the relative error stays at the level of one
+// block's, ~(kSumBlock / lanes) eps at worst, for any N (one running vector over the whole row
+// grows as (N / lanes) eps: 1e-5 at N = 2^20 in float32). The block fits in L1 and the
+// compensation costs a few flops per block: no measurable time.
+constexpr int64_t kSumBlock = 2048;
+
 template <typename acc_t>
-inline acc_t vsum(const acc_t* a, int64_t n) {
+struct CompensatedSum {
+  acc_t sum = 0, comp = 0;
+  void add(acc_t v) {
+    const acc_t t = sum + v;
+    comp += std::abs(sum) >= std::abs(v) ? (sum - t) + v : (v - t) + sum;
+    sum = t;
+  }
+  acc_t value() const { return sum + comp; }
+};
+
+// sum a[0:n] in one vector accumulator (n <= kSumBlock)
+template <typename acc_t>
+inline acc_t vsum_block(const acc_t* a, int64_t n) {
   using Vec = Vectorized<acc_t>;
   Vec s(0);
   int64_t j = 0;
@@ -50,9 +71,18 @@ inline acc_t vsum(const acc_t* a, int64_t n) {
   return r;
 }
 
-// sum (a - c) and sum (a - c)^2
 template <typename acc_t>
-inline std::pair<acc_t, acc_t> vsum_dev(const acc_t* a, int64_t n, acc_t c) {
+inline acc_t vsum(const acc_t* a, int64_t n) {
+  if (n <= kSumBlock) return vsum_block(a, n);
+  CompensatedSum<acc_t> total;
+  for (int64_t j = 0; j < n; j += kSumBlock)
+    total.add(vsum_block(a + j, std::min(kSumBlock, n - j)));
+  return total.value();
+}
+
+// sum (a - c) and sum (a - c)^2 over a[0:n] (n <= kSumBlock)
+template <typename acc_t>
+inline std::pair<acc_t, acc_t> vsum_dev_block(const acc_t* a, int64_t n, acc_t c) {
   using Vec = Vectorized<acc_t>;
   const Vec vc(c);
   Vec s1(0), s2(0);
@@ -68,6 +98,36 @@ inline std::pair<acc_t, acc_t> vsum_dev(const acc_t* a, int64_t n, acc_t c) {
     r2 += (a[j] - c) * (a[j] - c);
   }
   return {r1, r2};
+}
+
+template <typename acc_t>
+inline std::pair<acc_t, acc_t> vsum_dev(const acc_t* a, int64_t n, acc_t c) {
+  if (n <= kSumBlock) return vsum_dev_block(a, n, c);
+  CompensatedSum<acc_t> t1, t2;
+  for (int64_t j = 0; j < n; j += kSumBlock) {
+    const auto [b1, b2] = vsum_dev_block(a + j, std::min(kSumBlock, n - j), c);
+    t1.add(b1);
+    t2.add(b2);
+  }
+  return {t1.value(), t2.value()};
+}
+
+// sum a * b over a[0:n], b[0:n], blocked and compensated as vsum
+template <typename acc_t>
+inline acc_t vdot(const acc_t* a, const acc_t* b, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  CompensatedSum<acc_t> total;
+  for (int64_t j0 = 0; j0 < n; j0 += kSumBlock) {
+    const int64_t j1 = std::min(n, j0 + kSumBlock);
+    Vec s(0);
+    int64_t j = j0;
+    for (; j + Vec::size() <= j1; j += Vec::size())
+      s = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), s);
+    acc_t r = hsum(s);
+    for (; j < j1; ++j) r += a[j] * b[j];
+    total.add(r);
+  }
+  return total.value();
 }
 
 // weight / bias as accumulator arrays (the tensor itself for float32/float64; a converted copy
@@ -204,27 +264,34 @@ void layer_norm_bwd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::T
                 // recomputed in the second rather than stored
                 using Vec = Vectorized<acc_t>;
                 const Vec vmu(mu), vrs(rs);
-                Vec vsg(0), vsgx(0);
-                int64_t j = 0;
-                for (; j + Vec::size() <= N; j += Vec::size()) {
-                  const Vec dy = Vec::loadu(gr + j), xhv = (Vec::loadu(xr + j) - vmu) * vrs;
-                  const Vec gv = W ? dy * Vec::loadu(W + j) : dy;
-                  at::vec::fmadd(dy, xhv, Vec::loadu(dw + j)).store(dw + j);
-                  (Vec::loadu(db + j) + dy).store(db + j);
-                  vsg = vsg + gv;
-                  vsgx = at::vec::fmadd(gv, xhv, vsgx);
+                // sum g and sum g * xhat by blocks (as vsum: the error does not grow with N)
+                CompensatedSum<acc_t> tsg, tsgx;
+                for (int64_t j0 = 0; j0 < N; j0 += kSumBlock) {
+                  const int64_t j1 = std::min(N, j0 + kSumBlock);
+                  Vec vsg(0), vsgx(0);
+                  int64_t j = j0;
+                  for (; j + Vec::size() <= j1; j += Vec::size()) {
+                    const Vec dy = Vec::loadu(gr + j), xhv = (Vec::loadu(xr + j) - vmu) * vrs;
+                    const Vec gv = W ? dy * Vec::loadu(W + j) : dy;
+                    at::vec::fmadd(dy, xhv, Vec::loadu(dw + j)).store(dw + j);
+                    (Vec::loadu(db + j) + dy).store(db + j);
+                    vsg = vsg + gv;
+                    vsgx = at::vec::fmadd(gv, xhv, vsgx);
+                  }
+                  acc_t sg = hsum(vsg), sgx = hsum(vsgx);
+                  for (; j < j1; ++j) {
+                    const acc_t dy = gr[j], xhv = (xr[j] - mu) * rs, gv = W ? dy * W[j] : dy;
+                    dw[j] += dy * xhv;
+                    db[j] += dy;
+                    sg += gv;
+                    sgx += gv * xhv;
+                  }
+                  tsg.add(sg);
+                  tsgx.add(sgx);
                 }
-                acc_t sg = hsum(vsg), sgx = hsum(vsgx);
-                for (int64_t jj = j; jj < N; ++jj) {
-                  const acc_t dy = gr[jj], xhv = (xr[jj] - mu) * rs, gv = W ? dy * W[jj] : dy;
-                  dw[jj] += dy * xhv;
-                  db[jj] += dy;
-                  sg += gv;
-                  sgx += gv * xhv;
-                }
-                const acc_t a = sg / N, c = sgx / N;
+                const acc_t a = tsg.value() / N, c = tsgx.value() / N;
                 const Vec va(a), vc(c);
-                j = 0;
+                int64_t j = 0;
                 for (; j + Vec::size() <= N; j += Vec::size()) {
                   const Vec dy = Vec::loadu(gr + j), xhv = (Vec::loadu(xr + j) - vmu) * vrs;
                   const Vec gv = W ? dy * Vec::loadu(W + j) : dy;
@@ -235,7 +302,6 @@ void layer_norm_bwd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::T
                   dxr[j] = rs * (gv - a - xhv * c);
                 }
               } else {  // float16 / bfloat16: convert once into float buffers
-                acc_t sgx = 0;
                 for (int64_t j = 0; j < N; ++j) {
                   const acc_t dy = static_cast<acc_t>(gr[j]);
                   xh[j] = (static_cast<acc_t>(xr[j]) - mu) * rs;
@@ -243,8 +309,7 @@ void layer_norm_bwd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::T
                   dw[j] += dy * xh[j];
                   db[j] += dy;
                 }
-                const acc_t sg = vsum(g.data(), N);
-                for (int64_t j = 0; j < N; ++j) sgx += g[j] * xh[j];
+                const acc_t sg = vsum(g.data(), N), sgx = vdot(g.data(), xh.data(), N);
                 const acc_t a = sg / N, c = sgx / N;
                 for (int64_t j = 0; j < N; ++j)
                   dxr[j] = static_cast<scalar_t>(rs * (g[j] - a - xh[j] * c));

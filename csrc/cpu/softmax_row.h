@@ -31,12 +31,13 @@ using at::vec::Vectorized;
 template <typename T>
 using acc_type = at::opmath_type<T>;
 
-// The mask of one row: none, bool (true = may attend) or additive (-inf = masked), with a stride
-// along the keys (1, or 0 for a mask broadcast along the keys).
+// The mask of one row: none, bool (a nonzero byte = may attend: a bool tensor viewed from uint8
+// may hold any byte) or additive in the accumulation type (-inf = masked), with a stride along the
+// keys (1, or 0 for a mask broadcast along the keys).
 template <typename scalar_t>
 struct RowMask {
-  const bool* b = nullptr;
-  const scalar_t* f = nullptr;
+  const uint8_t* b = nullptr;
+  const acc_type<scalar_t>* f = nullptr;
   int64_t stride = 1;
 };
 
@@ -47,9 +48,9 @@ inline RowMask<scalar_t> row_mask(const MaskLayout& m, int64_t row) {
   if (m.kind == 0) return rm;
   const int64_t off = m.offset(row);
   if (m.kind == 1)
-    rm.b = static_cast<const bool*>(m.data) + off;
+    rm.b = static_cast<const uint8_t*>(m.data) + off;
   else
-    rm.f = static_cast<const scalar_t*>(m.data) + off;
+    rm.f = static_cast<const acc_type<scalar_t>*>(m.data) + off;
   rm.stride = m.mlast;
   return rm;
 }
@@ -69,8 +70,8 @@ inline int64_t scale_mask_row(const in_t* x, acc_t* buf, int64_t end, acc_t scal
     int64_t j = 0;
 #if defined(CPU_CAPABILITY_AVX2)
     if constexpr (UNIT && std::is_same_v<in_t, float> && std::is_same_v<acc_t, float>) {
-      // 8 keys at a time: 8 bool bytes -> a lane mask -> blend of scale * x and -inf; the
-      // unmasked keys are counted by a popcount of the bytes (each 0 or 1).
+      // 8 keys at a time: 8 mask bytes -> a lane mask (byte != 0) -> blend of scale * x and
+      // -inf; the unmasked keys are counted by a popcount of the lane mask.
       const __m256 vs = _mm256_set1_ps(scale), vninf = _mm256_set1_ps(ninf);
       const __m256i zero = _mm256_setzero_si256();
       for (; j + 8 <= end; j += 8) {
@@ -80,12 +81,12 @@ inline int64_t scale_mask_row(const in_t* x, acc_t* buf, int64_t end, acc_t scal
         const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(m32, zero));
         _mm256_storeu_ps(buf + j,
                          _mm256_blendv_ps(vninf, _mm256_mul_ps(_mm256_loadu_ps(x + j), vs), keep));
-        count += __builtin_popcountll(bits);
+        count += __builtin_popcount(_mm256_movemask_ps(keep));
       }
     }
 #endif
     for (; j < end; ++j) {
-      const bool ok = m.b[j * ms];
+      const bool ok = m.b[j * ms] != 0;
       buf[j] = ok ? scale * static_cast<acc_t>(x[j]) : ninf;
       count += ok;
     }

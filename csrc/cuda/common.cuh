@@ -74,6 +74,19 @@ inline bool can_vectorize(int64_t n, int vec, std::initializer_list<const void*>
 // accurate exponential costs no time that shows.
 __device__ __forceinline__ float acc_exp(float x) { return expf(x); }
 __device__ __forceinline__ double acc_exp(double x) { return exp(x); }
+// Neumaier's compensated sum: a thread's running sum over a long row (N / (threads * VEC) terms)
+// whose error does not grow with the number of terms.
+template <typename A>
+struct CompensatedSum {
+  A sum = A(0), comp = A(0);
+  __device__ __forceinline__ void add(A v) {
+    const A t = sum + v;
+    comp += fabs(sum) >= fabs(v) ? (sum - t) + v : (v - t) + sum;
+    sum = t;
+  }
+  __device__ __forceinline__ A value() const { return sum + comp; }
+};
+
 __device__ __forceinline__ float acc_rsqrt(float x) { return rsqrtf(x); }
 __device__ __forceinline__ double acc_rsqrt(double x) { return rsqrt(x); }
 // fmax ignores a NaN operand; NaN still reaches the output through the sum (see masked_softmax.cu).

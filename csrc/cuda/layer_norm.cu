@@ -152,6 +152,7 @@ __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads
 }
 
 // Any row length: shifted sums in pass 1, normalize in pass 2 (re-reading x, or s as stored).
+// Each thread's running sums are compensated (CompensatedSum), so their error does not grow with N.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kLongThreads, 1)
     ln_fwd_long_kernel(const T* __restrict__ x, const T* __restrict__ res, T* __restrict__ s_out,
@@ -175,27 +176,32 @@ __global__ void __launch_bounds__(kLongThreads, 1)
     // pass 1: the mean, from sums shifted by the row's first value (writes s)
     A shift = static_cast<A>(xr[0]);
     if (rr) shift = static_cast<A>(static_cast<T>(shift + static_cast<A>(rr[0])));
-    A s1 = A(0);
+    CompensatedSum<A> s1;
     for (int64_t j0 = int64_t(threadIdx.x) * VEC; j0 < N; j0 += step) {
       const V in = load_input<T, VEC>(xr, rr, sr, j0);
+      A part = A(0);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) s1 += static_cast<A>(in.v[e]) - shift;
+      for (int e = 0; e < VEC; ++e) part += static_cast<A>(in.v[e]) - shift;
+      s1.add(part);
     }
-    const A mean0 = shift + block_allreduce_sum(s1, smem) * inv_n;
+    const A mean0 = shift + block_allreduce_sum(s1.value(), smem) * inv_n;
     // pass 2 (an L2 re-read): sums centred on mean0 -- the exact two-pass variance, and the
     // mean refined by the centred sum
-    A c1 = A(0), c2 = A(0);
+    CompensatedSum<A> c1, c2;
     for (int64_t j0 = int64_t(threadIdx.x) * VEC; j0 < N; j0 += step) {
       const V in = reload(j0);
+      A p1 = A(0), p2 = A(0);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         const A d = static_cast<A>(in.v[e]) - mean0;
-        c1 += d;
-        c2 += d * d;
+        p1 += d;
+        p2 += d * d;
       }
+      c1.add(p1);
+      c2.add(p2);
     }
-    const A dm = block_allreduce_sum(c1, smem) * inv_n;
-    A var = block_allreduce_sum(c2, smem) * inv_n - dm * dm;
+    const A dm = block_allreduce_sum(c1.value(), smem) * inv_n;
+    A var = block_allreduce_sum(c2.value(), smem) * inv_n - dm * dm;
     if (var < A(0)) var = A(0);
     const A mean = mean0 + dm;
     const A rstd = acc_rsqrt(var + eps);
@@ -281,22 +287,25 @@ __global__ void __launch_bounds__(kLongThreads, 1)
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t base = row * N;
     const A mu = mean[row], rs = rstd[row];
-    A sg = A(0), sgx = A(0);
+    CompensatedSum<A> sg, sgx;
     for (int64_t j0 = int64_t(threadIdx.x) * VEC; j0 < N; j0 += step) {
       const V xv = load_vec<T, VEC>(x + base, j0);
       const V dv = load_vec<T, VEC>(dy + base, j0);
       V wv;
       if (w) wv = load_vec<T, VEC>(w, j0);
+      A pg = A(0), pgx = A(0);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         A gi = static_cast<A>(dv.v[e]);
         if (w) gi *= static_cast<A>(wv.v[e]);
-        sg += gi;
-        sgx += gi * (static_cast<A>(xv.v[e]) - mu) * rs;
+        pg += gi;
+        pgx += gi * (static_cast<A>(xv.v[e]) - mu) * rs;
       }
+      sg.add(pg);
+      sgx.add(pgx);
     }
-    const A mg = block_allreduce_sum(sg, smem) * inv_n;
-    const A mgx = block_allreduce_sum(sgx, smem) * inv_n;
+    const A mg = block_allreduce_sum(sg.value(), smem) * inv_n;
+    const A mgx = block_allreduce_sum(sgx.value(), smem) * inv_n;
     for (int64_t j0 = int64_t(threadIdx.x) * VEC; j0 < N; j0 += step) {
       const V xv = load_vec<T, VEC>(x + base, j0);
       const V dv = load_vec<T, VEC>(dy + base, j0);

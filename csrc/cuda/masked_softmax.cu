@@ -77,9 +77,9 @@ __device__ __forceinline__ A masked_value(T score, A scale, const MaskLayout& p,
   A x = scale * static_cast<A>(score);
   ok = true;
   if (p.kind == 1) {
-    ok = static_cast<const bool*>(p.data)[moff + j * p.mlast];
+    ok = static_cast<const uint8_t*>(p.data)[moff + j * p.mlast] != 0;  // any nonzero byte
   } else if (p.kind == 2) {
-    const A m = static_cast<A>(static_cast<const T*>(p.data)[moff + j * p.mlast]);
+    const A m = static_cast<const A*>(p.data)[moff + j * p.mlast];  // in A (make_mask_args)
     ok = !(m == neg_inf<A>());
     x += m;
   }

@@ -38,6 +38,7 @@
 
 #include <vector>
 
+#include "../host/gemm.h"
 #include "common.cuh"
 
 namespace pyformer {
@@ -310,7 +311,7 @@ void scaled_qk_fwd_cuda(const at::Tensor& q3, const at::Tensor& k3, const at::Te
   if ((st == at::kHalf || st == at::kBFloat16) && compute_major() < 8) {
     // below sm_80 the WMMA kernel is compiled to a trap (no bfloat16 WMMA there): cuBLAS instead
     at::Tensor o = out;
-    at::baddbmm_out(o, o, q3, k3.transpose(1, 2), /*beta=*/0.0, /*alpha=*/scale);
+    host::scaled_bmm_out(o, q3, k3.transpose(1, 2), scale);
   } else if (st == at::kHalf || st == at::kBFloat16) {
     AT_DISPATCH_REDUCED_FLOATING_TYPES(st, "scaled_qk_cuda", [&] {
       const scalar_t* qp = q3.const_data_ptr<scalar_t>();

@@ -21,6 +21,7 @@
 #include "../kernels.h"
 #include "../memory.h"
 #include "autograd.h"
+#include "gemm.h"
 
 namespace pyformer::host {
 namespace {
@@ -58,7 +59,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
     return result();
   }
   const MaskArgs m = make_mask_args(ps, q.scalar_type(), mask, causal, key_lengths);
-  if (const auto fused = kernels::attention_fwd(q.device())) {
+  // the fused kernels' GEMMs take the scale as alpha; alpha 0 is the composition's (gemm.h)
+  if (const auto fused = scale != 0 ? kernels::attention_fwd(q.device()) : nullptr) {
     if (fused(q, k, v, out, probs, dropped ? keep : at::Tensor(), m.layout, scale, keep_scale))
       return result();
   }
@@ -67,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
   if (D == 0)
     scores.zero_();
   else
-    at::baddbmm_out(scores, scores, bh3(q), bh3(k).transpose(1, 2), /*beta=*/0, /*alpha=*/scale);
+    scaled_bmm_out(scores, bh3(q), bh3(k).transpose(1, 2), scale);
   if (!probs.defined()) probs = empty_output(ps, q.options());  // the product's input anyway
   kernels::masked_softmax_fwd.require(q.device())(scores, probs, m.layout, 1.0);
   scores.reset();  // let the allocator reuse it for the product below
@@ -98,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     dq.zero_(), dk.zero_(), dv.zero_();
     return {dq, dk, dv, dS};
   }
-  if (const auto fused = kernels::attention_bwd(q.device())) {
+  if (const auto fused = scale != 0 ? kernels::attention_bwd(q.device()) : nullptr) {
     if (fused(g, gp, q, k, v, probs, keep, scale, keep_scale, dq, dk, dv, dS))
       return {dq, dk, dv, dS};
   }
@@ -111,8 +113,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   dP.reset();
   const at::Tensor dS3 = bh3(dS);
   at::Tensor dq3 = dq.view(q3.sizes()), dk3 = dk.view(k3.sizes()), dv3 = dv.view(v3.sizes());
-  at::baddbmm_out(dq3, dq3, dS3, k3, /*beta=*/0, /*alpha=*/scale);
-  at::baddbmm_out(dk3, dk3, dS3.transpose(1, 2), q3, /*beta=*/0, /*alpha=*/scale);
+  scaled_bmm_out(dq3, dS3, k3, scale);
+  scaled_bmm_out(dk3, dS3.transpose(1, 2), q3, scale);
   const at::Tensor pd = dropped ? probs * keep * keep_scale : probs;
   at::bmm_out(dv3, bh3(pd).transpose(1, 2), g3);
   return {dq, dk, dv, dS};

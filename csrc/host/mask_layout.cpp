@@ -5,9 +5,11 @@
 namespace pyformer {
 namespace {
 
-// The float mask in the scores' dtype: only its distinct values are converted (a dim broadcast
-// by stride 0, an expand(), is narrowed to size 1 first; the layout broadcasts it again by
-// index). A bool mask, or one already in the scores' dtype, is returned as is.
+// The float mask in `dtype`, the scores' accumulation type: the mask is added in float32 for
+// half scores, as the reference adds it (a float32 -7e4 stays finite; rounded to float16 it
+// would be -inf and mask the key). Only its distinct values are converted (a dim broadcast by
+// stride 0, an expand(), is narrowed to size 1 first; the layout broadcasts it again by index).
+// A bool mask, or one already in `dtype`, is returned as is.
 at::Tensor mask_in_dtype(const at::Tensor& mask, at::ScalarType dtype) {
   if (mask.scalar_type() == at::kBool || mask.scalar_type() == dtype) return mask;
   at::Tensor m = mask;
@@ -53,7 +55,7 @@ MaskArgs make_mask_args(at::IntArrayRef sizes, at::ScalarType dtype,
   MaskLayout& p = a.layout;
   const int64_t sdim = static_cast<int64_t>(sizes.size());
   if (mask.has_value() && mask->defined()) {
-    a.mask = mask_in_dtype(*mask, dtype);
+    a.mask = mask_in_dtype(*mask, stat_dtype(dtype));
     if (!merge_dims(p, sizes, a.mask)) {
       // strides that do not merge: a contiguous copy of the unexpanded mask merges its
       // broadcast and dense runs; failing that, the expanded copy is one dim

@@ -5,12 +5,13 @@
 //
 // The leading dims are flattened to one batch dim N. Forward: the device's own kernel where it has
 // one (CUDA: tiled tensor-core WMMA for half types, SIMT otherwise), else one batched BLAS GEMM
-// with the scale as alpha (at::baddbmm_out, beta = 0: no second pass over the scores). Napkin
+// with the scale as alpha (scaled_bmm_out in gemm.h: no second pass over the scores). Napkin
 // math: 2 * N * Lq * Lk * D flops; the scores are written once. Backward: two more GEMMs with
 // alpha = scale, on every device.
 #include "../kernels.h"
 #include "../memory.h"
 #include "autograd.h"
+#include "gemm.h"
 
 namespace pyformer::host {
 namespace {
@@ -26,7 +27,8 @@ at::Tensor as_3d(const at::Tensor& t) {
 // alpha * a @ b, batched over dim 0, into a fresh output.
 at::Tensor scaled_bmm(const at::Tensor& a, const at::Tensor& b, double alpha) {
   at::Tensor out = empty_output({a.size(0), a.size(1), b.size(2)}, a.options());
-  return at::baddbmm_out(out, out, a, b, /*beta=*/0, /*alpha=*/alpha);
+  scaled_bmm_out(out, a, b, alpha);
+  return out;
 }
 
 }  // namespace

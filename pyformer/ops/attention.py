@@ -7,11 +7,14 @@ grad) probs come back empty. Autograd: csrc/host/attention.cpp.
 
 import torch
 
+from ._fake import same_device
+
 lib = "pyformer::attention"
 
 
 @torch.library.register_fake(lib)
 def _attention_fake(q, k, v, mask, scale, causal, key_lengths, dropout_p, need_probs=True):
+    same_device("attention", "q", q, k=k, v=v, mask=mask, key_lengths=key_lengths)
     torch._check(
         q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
         lambda: "pyformer.attention: q, k, v must be 4-dim",
@@ -28,6 +31,17 @@ def _attention_fake(q, k, v, mask, scale, causal, key_lengths, dropout_p, need_p
 
 @torch.library.register_fake("pyformer::attention_backward")
 def _attention_backward_fake(grad_out, grad_probs, q, k, v, probs, keep, scale, dropout_p):
+    same_device(
+        "attention_backward",
+        "q",
+        q,
+        grad_out=grad_out,
+        grad_probs=grad_probs,
+        k=k,
+        v=v,
+        probs=probs,
+        keep=keep,
+    )
     c = torch.contiguous_format
     return (
         torch.empty_like(q, memory_format=c),

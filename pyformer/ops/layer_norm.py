@@ -6,6 +6,8 @@ layer_norm_backward, returning dx, dweight and dbias. Autograd: csrc/host/layer_
 
 import torch
 
+from ._fake import same_device
+
 lib = "pyformer::layer_norm"
 
 
@@ -17,11 +19,12 @@ def _stats_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@torch.library.register_fake(lib)
-def _layer_norm_fake(x, normalized_shape, weight, bias, eps):
+def _outputs(op, x, normalized_shape, weight, bias):
+    """(y, mean, rstd) of layer_norm / add_layer_norm, after the checks both share."""
+    same_device(op, "x", x, weight=weight, bias=bias)
     torch._check(
         tuple(x.shape[x.dim() - len(normalized_shape) :]) == tuple(normalized_shape),
-        lambda: f"pyformer.layer_norm: x's trailing dims must be {tuple(normalized_shape)}",
+        lambda: f"pyformer.{op}: x's trailing dims must be {tuple(normalized_shape)}",
     )
     shape = _stats_shape(x, normalized_shape)
     return (
@@ -31,8 +34,14 @@ def _layer_norm_fake(x, normalized_shape, weight, bias, eps):
     )
 
 
+@torch.library.register_fake(lib)
+def _layer_norm_fake(x, normalized_shape, weight, bias, eps):
+    return _outputs("layer_norm", x, normalized_shape, weight, bias)
+
+
 @torch.library.register_fake("pyformer::layer_norm_backward")
 def _layer_norm_backward_fake(grad, x, mean, rstd, weight, normalized_shape):
+    same_device("layer_norm_backward", "x", x, grad=grad, mean=mean, rstd=rstd, weight=weight)
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
         x.new_empty(tuple(normalized_shape)),
@@ -42,5 +51,6 @@ def _layer_norm_backward_fake(grad, x, mean, rstd, weight, normalized_shape):
 
 @torch.library.register_fake("pyformer::add_layer_norm")
 def _add_layer_norm_fake(x, residual, normalized_shape, weight, bias, eps):
-    y, mean, rstd = _layer_norm_fake(x, normalized_shape, weight, bias, eps)
+    same_device("add_layer_norm", "x", x, residual=residual)
+    y, mean, rstd = _outputs("add_layer_norm", x, normalized_shape, weight, bias)
     return y, torch.empty_like(x, memory_format=torch.contiguous_format), mean, rstd
