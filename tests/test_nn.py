@@ -8,6 +8,7 @@ with docs/ops.md's bounds; gradients likewise. Tests also check that the fast op
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -317,3 +318,234 @@ def test_layers_on_cuda(dtype, calls):
     yref = torch.nn.functional.layer_norm(xc.double(), (64,))  # from the same rounded inputs
     assert rel(y.cpu(), yref.cpu()) <= (1e-5 if dtype == torch.float32 else 1.6e-2)
     assert calls.get("attention") == 1 and calls.get("layer_norm") == 1
+
+
+# ------------------------------------------------------------------ drop-in: errors, dtypes, jit
+
+
+@pytest.mark.parametrize("which", ["key_padding_mask", "attn_mask"])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
+def test_mha_integer_masks_raise_like_torch(which, dtype, calls):
+    """An integer mask is an error, as in torch.nn.MultiheadAttention (AssertionError), never an
+    additive mask; pyformer's error is also a TypeError (the ops' type for a dtype)."""
+    t = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    p = pnn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(2, 5, 8)
+    shape = (2, 5) if which == "key_padding_mask" else (5, 5)
+    bad = {which: torch.zeros(shape, dtype=dtype)}
+    with pytest.raises(AssertionError, match="only bool and floating"):
+        t(x, x, x, **bad)
+    other = "attn_mask" if which == "key_padding_mask" else "key_padding_mask"
+    for extra in ({}, {other: torch.zeros((5, 5) if other == "attn_mask" else (2, 5))}):
+        with pytest.raises(AssertionError, match=which) as info:  # alone or with a float mask
+            p(x, x, x, **bad, **extra)
+        assert isinstance(info.value, (TypeError, pnn.MaskDtypeError))
+        assert "pyformer.nn.MultiheadAttention" in str(info.value)
+    # unbatched and on torch's path (add_bias_kv) alike
+    with pytest.raises(pnn.MaskDtypeError):
+        p(
+            x[0],
+            x[0],
+            x[0],
+            **{
+                which: torch.zeros(
+                    shape[-1:] if which == "key_padding_mask" else shape, dtype=dtype
+                )
+            },
+        )
+    q = pnn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True)
+    with pytest.raises(pnn.MaskDtypeError):
+        q(x, x, x, **bad)
+    assert "attention" not in calls
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_mha_mask_shapes_are_checked(batch_first):
+    """A mask of the wrong shape raises an error naming the argument the caller passed, never a
+    silent misreading (a right-padding (N, S-1) mask read as key lengths) or an error about an
+    argument the caller never passed; torch's types (AssertionError, RuntimeError) catch it."""
+    p = pnn.MultiheadAttention(8, 2, batch_first=batch_first)
+    n, s = 3, 6
+    x = torch.randn(n, s, 8) if batch_first else torch.randn(s, n, 8)
+    cases = [
+        ("key_padding_mask", torch.arange(s - 1) >= torch.tensor([[5], [3], [2]])),  # (N, S-1)
+        ("key_padding_mask", torch.zeros(n + 1, s, dtype=torch.bool)),  # wrong batch
+        ("key_padding_mask", torch.zeros(n, s)),  # float, (N, S) is fine: control case
+        ("key_padding_mask", torch.zeros(n, s, 1, dtype=torch.bool)),
+        ("attn_mask", torch.zeros(s, s - 1, dtype=torch.bool)),
+        ("attn_mask", torch.zeros(1, s, s)),  # 3-D must be (N * num_heads, L, S)
+        ("attn_mask", torch.zeros(n * 2 + 1, s, s)),
+        ("attn_mask", torch.zeros(n * 2, s, s)),  # control case
+    ]
+    for name, m in cases:
+        ok = m.shape in ((n, s), (n * 2, s, s))
+        if ok:
+            out, _ = p(x, x, x, **{name: m})
+            assert out.shape == x.shape
+            continue
+        with pytest.raises(pnn.AttentionShapeError, match=f"argument '{name}'") as info:
+            p(x, x, x, **{name: m})
+        assert "key_lengths" not in str(info.value)
+        assert isinstance(info.value, (AssertionError, RuntimeError, ValueError))
+    # unbatched: (S) and (L, S) / (num_heads, L, S)
+    u = x[:, 0] if not batch_first else x[0]
+    for name, m in (
+        ("key_padding_mask", torch.zeros(1, s, dtype=torch.bool)),
+        ("key_padding_mask", torch.zeros(s - 1, dtype=torch.bool)),
+        ("attn_mask", torch.zeros(2 * n, s, s)),
+    ):
+        with pytest.raises(pnn.AttentionShapeError, match=f"argument '{name}'"):
+            p(u, u, u, **{name: m})
+    out, _ = p(u, u, u, key_padding_mask=torch.zeros(s, dtype=torch.bool))
+    out2, _ = p(u, u, u, attn_mask=torch.zeros(2, s, s))
+    assert out.shape == out2.shape == u.shape
+
+
+def test_mha_input_shapes_name_the_argument():
+    p = pnn.MultiheadAttention(8, 2, batch_first=True, kdim=6, vdim=4)
+    q, k, v = torch.randn(2, 5, 8), torch.randn(2, 7, 6), torch.randn(2, 7, 4)
+    for name, args in (
+        ("query", (torch.randn(2, 5, 9), k, v)),
+        ("key", (q, torch.randn(2, 7, 8), v)),
+        ("key", (q, torch.randn(3, 7, 6), v)),
+        ("value", (q, k, torch.randn(2, 6, 4))),
+        ("value", (q, k, torch.randn(2, 7, 6))),
+        ("key", (q, k[0], v)),
+        ("query", (q[None], k, v)),
+    ):
+        with pytest.raises(pnn.AttentionShapeError, match=f"argument '{name}'"):
+            p(*args)
+        with pytest.raises(AssertionError):  # what torch.nn.MultiheadAttention raises
+            p(*args)
+
+
+def test_layer_norm_errors_are_torch_types():
+    """torch.nn.LayerNorm raises RuntimeError for an input of the wrong shape; pyformer's error is
+    that too (and the ValueError its op raises), with the op's message and the op's error as the
+    cause."""
+    with pytest.raises(RuntimeError):
+        torch.nn.LayerNorm((10,))(torch.rand(2, 3))
+    for call in (
+        lambda: pnn.LayerNorm((10,))(torch.rand(2, 3)),
+        lambda: pnn.LayerNorm((3, 4))(torch.rand(2, 4, 3)),
+        lambda: pnn.LayerNorm(3)(torch.rand(2, 3), residual=torch.rand(2, 1)),
+    ):
+        with pytest.raises(RuntimeError, match="normalized_shape|residual") as info:
+            call()
+        assert isinstance(info.value, (ValueError, pnn.ShapeError))
+        assert type(info.value.__cause__) is ValueError
+        assert str(info.value) == str(info.value.__cause__)
+    assert issubclass(pnn.ShapeError, ValueError) and issubclass(pnn.ShapeError, RuntimeError)
+    assert issubclass(pnn.AttentionShapeError, pnn.ShapeError)
+    assert issubclass(pnn.AttentionShapeError, AssertionError)
+    assert issubclass(pnn.MaskDtypeError, TypeError) and issubclass(
+        pnn.MaskDtypeError, AssertionError
+    )
+    assert {"ShapeError", "AttentionShapeError", "MaskDtypeError"} <= set(pnn.__all__)
+
+
+@pytest.mark.parametrize(
+    "shape,nshape,xdtype,pdtype",
+    [
+        ((2, 3, 11, 3), [11, 3], torch.bfloat16, torch.float32),
+        ((4, 6), [6], torch.float16, torch.float32),
+        ((4, 6), [6], torch.float64, torch.float32),  # torch raises: so must pyformer
+        ((4, 6), [6], torch.float32, torch.bfloat16),  # torch raises
+        ((4, 6), [6], torch.int64, torch.float32),  # torch raises
+    ],
+)
+def test_layer_norm_mixed_dtypes_run_torch(shape, nshape, xdtype, pdtype, calls):
+    t = torch.nn.LayerNorm(nshape, dtype=pdtype)
+    with torch.no_grad():
+        t.weight.uniform_(0.5, 1.5)
+        t.bias.uniform_(-0.5, 0.5)
+    p = pnn.LayerNorm(nshape, dtype=pdtype)
+    p.load_state_dict(t.state_dict())
+    x = (torch.randn(shape) * 3).to(xdtype)
+    try:
+        ref = t(x)
+    except RuntimeError as e:
+        with pytest.raises(RuntimeError, match=re.escape(str(e))):
+            p(x)
+        return
+    torch.testing.assert_close(p(x), ref, rtol=0, atol=0)
+    assert "layer_norm" not in calls
+
+
+@pytest.mark.parametrize("param", ["in_proj_bias", "out_proj.bias", "in_proj_weight", "k_proj"])
+def test_mha_mixed_param_dtypes_run_torch(param, calls):
+    """A parameter of another dtype than the input: torch's own forward, its answer or error."""
+    kw = {"kdim": 6, "vdim": 6} if param == "k_proj" else {}
+    t = torch.nn.MultiheadAttention(8, 2, batch_first=True, **kw)
+    name = "k_proj_weight" if param == "k_proj" else param
+    mod, _, attr = name.rpartition(".")
+    for m in (t,):
+        owner = m.get_submodule(mod) if mod else m
+        setattr(owner, attr, torch.nn.Parameter(getattr(owner, attr).detach().double()))
+    p = pnn.MultiheadAttention(8, 2, batch_first=True, **kw)
+    owner = p.get_submodule(mod) if mod else p
+    setattr(owner, attr, torch.nn.Parameter(getattr(owner, attr).detach().double()))
+    p.load_state_dict(t.state_dict())
+    x = torch.randn(2, 5, 8)
+    kv = torch.randn(2, 7, 6) if kw else x
+    for train in (True, False):
+        t.train(train)
+        p.train(train)
+        try:
+            ref = t(x, kv, kv)
+        except RuntimeError as e:
+            with pytest.raises(RuntimeError, match=re.escape(str(e))):
+                p(x, kv, kv)
+            continue
+        out = p(x, kv, kv)
+        torch.testing.assert_close(out[0], ref[0], rtol=0, atol=0)
+        torch.testing.assert_close(out[1], ref[1], rtol=0, atol=0)
+    assert "attention" not in calls
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = pnn.MultiheadAttention(16, 4, batch_first=True)
+        self.cross = pnn.MultiheadAttention(16, 2, kdim=6, vdim=10)
+        self.norm = pnn.LayerNorm(16)
+        self.norm2 = pnn.LayerNorm([5, 16], elementwise_affine=False)
+
+    def forward(self, x, mk, mv, pad, am):
+        a, w = self.attn(x, x, x, key_padding_mask=pad, attn_mask=am)
+        y = self.norm(a, x)
+        c, _ = self.cross(
+            y.transpose(0, 1), mk.transpose(0, 1), mv.transpose(0, 1), need_weights=False
+        )
+        return self.norm2(self.norm(c.transpose(0, 1))), w
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_torchscript_runs_torchs_implementation(calls):
+    """torch.jit.script compiles a model holding the drop-ins; the scripted model runs PyTorch's
+    implementation and gives eager's answer (pyformer's kernels)."""
+    torch.manual_seed(6)
+    m = _Block().double()
+    with torch.no_grad():
+        for prm in m.parameters():
+            prm.uniform_(-0.5, 0.5)
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    mem = (torch.randn(3, 7, 6, dtype=torch.float64), torch.randn(3, 7, 10, dtype=torch.float64))
+    pad = torch.arange(5) >= torch.tensor([[5], [3], [4]])
+    am = torch.randn(5, 5, dtype=torch.float64)
+    sm = torch.jit.script(m)
+    for train in (False, True):
+        m.train(train)
+        sm.train(train)
+        ye, we = m(x, *mem, pad, am)
+        ys, ws = sm(x, *mem, pad, am)
+        assert rel(ys, ye) <= 1e-12 and rel(ws, we) <= 1e-12
+    assert calls.get("attention") == 4 and calls.get("add_layer_norm") == 2  # eager: pyformer's
+    # a converted torch model scripts too
+    layer = torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    import pyformer
+
+    pyformer.convert(layer)
+    layer.eval()
+    xf = x.float()
+    torch.testing.assert_close(torch.jit.script(layer)(xf), layer(xf), rtol=1e-5, atol=1e-5)
