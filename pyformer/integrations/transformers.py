@@ -97,7 +97,7 @@ def _right_padding(
     else:
         return None
     allowed = allowed[:, 0]  # (B', Lq', Lk)
-    count = allowed.sum(-1, dtype=torch.int64)
+    count = allowed.sum(-1, dtype=torch.int32)
     first_min, first_at = torch.min(allowed.view(torch.uint8), -1)
     n = torch.where(first_min == 0, first_at, lk)  # index of the first masked key, Lk if none
     prefix = count == n
