@@ -375,3 +375,28 @@ def test_attention_forward_float_and_dropout(kind, recorded):
     recorded.clear()
     pt.pyformer_attention_forward(_Module(), q, k, v, fmin)
     assert recorded == [(True, None, False)]
+
+
+def test_left_padding_loss_differs_from_eager():
+    # README: eager averages the values in the padding rows (no key to attend), sdpa and pyformer
+    # give zeros; the last padding position's logits predict the first real token
+    name = pt.register()
+    model = _gpt2(torch.float64)
+    ids, mask = _inputs(left=True)
+    labels = ids.masked_fill(mask == 0, -100)
+    first_real = labels.clone()
+    first_real[torch.arange(len(ids)), mask.argmax(-1)] = -100
+
+    def losses(lab):
+        out = {}
+        for impl in ("eager", "sdpa", name):
+            model.set_attn_implementation(impl)
+            with torch.no_grad():
+                out[impl] = model(input_ids=ids, attention_mask=mask, labels=lab).loss.item()
+        return out
+
+    got = losses(labels)
+    assert abs(got[name] - got["sdpa"]) <= 1e-12 * got["sdpa"]
+    assert abs(got[name] - got["eager"]) > 1e-6 * got["eager"]
+    got = losses(first_real)  # without the first real tokens' labels they agree
+    assert abs(got[name] - got["eager"]) <= 1e-12 * got["eager"]
