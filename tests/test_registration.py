@@ -99,6 +99,53 @@ def _samples(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_gradgradcheck(device):
+    """A gradient of a gradient, every op, every mask kind that carries a gradient: the backward
+    runs as differentiable ATen ops when create_graph=True (csrc/host/autograd.h)."""
+    ggc = lambda f, xs: torch.autograd.gradgradcheck(f, xs, eps=1e-6, atol=1e-6, rtol=1e-4)
+    q, k, v = (
+        _d(2, 2, 4, 3, device=device),
+        _d(2, 2, 5, 3, device=device),
+        _d(2, 2, 5, 2, device=device),
+    )
+    kl = torch.tensor([5, 3], device=device)
+    pad = torch.arange(5, device=device) < torch.tensor([4, 5], device=device).view(2, 1, 1, 1)
+    fmask = _d(1, 2, 4, 5, device=device)
+    assert ggc(lambda q, k: F.scaled_qk(q, k, scale=0.7), (q, k))
+    s = _d(2, 2, 4, 5, device=device)
+    assert ggc(lambda s: F.masked_softmax(s, pad, scale=0.5, causal=True, key_lengths=kl), (s,))
+    assert ggc(lambda s, m: F.masked_softmax(s, m, scale=1.5), (s, fmask))
+    x, w, b = _d(3, 4, 6, device=device), _d(6, device=device), _d(6, device=device)
+    assert ggc(lambda x, w, b: F.layer_norm(x, (6,), w, b), (x, w, b))
+    assert ggc(lambda x: F.layer_norm(x, (4, 6)), (x,))
+    r = _d(3, 4, 6, device=device)
+    assert ggc(lambda x, r, w, b: F.add_layer_norm(x, r, (6,), w, b), (x, r, w, b))
+    assert ggc(lambda q, k, v: F.attention(q, k, v, key_lengths=kl)[0], (q, k, v))
+    assert ggc(lambda q, k, v: F.attention(q, k, v, pad, causal=True)[0], (q, k, v))
+    assert ggc(lambda q, k, v, m: F.attention(q, k, v, m, need_weights=True), (q, k, v, fmask))
+
+
+def test_gradient_penalty_matches_torch():
+    """A gradient penalty (the norm of d loss / d x, differentiated again) through pyformer's
+    layers equals the same through torch's, in float64."""
+    torch.manual_seed(0)
+    import pyformer.nn as pnn
+
+    ln_t = torch.nn.LayerNorm(6).double()
+    ln_p = pnn.LayerNorm(6).double()
+    ln_p.load_state_dict(ln_t.state_dict())
+    x = _d(4, 6)
+
+    def penalty(ln):
+        y = torch.softmax(ln(x) * 2, -1)
+        (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), [x, *ln.parameters()])
+
+    for a, b in zip(penalty(ln_p), penalty(ln_t)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     forward = (P.scaled_qk, P.masked_softmax, P.layer_norm, P.add_layer_norm, P.attention)
     for op, args in _samples(device):

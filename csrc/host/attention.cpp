@@ -131,6 +131,28 @@ using AttentionBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tenso
 PYFORMER_OP_HANDLE(attention, AttentionSig)
 PYFORMER_OP_HANDLE(attention_backward, AttentionBwdSig)
 
+// The backward in differentiable ATen ops (creating_graph), the formulas of attention_backward in
+// the statistics dtype; probs is the op's own saved output, so differentiating through it runs
+// this node's backward again (with grad_probs).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> differentiable_attention_backward(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_probs, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& probs, const at::Tensor& keep,
+    double scale, double dropout_p) {
+  const at::ScalarType dt = q.scalar_type(), acc = stat_dtype(dt);
+  const at::Tensor g = grad_out.to(acc), qa = q.to(acc), ka = k.to(acc), va = v.to(acc);
+  const at::Tensor p = probs.to(acc);
+  const bool dropped = dropout_p > 0;
+  const double keep_scale = dropout_keep_scale(dropout_p);
+  const at::Tensor pd = dropped ? p * keep * keep_scale : p;
+  at::Tensor dP = at::matmul(g, va.transpose(-2, -1));
+  if (dropped) dP = dP * keep * keep_scale;
+  if (grad_probs) dP = dP + grad_probs->to(acc);
+  const at::Tensor dS = p * (dP - (dP * p).sum(-1, /*keepdim=*/true));
+  return {at::matmul(dS, ka).mul(scale).to(dt),
+          at::matmul(dS.transpose(-2, -1), qa).mul(scale).to(dt),
+          at::matmul(pd.transpose(-2, -1), g).to(dt), dS.to(dt)};
+}
+
 struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, const std::optional<at::Tensor>& mask,
@@ -170,9 +192,16 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
       grad_out = at::zeros({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
     const std::optional<at::Tensor> grad_probs =
         grads[1].defined() ? std::optional<at::Tensor>(grads[1]) : std::nullopt;
-    auto [dq, dk, dv, dlogits] = attention_backward_op().call(
-        grad_out, grad_probs, q, k, v, s[3], s[4], ctx->saved_data["scale"].toDouble(),
-        ctx->saved_data["dropout_p"].toDouble());
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
+    at::Tensor dq, dk, dv, dlogits;
+    if (creating_graph()) {
+      std::tie(dq, dk, dv, dlogits) = differentiable_attention_backward(
+          grad_out, grad_probs, q, k, v, s[3], s[4], scale, dropout_p);
+    } else {
+      std::tie(dq, dk, dv, dlogits) =
+          attention_backward_op().call(grad_out, grad_probs, q, k, v, s[3], s[4], scale, dropout_p);
+    }
     at::Tensor dmask;
     if (ctx->saved_data["mask_grad"].toBool()) {
       dmask = mask_grad(dlogits, ctx->saved_data["mask_sizes"].toIntVector(),

@@ -44,8 +44,16 @@ bool recording(const Ts&... inputs) {
 // in the mask's dtype (masked_softmax and attention).
 at::Tensor mask_grad(const at::Tensor& dlogits, at::IntArrayRef mask_sizes, at::ScalarType dtype);
 
-// The Autograd kernel of a backward op: differentiating a backward op again (double backward)
-// is not supported and says so when it is attempted, rather than silently giving zeros.
+// Inside a Function's backward: whether the gradient must itself be differentiable (grad mode is
+// on there exactly when the caller asked for create_graph=True). The backward then computes the
+// same formulas in differentiable ATen ops instead of calling the backward op, so a gradient of a
+// gradient (gradgradcheck, gradient penalties, Hessian-vector products) works; saved outputs
+// (probs, s) carry the chain back through the op's own node.
+inline bool creating_graph() { return at::GradMode::is_enabled(); }
+
+// The Autograd kernel of a backward op called directly (torch.ops.pyformer.<op>_backward):
+// differentiating it is not supported and says so, rather than silently giving zeros. Through
+// the ops' own autograd a gradient of a gradient works (creating_graph above).
 void register_no_double_backward(torch::Library& m, const char* backward_op);
 
 }  // namespace pyformer::host

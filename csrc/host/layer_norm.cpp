@@ -100,11 +100,33 @@ PYFORMER_OP_HANDLE(layer_norm_backward, LayerNormBwdSig)
 namespace {
 
 void save_norm(AutogradContext* ctx, at::IntArrayRef normalized_shape,
-               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
+               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+               double eps) {
   ctx->saved_data["shape"] = normalized_shape.vec();
+  ctx->saved_data["eps"] = eps;
   ctx->saved_data["has_weight"] = weight.has_value() && weight->defined();
   ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
   ctx->set_materialize_grads(false);
+}
+
+// The backward in differentiable ATen ops (creating_graph): mean and rstd recomputed from x, so
+// that they too are differentiated, in the statistics dtype; the formulas of layer_norm_backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_norm_backward(
+    const at::Tensor& x, const at::Tensor& grad_y, const at::Tensor& w, int64_t n, double eps) {
+  const at::ScalarType acc = stat_dtype(x.scalar_type());
+  std::vector<int64_t> norm_dims, lead_dims;
+  for (int64_t d = 0; d < x.dim(); ++d) (d < x.dim() - n ? lead_dims : norm_dims).push_back(d);
+  const at::Tensor xa = x.to(acc), g = grad_y.to(acc);
+  const at::Tensor xc = xa - xa.mean(norm_dims, /*keepdim=*/true);
+  const at::Tensor rstd = ((xc * xc).mean(norm_dims, /*keepdim=*/true) + eps).rsqrt();
+  const at::Tensor xhat = xc * rstd;
+  const at::Tensor gw = w.defined() ? g * w.to(acc) : g;
+  const at::Tensor dx =
+      rstd * (gw - gw.mean(norm_dims, true) - xhat * (gw * xhat).mean(norm_dims, true));
+  // over the leading dims (none: the elementwise products themselves)
+  auto lead_sum = [&](const at::Tensor& t) { return lead_dims.empty() ? t : t.sum(lead_dims); };
+  return {dx.to(x.scalar_type()), lead_sum(g * xhat).to(x.scalar_type()),
+          lead_sum(g).to(x.scalar_type())};
 }
 
 // (dx, dweight, dbias) of the norm itself; undefined where there is no such input.
@@ -114,6 +136,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(AutogradContext* ct
   const at::Tensor& x = saved[0];
   if (!grad_y.defined()) grad_y = at::zeros_like(x);
   const at::Tensor& w = saved[3];
+  if (creating_graph()) {
+    const int64_t n = static_cast<int64_t>(ctx->saved_data["shape"].toIntVector().size());
+    auto [dx, dw, db] =
+        differentiable_norm_backward(x, grad_y, w, n, ctx->saved_data["eps"].toDouble());
+    return {dx, ctx->saved_data["has_weight"].toBool() ? dw : at::Tensor(),
+            ctx->saved_data["has_bias"].toBool() ? db : at::Tensor()};
+  }
   auto [dx, dw, db] = layer_norm_backward_op().call(
       grad_y, x, saved[1], saved[2], w.defined() ? std::optional<at::Tensor>(w) : std::nullopt,
       ctx->saved_data["shape"].toIntVector());
@@ -135,7 +164,7 @@ struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
       const at::AutoDispatchBelowADInplaceOrView below;
       std::tie(y, mean, rstd) = layer_norm_op().call(x, normalized_shape, weight, bias, eps);
     }
-    save_norm(ctx, normalized_shape, weight, bias);
+    save_norm(ctx, normalized_shape, weight, bias, eps);
     ctx->mark_non_differentiable({mean, rstd});
     ctx->save_for_backward({x, mean, rstd, or_undefined(weight)});
     return {y, mean, rstd};
@@ -160,7 +189,7 @@ struct AddLayerNormFunction : torch::autograd::Function<AddLayerNormFunction> {
       std::tie(y, s, mean, rstd) =
           add_layer_norm_op().call(x, residual, normalized_shape, weight, bias, eps);
     }
-    save_norm(ctx, normalized_shape, weight, bias);
+    save_norm(ctx, normalized_shape, weight, bias, eps);
     ctx->mark_non_differentiable({mean, rstd});
     ctx->save_for_backward({s, mean, rstd, or_undefined(weight)});
     return {y, s, mean, rstd};

@@ -73,7 +73,16 @@ struct MaskedSoftmaxFunction : torch::autograd::Function<MaskedSoftmaxFunction> 
     const at::Tensor out = ctx->get_saved_variables()[0];
     const double scale = ctx->saved_data["scale"].toDouble();
     at::Tensor dscores, dmask;
-    if (ctx->saved_data["mask_grad"].toBool()) {
+    if (creating_graph()) {  // differentiable: dlogits = y * (g - sum(g * y)) in ATen ops
+      const at::ScalarType acc = stat_dtype(out.scalar_type());
+      const at::Tensor y = out.to(acc), g = grads[0].to(acc);
+      const at::Tensor dlogits =
+          (y * (g - (g * y).sum(-1, /*keepdim=*/true))).to(out.scalar_type());
+      if (ctx->saved_data["mask_grad"].toBool())
+        dmask = mask_grad(dlogits, ctx->saved_data["mask_sizes"].toIntVector(),
+                          static_cast<at::ScalarType>(ctx->saved_data["mask_dtype"].toInt()));
+      if (ctx->saved_data["scores_grad"].toBool()) dscores = dlogits * scale;
+    } else if (ctx->saved_data["mask_grad"].toBool()) {
       const at::Tensor dlogits = masked_softmax_backward_op().call(grads[0], out, 1.0);
       dmask = mask_grad(dlogits, ctx->saved_data["mask_sizes"].toIntVector(),
                         static_cast<at::ScalarType>(ctx->saved_data["mask_dtype"].toInt()));

@@ -87,8 +87,13 @@ struct ScaledQkFunction : torch::autograd::Function<ScaledQkFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
-    auto [dq, dk] = scaled_qk_backward_op().call(grads[0], saved[0], saved[1],
-                                                 ctx->saved_data["scale"].toDouble());
+    const double scale = ctx->saved_data["scale"].toDouble();
+    if (creating_graph()) {  // differentiable: the same two products in ATen ops
+      const at::Tensor& g = grads[0];
+      return {at::matmul(g, saved[1]).mul(scale),
+              at::matmul(g.transpose(-2, -1), saved[0]).mul(scale), at::Tensor()};
+    }
+    auto [dq, dk] = scaled_qk_backward_op().call(grads[0], saved[0], saved[1], scale);
     return {dq, dk, at::Tensor()};
   }
 };
