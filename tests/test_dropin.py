@@ -20,12 +20,11 @@ import torch
 import pyformer.nn as pnn
 from pyformer.testing import BOUNDS, rel_err as rel
 
-pytestmark = [
-    # PyTorch warns when key_padding_mask and attn_mask have different dtypes (bool and float);
-    # both modules accept the mix, and the cases use it on purpose
-    pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask:UserWarning"),
-    pytest.mark.filterwarnings("ignore:Converting mask without torch.bool dtype:UserWarning"),
-]
+# PyTorch warns when key_padding_mask and attn_mask have different dtypes (bool and float); both
+# modules accept the mix, and the cases use it on purpose
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Support for mismatched key_padding_mask:UserWarning"
+)
 
 BASE = int(os.environ.get("PYFORMER_TEST_SEED", "0"))
 # pyformer and PyTorch compute the same thing in the same dtype; only rounding differs
