@@ -210,7 +210,10 @@ def attention(
         q: ``(B, H, Lq, D)``; k: ``(B, H, Lk, D)``; v: ``(B, H, Lk, Dv)``.
         mask, causal, key_lengths: as for :func:`masked_softmax`, on scores ``(B, H, Lq, Lk)``.
         scale: ``1 / sqrt(D)`` when None.
-        dropout_p: dropout probability on the attention probabilities (pass 0 in eval).
+        dropout_p: dropout probability on the attention probabilities (pass 0 in eval). The
+            keep mask is ``torch.rand(B, H, Lq, Lk) < 1 - dropout_p`` on the default generator
+            of the inputs' device: seeded by ``torch.manual_seed``, the same distribution as
+            :func:`torch.nn.functional.dropout`, but not the same elements (``docs/ops.md``).
         need_weights: also return the probabilities (before dropout).
 
     Returns:

@@ -150,7 +150,9 @@ def pyformer_attention_forward(
         attention_mask: None, bool (True = may attend) or float (added), broadcastable to
             :math:`(B, H, L_q, L_k)`. Exactly right padding (with or without causal masking)
             becomes ``key_lengths``; the same keys are masked either way.
-        dropout: dropout probability on the attention probabilities (the caller passes 0 in eval).
+        dropout: dropout probability on the attention probabilities (the caller passes 0 in eval),
+            drawn by :func:`pyformer.functional.attention`: seeded by ``torch.manual_seed`` but
+            not the elements ``eager`` or ``sdpa`` drop.
         scaling: score scale; default :math:`1/\\sqrt{D}`.
         is_causal: overrides ``module.is_causal``; causal masking applies only without a mask and
             with more than one query (as transformers' SDPA path does).
