@@ -9,7 +9,8 @@
 
 TORCH_LIBRARY(pyformer, m) {
   // scores = scale * q @ k^T.  q (..., Lq, D), k (..., Lk, D) -> (..., Lq, Lk)
-  m.def("scaled_qk(Tensor q, Tensor k, float scale) -> Tensor");
+  // scale None: 1/sqrt(D), resolved by the host, so D may stay symbolic under torch.compile
+  m.def("scaled_qk(Tensor q, Tensor k, float? scale) -> Tensor");
   // (dq, dk) = (scale * grad @ k, scale * grad^T @ q)
   m.def("scaled_qk_backward(Tensor grad, Tensor q, Tensor k, float scale) -> (Tensor, Tensor)");
 
@@ -39,7 +40,7 @@ TORCH_LIBRARY(pyformer, m) {
   // no backward; the fused CPU kernel then never writes the (B,H,Lq,Lk) probs (it works per head
   // in cache), the composition still forms them as the input of probs @ v.
   m.def(
-      "attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal,"
+      "attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float? scale, bool causal,"
       " Tensor? key_lengths, float dropout_p, bool need_probs=True) -> (Tensor, Tensor, Tensor)");
   // (dq, dk, dv, dlogits); grad_probs is the gradient flowing into the returned probs
   // (need_weights); dlogits is the gradient w.r.t. the logits scale * q @ k^T + M, which the

@@ -16,6 +16,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -25,6 +26,15 @@ namespace pyformer {
 
 // ---- argument checks (csrc/checks.cpp) -------------------------------------------------------
 void check_scaled_qk(const at::Tensor& q, const at::Tensor& k, double scale);
+
+// The scale of scaled_qk / attention: `scale`, or 1/sqrt(D) when it is None (D = q's last dim;
+// 1 when D = 0, where every score is 0 whatever the scale). Resolved here rather than in Python
+// so that D stays symbolic under torch.compile(dynamic=True).
+inline double resolve_scale(const at::Tensor& q, std::optional<double> scale) {
+  if (scale) return *scale;
+  const int64_t d = q.dim() > 0 ? q.size(-1) : 0;
+  return d > 0 ? 1.0 / std::sqrt(static_cast<double>(d)) : 1.0;
+}
 void check_scaled_qk_backward(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k);
 
 // Also validates the values of key_lengths (0 <= len <= Lk); on CUDA that reads them back (a sync).

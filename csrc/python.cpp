@@ -54,6 +54,11 @@ double real(const char* op, const char* arg, PyObject* o) {
   return v;
 }
 
+std::optional<double> opt_real(const char* op, const char* arg, PyObject* o) {
+  if (o == Py_None) return std::nullopt;
+  return real(op, arg, o);
+}
+
 bool boolean(const char* op, const char* arg, PyObject* o) {
   if (!PyBool_Check(o)) type_error(op, arg, "a bool", o);
   return o == Py_True;
@@ -118,13 +123,14 @@ using OptT = std::optional<at::Tensor>;
 using T2 = std::tuple<at::Tensor, at::Tensor>;
 using T3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using T4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using ScaledQkSig = at::Tensor(const at::Tensor&, const at::Tensor&, double);
+using OptD = std::optional<double>;
+using ScaledQkSig = at::Tensor(const at::Tensor&, const at::Tensor&, OptD);
 using MaskedSoftmaxSig = at::Tensor(const at::Tensor&, const OptT&, double, bool, const OptT&);
 using LayerNormSig = T3(const at::Tensor&, at::IntArrayRef, const OptT&, const OptT&, double);
 using AddLayerNormSig = T4(const at::Tensor&, const at::Tensor&, at::IntArrayRef, const OptT&,
                            const OptT&, double);
-using AttentionSig = T3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&,
-                        double, bool, const OptT&, double, bool);
+using AttentionSig = T3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&, OptD,
+                        bool, const OptT&, double, bool);
 OP_HANDLE(scaled_qk, ScaledQkSig)
 OP_HANDLE(masked_softmax, MaskedSoftmaxSig)
 OP_HANDLE(layer_norm, LayerNormSig)
@@ -140,7 +146,7 @@ PyObject* py_scaled_qk(PyObject*, PyObject* const* a, Py_ssize_t n) {
   want_args(op, n, 3);
   const at::Tensor& q = tensor(op, "q", a[0]);
   const at::Tensor& k = tensor(op, "k", a[1]);
-  const double scale = real(op, "scale", a[2]);
+  const OptD scale = opt_real(op, "scale", a[2]);
   at::Tensor out;
   {
     ReleaseGil nogil;
@@ -220,7 +226,7 @@ PyObject* py_attention(PyObject*, PyObject* const* a, Py_ssize_t n) {
   const at::Tensor& k = tensor(op, "k", a[1]);
   const at::Tensor& v = tensor(op, "v", a[2]);
   const OptT mask = opt_tensor(op, "mask", a[3]);
-  const double scale = real(op, "scale", a[4]);
+  const OptD scale = opt_real(op, "scale", a[4]);
   const bool causal = boolean(op, "causal", a[5]);
   const OptT key_lengths = opt_tensor(op, "key_lengths", a[6]);
   const double dropout_p = real(op, "dropout_p", a[7]);

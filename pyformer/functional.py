@@ -14,7 +14,6 @@ combine. A query row with every key masked gets all-zero probabilities (and outp
 
 from __future__ import annotations
 
-import math
 import operator
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -44,11 +43,10 @@ def _causal(causal) -> bool:
     raise TypeError(f"pyformer: argument 'causal': expected a bool, got {type(causal).__name__}")
 
 
-def _default_scale(q: Tensor, scale: Optional[float]) -> float:
-    if scale is not None:
-        return float(scale)
-    d = q.shape[-1]
-    return 1.0 / math.sqrt(d) if d > 0 else 1.0  # D = 0: the scores are 0 whatever the scale
+def _scale(scale: Optional[float]) -> Optional[float]:
+    # None reaches the op, which takes 1/sqrt(D) (1 when D = 0): D stays symbolic under
+    # torch.compile(dynamic=True) instead of being read here
+    return None if scale is None else float(scale)
 
 
 def _shape(normalized_shape: Union[int, Sequence[int], torch.Size]) -> List[int]:
@@ -90,8 +88,8 @@ def scaled_qk(q: Tensor, k: Tensor, scale: Optional[float] = None) -> Tensor:
         torch.Size([2, 4, 7, 9])
     """
     if not _is_compiling() and not _has_torch_function(q, k):
-        return _C.scaled_qk(q, k, _default_scale(q, scale))
-    return _P.scaled_qk(q, k, _default_scale(q, scale))
+        return _C.scaled_qk(q, k, _scale(scale))
+    return _P.scaled_qk(q, k, _scale(scale))
 
 
 def masked_softmax(
@@ -227,7 +225,7 @@ def attention(
     """
     if not _is_compiling() and not _has_torch_function(q, k, v, mask, key_lengths):
         return _C.attention(
-            q, k, v, mask, _default_scale(q, scale), causal, key_lengths, dropout_p, need_weights
+            q, k, v, mask, _scale(scale), causal, key_lengths, dropout_p, need_weights
         )
     # The probabilities are written out only when someone will read them: need_weights, or a
     # backward pass (inference skips a (B, H, Lq, Lk) write).
@@ -239,7 +237,7 @@ def attention(
         k,
         v,
         mask,
-        _default_scale(q, scale),
+        _scale(scale),
         _causal(causal),
         key_lengths,
         float(dropout_p),

@@ -276,3 +276,23 @@ def test_baseline_library_holds_no_avx_instructions():
     assert asm.count("\n") > 10_000, "objdump gave no disassembly"
     avx = [line for line in asm.splitlines() if "%ymm" in line or "%zmm" in line]
     assert not avx, f"{len(avx)} AVX instructions in {_C.__file__}, e.g. {avx[:3]}"
+
+
+def test_compile_dynamic_head_dim_does_not_recompile():
+    """scale=None reaches the op, which resolves 1/sqrt(D) itself: under dynamic shapes a new head
+    dim is the same graph, not a recompile."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter, dynamic=True, fullgraph=True)
+    def f(q, k):
+        return F.attention(q, k, k)[0] + F.scaled_qk(q, k).sum(-1, keepdim=True)
+
+    torch._dynamo.reset()
+    for d in (8, 16, 24):
+        q, k = torch.randn(1, 2, 5, d), torch.randn(1, 2, 7, d)
+        got = f(q, k)
+        want = F.attention(q, k, k)[0] + F.scaled_qk(q, k).sum(-1, keepdim=True)
+        torch.testing.assert_close(got, want)
+    assert counter.frame_count == 1

@@ -35,9 +35,10 @@ at::Tensor bh3(const at::Tensor& t) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-    const std::optional<at::Tensor>& mask, double scale, bool causal,
+    const std::optional<at::Tensor>& mask, std::optional<double> scale_, bool causal,
     const std::optional<at::Tensor>& key_lengths, double dropout_p, bool need_probs) {
-  check_attention(q_, k_, v_, mask, scale, causal, key_lengths, dropout_p);
+  check_attention(q_, k_, v_, mask, scale_.value_or(1.0), causal, key_lengths, dropout_p);
+  const double scale = resolve_scale(q_, scale_);
   const BelowAutograd below_autograd;
   const c10::OptionalDeviceGuard guard(q_.device());
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
@@ -124,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
 
 using AttentionSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-    double, bool, const std::optional<at::Tensor>&, double, bool);
+    std::optional<double>, bool, const std::optional<at::Tensor>&, double, bool);
 using AttentionBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double);
@@ -156,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> differentiable_attent
 struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, const std::optional<at::Tensor>& mask,
-                               double scale, bool causal,
+                               std::optional<double> scale, bool causal,
                                const std::optional<at::Tensor>& key_lengths, double dropout_p,
                                bool need_probs) {
     at::Tensor out, probs, keep;
@@ -166,7 +167,7 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
           attention_op().call(q, k, v, mask, scale, causal, key_lengths, dropout_p, need_probs);
     }
     ctx->saved_data["need_probs"] = need_probs;
-    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["scale"] = save_scale(scale);
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["mask_grad"] = requires_grad(mask);
     if (requires_grad(mask)) {
@@ -192,7 +193,7 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
       grad_out = at::zeros({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
     const std::optional<at::Tensor> grad_probs =
         grads[1].defined() ? std::optional<at::Tensor>(grads[1]) : std::nullopt;
-    const double scale = ctx->saved_data["scale"].toDouble();
+    const double scale = saved_scale(ctx->saved_data["scale"], q);
     const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
     at::Tensor dq, dk, dv, dlogits;
     if (creating_graph()) {
@@ -214,7 +215,7 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& mask, double scale, bool causal,
+    const std::optional<at::Tensor>& mask, std::optional<double> scale, bool causal,
     const std::optional<at::Tensor>& key_lengths, double dropout_p, bool need_probs) {
   if (!recording(q, k, v, mask)) {
     const at::AutoDispatchBelowADInplaceOrView below;

@@ -51,6 +51,15 @@ at::Tensor mask_grad(const at::Tensor& dlogits, at::IntArrayRef mask_sizes, at::
 // (probs, s) carry the chain back through the op's own node.
 inline bool creating_graph() { return at::GradMode::is_enabled(); }
 
+// A scale saved by a Function's forward as given (None = 1/sqrt(D)), resolved in backward: read
+// in forward, q's size would pin every dim of a symbolic q (torch.export, torch.compile).
+inline c10::IValue save_scale(std::optional<double> scale) {
+  return scale ? c10::IValue(*scale) : c10::IValue();
+}
+inline double saved_scale(const c10::IValue& v, const at::Tensor& q) {
+  return resolve_scale(q, v.isNone() ? std::nullopt : std::optional<double>(v.toDouble()));
+}
+
 // The Autograd kernel of a backward op called directly (torch.ops.pyformer.<op>_backward):
 // differentiating it is not supported and says so, rather than silently giving zeros. Through
 // the ops' own autograd a gradient of a gradient works (creating_graph above).

@@ -33,8 +33,9 @@ at::Tensor scaled_bmm(const at::Tensor& a, const at::Tensor& b, double alpha) {
 
 }  // namespace
 
-at::Tensor scaled_qk(const at::Tensor& q, const at::Tensor& k, double scale) {
-  check_scaled_qk(q, k, scale);
+at::Tensor scaled_qk(const at::Tensor& q, const at::Tensor& k, std::optional<double> scale_) {
+  check_scaled_qk(q, k, scale_.value_or(1.0));
+  const double scale = resolve_scale(q, scale_);
   const BelowAutograd below_autograd;
   const c10::OptionalDeviceGuard guard(q.device());
   std::vector<int64_t> shape(q.sizes().begin(), q.sizes().end());
@@ -66,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> scaled_qk_backward(const at::Tensor& grad, co
 
 // ---- autograd -----------------------------------------------------------------------------------
 
-using ScaledQkSig = at::Tensor(const at::Tensor&, const at::Tensor&, double);
+using ScaledQkSig = at::Tensor(const at::Tensor&, const at::Tensor&, std::optional<double>);
 using ScaledQkBwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                           const at::Tensor&, double);
 PYFORMER_OP_HANDLE(scaled_qk, ScaledQkSig)
@@ -74,20 +75,20 @@ PYFORMER_OP_HANDLE(scaled_qk_backward, ScaledQkBwdSig)
 
 struct ScaledQkFunction : torch::autograd::Function<ScaledQkFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
-                            double scale) {
+                            std::optional<double> scale) {
     at::Tensor out;
     {
       const at::AutoDispatchBelowADInplaceOrView below;
       out = scaled_qk_op().call(q, k, scale);
     }
-    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["scale"] = save_scale(scale);
     ctx->save_for_backward({q, k});
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
-    const double scale = ctx->saved_data["scale"].toDouble();
+    const double scale = saved_scale(ctx->saved_data["scale"], saved[0]);
     if (creating_graph()) {  // differentiable: the same two products in ATen ops
       const at::Tensor& g = grads[0];
       return {at::matmul(g, saved[1]).mul(scale),
@@ -98,7 +99,8 @@ struct ScaledQkFunction : torch::autograd::Function<ScaledQkFunction> {
   }
 };
 
-at::Tensor scaled_qk_autograd(const at::Tensor& q, const at::Tensor& k, double scale) {
+at::Tensor scaled_qk_autograd(const at::Tensor& q, const at::Tensor& k,
+                              std::optional<double> scale) {
   if (!recording(q, k)) {
     const at::AutoDispatchBelowADInplaceOrView below;
     return scaled_qk_op().call(q, k, scale);
