@@ -68,3 +68,10 @@ def test_relative_links_resolve():
             if not file.exists() or ROOT not in file.parents and file != ROOT:
                 missing.append(f"{path.relative_to(ROOT)}: {target}")
     assert not missing, "links to nothing in the repository: " + ", ".join(missing)
+
+
+def test_readme_stays_short():
+    """README.md is the front page (what, why, two commands, an example, the map): under 10 KB;
+    details go to docs/."""
+    size = (ROOT / "README.md").stat().st_size
+    assert size < 10_000, f"README.md is {size} bytes; move details to docs/"
