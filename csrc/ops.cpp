@@ -22,16 +22,18 @@ TORCH_LIBRARY(pyformer, m) {
   m.def("masked_softmax_backward(Tensor grad, Tensor out, float scale) -> Tensor");
 
   // (y, mean, rstd); mean and rstd are float32 (float64 for float64 x), one per row.
+  // normalized_shape is SymInt[] so that it stays symbolic under torch.compile(dynamic=True) (the
+  // autograd kernels take SymInts; the device kernels, concrete sizes).
   m.def(
-      "layer_norm(Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps)"
+      "layer_norm(Tensor x, SymInt[] normalized_shape, Tensor? weight, Tensor? bias, float eps)"
       " -> (Tensor, Tensor, Tensor)");
   // (dx, dweight, dbias); dweight and dbias have normalized_shape and are always computed.
   m.def(
       "layer_norm_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor? weight,"
-      " int[] normalized_shape) -> (Tensor, Tensor, Tensor)");
+      " SymInt[] normalized_shape) -> (Tensor, Tensor, Tensor)");
   // (y, s, mean, rstd) with s = x + residual and y = layer_norm(s).
   m.def(
-      "add_layer_norm(Tensor x, Tensor residual, int[] normalized_shape, Tensor? weight,"
+      "add_layer_norm(Tensor x, Tensor residual, SymInt[] normalized_shape, Tensor? weight,"
       " Tensor? bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // (out, probs, keep): out = dropout(probs) @ v, probs = masked_softmax(scaled_qk(q, k, scale)).

@@ -126,8 +126,8 @@ using T4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using OptD = std::optional<double>;
 using ScaledQkSig = at::Tensor(const at::Tensor&, const at::Tensor&, OptD);
 using MaskedSoftmaxSig = at::Tensor(const at::Tensor&, const OptT&, double, bool, const OptT&);
-using LayerNormSig = T3(const at::Tensor&, at::IntArrayRef, const OptT&, const OptT&, double);
-using AddLayerNormSig = T4(const at::Tensor&, const at::Tensor&, at::IntArrayRef, const OptT&,
+using LayerNormSig = T3(const at::Tensor&, c10::SymIntArrayRef, const OptT&, const OptT&, double);
+using AddLayerNormSig = T4(const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef, const OptT&,
                            const OptT&, double);
 using AttentionSig = T3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&, OptD,
                         bool, const OptT&, double, bool);
@@ -188,7 +188,7 @@ PyObject* py_layer_norm(PyObject*, PyObject* const* a, Py_ssize_t n) {
   at::Tensor y;
   {
     ReleaseGil nogil;
-    y = std::get<0>(layer_norm_op().call(x, shape, weight, bias, eps));
+    y = std::get<0>(layer_norm_op().call(x, c10::fromIntArrayRefSlow(shape), weight, bias, eps));
   }
   return wrap(std::move(y));
   END_HANDLE_TH_ERRORS
@@ -208,7 +208,8 @@ PyObject* py_add_layer_norm(PyObject*, PyObject* const* a, Py_ssize_t n) {
   at::Tensor y, s;
   {
     ReleaseGil nogil;
-    auto r = add_layer_norm_op().call(x, residual, shape, weight, bias, eps);
+    auto r =
+        add_layer_norm_op().call(x, residual, c10::fromIntArrayRefSlow(shape), weight, bias, eps);
     y = std::move(std::get<0>(r));
     s = std::move(std::get<1>(r));
   }

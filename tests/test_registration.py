@@ -278,6 +278,29 @@ def test_baseline_library_holds_no_avx_instructions():
     assert not avx, f"{len(avx)} AVX instructions in {_C.__file__}, e.g. {avx[:3]}"
 
 
+def test_compile_dynamic_normalized_shape_does_not_recompile():
+    """normalized_shape is SymInt[]: under dynamic shapes a new row length is the same graph, forward
+    and backward."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+
+    def step(x, w, r):
+        y, s = F.add_layer_norm(x, r, (x.shape[-1],), w)
+        return F.layer_norm(y, x.shape[-1:], w).sum() + s.sum()
+
+    compiled = torch.compile(step, backend=counter, dynamic=True, fullgraph=True)
+    torch._dynamo.reset()
+    for n in (8, 16, 24):
+        x, r = torch.randn(3, n, requires_grad=True), torch.randn(3, n)
+        w = torch.randn(n, requires_grad=True)
+        got = torch.autograd.grad(compiled(x, w, r), (x, w))
+        want = torch.autograd.grad(step(x, w, r), (x, w))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+    assert counter.frame_count == 1
+
+
 def test_compile_dynamic_head_dim_does_not_recompile():
     """scale=None reaches the op, which resolves 1/sqrt(D) itself: under dynamic shapes a new head
     dim is the same graph, not a recompile."""

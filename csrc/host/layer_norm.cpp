@@ -85,24 +85,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(
 // ---- autograd -----------------------------------------------------------------------------------
 
 using LayerNormSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, at::IntArrayRef, const std::optional<at::Tensor>&,
+    const at::Tensor&, c10::SymIntArrayRef, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, double);
 using AddLayerNormSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, at::IntArrayRef, const std::optional<at::Tensor>&,
+    const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, double);
 using LayerNormBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const std::optional<at::Tensor>&, at::IntArrayRef);
+    const std::optional<at::Tensor>&, c10::SymIntArrayRef);
 PYFORMER_OP_HANDLE(layer_norm, LayerNormSig)
 PYFORMER_OP_HANDLE(add_layer_norm, AddLayerNormSig)
 PYFORMER_OP_HANDLE(layer_norm_backward, LayerNormBwdSig)
 
 namespace {
 
-void save_norm(AutogradContext* ctx, at::IntArrayRef normalized_shape,
+// The normalized dims are saved as their count: backward reads their sizes from x (symbolic
+// under torch.compile).
+void save_norm(AutogradContext* ctx, c10::SymIntArrayRef normalized_shape,
                const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                double eps) {
-  ctx->saved_data["shape"] = normalized_shape.vec();
+  ctx->saved_data["ndims"] = static_cast<int64_t>(normalized_shape.size());
   ctx->saved_data["eps"] = eps;
   ctx->saved_data["has_weight"] = weight.has_value() && weight->defined();
   ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
@@ -137,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(AutogradContext* ct
   if (!grad_y.defined()) grad_y = at::zeros_like(x);
   const at::Tensor& w = saved[3];
   if (creating_graph()) {
-    const int64_t n = static_cast<int64_t>(ctx->saved_data["shape"].toIntVector().size());
+    const int64_t n = ctx->saved_data["ndims"].toInt();
     auto [dx, dw, db] =
         differentiable_norm_backward(x, grad_y, w, n, ctx->saved_data["eps"].toDouble());
     return {dx, ctx->saved_data["has_weight"].toBool() ? dw : at::Tensor(),
@@ -145,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(AutogradContext* ct
   }
   auto [dx, dw, db] = layer_norm_backward_op().call(
       grad_y, x, saved[1], saved[2], w.defined() ? std::optional<at::Tensor>(w) : std::nullopt,
-      ctx->saved_data["shape"].toIntVector());
+      x.sym_sizes().slice(x.dim() - ctx->saved_data["ndims"].toInt()));
   return {dx, ctx->saved_data["has_weight"].toBool() ? dw : at::Tensor(),
           ctx->saved_data["has_bias"].toBool() ? db : at::Tensor()};
 }
@@ -156,7 +158,7 @@ at::Tensor or_undefined(const std::optional<at::Tensor>& t) { return t ? *t : at
 
 struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
-                               at::IntArrayRef normalized_shape,
+                               c10::SymIntArrayRef normalized_shape,
                                const std::optional<at::Tensor>& weight,
                                const std::optional<at::Tensor>& bias, double eps) {
     at::Tensor y, mean, rstd;
@@ -180,7 +182,7 @@ struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
 
 struct AddLayerNormFunction : torch::autograd::Function<AddLayerNormFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
-                               const at::Tensor& residual, at::IntArrayRef normalized_shape,
+                               const at::Tensor& residual, c10::SymIntArrayRef normalized_shape,
                                const std::optional<at::Tensor>& weight,
                                const std::optional<at::Tensor>& bias, double eps) {
     at::Tensor y, s, mean, rstd;
@@ -204,8 +206,8 @@ struct AddLayerNormFunction : torch::autograd::Function<AddLayerNormFunction> {
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_autograd(
-    const at::Tensor& x, at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps) {
+    const at::Tensor& x, c10::SymIntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps) {
   if (!recording(x, weight, bias)) {
     const at::AutoDispatchBelowADInplaceOrView below;
     return layer_norm_op().call(x, normalized_shape, weight, bias, eps);
@@ -215,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_autograd(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_autograd(
-    const at::Tensor& x, const at::Tensor& residual, at::IntArrayRef normalized_shape,
+    const at::Tensor& x, const at::Tensor& residual, c10::SymIntArrayRef normalized_shape,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps) {
   if (!recording(x, residual, weight, bias)) {
     const at::AutoDispatchBelowADInplaceOrView below;
