@@ -110,7 +110,10 @@ def masked_softmax(
         x = x.masked_fill(~ok, float("-inf"))
     p = torch.softmax(x, dim=-1)
     if ok is not None and zero_masked_rows:
-        p = p.masked_fill(~ok.any(dim=-1, keepdim=True), 0.0)
+        # a masked key is exactly 0 (so a fully masked row is zeros), also in a row whose
+        # unmasked scores hold NaN or +-inf (torch.softmax gives NaN everywhere there); its
+        # gradient is 0 too
+        p = p.masked_fill(~ok, 0.0)
     return p
 
 

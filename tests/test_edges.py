@@ -232,3 +232,64 @@ def test_bool_mask_bytes_read_as_nonzero(device, dtype, broadcast):
     got = F.masked_softmax(x, odd)
     torch.testing.assert_close(got, F.masked_softmax(x, clean), rtol=0, atol=0)
     expect_close(got, ref.masked_softmax(x.double(), clean), dtype=dtype)
+
+
+# ---- NaN and inf: the rule of docs/ops.md ------------------------------------------------------
+
+NAN_MASKS = {
+    "bool": lambda dt: dict(mask=torch.tensor([True, True, True, False, True, False])),
+    "additive": lambda dt: dict(mask=torch.tensor([0.0, 0.5, 0.0, -math.inf, 0.0, -math.inf])),
+    "key_lengths": lambda dt: dict(key_lengths=torch.tensor([4, 4])),
+    "bool+key_lengths": lambda dt: dict(
+        mask=torch.tensor([True, True, True, False, True, True]), key_lengths=torch.tensor([5, 5])
+    ),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("kind", list(NAN_MASKS))
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nan_row_masked_keys_stay_zero(device, dtype, kind, bad):
+    """A row holding NaN (or +inf) at an unmasked key: NaN at every unmasked key (torch.softmax's
+    answer), exactly 0 at every masked key, and a gradient of exactly 0 at the masked keys, in
+    pyformer and in the reference alike; the other row is untouched."""
+    kw = {k: v.to(device) for k, v in NAN_MASKS[kind](dtype).items()}
+    x = torch.randn(2, 6, dtype=torch.float64, device=device)
+    x[0, 1] = bad
+    xs = x.to(dtype).requires_grad_()
+    y = F.masked_softmax(xs, **kw)
+    xr = xs.detach().double().requires_grad_()
+    r = ref.masked_softmax(xr, **kw)
+    assert torch.equal(y.isnan(), r.isnan()), (y, r)
+    assert torch.equal(y.double()[r == 0], r[r == 0])  # the masked keys: exactly 0
+    expect_close(y[1:], r[1:], dtype=dtype)
+    g = torch.randn(2, 6, dtype=torch.float64, device=device).to(dtype)
+    (gx,) = torch.autograd.grad(y, xs, g)
+    (gr,) = torch.autograd.grad(r, xr, g.double())
+    assert torch.equal(gx.isnan(), gr.isnan()), (gx, gr)
+    assert torch.equal(gx.double()[gr == 0], gr[gr == 0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropped_nan_probabilities_stay_nan_in_every_dtype(device):
+    """out = (probs * keep / (1 - p)) @ v: a NaN probability that dropout drops is still NaN
+    (NaN * 0), on the fused float32 path and the composed float16 path alike."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 6, 8, generator=g) for _ in range(3))
+    q[0, 1, 2, 3] = math.nan  # one query row of scores all NaN
+    nans = {}
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        torch.manual_seed(11)  # the same keep mask for every dtype (drawn in float32)
+        out, _ = F.attention(*(t.to(dtype).to(device) for t in (q, k, v)), dropout_p=0.5)
+        nans[dtype] = out.isnan().cpu()
+    for dtype, n in nans.items():
+        assert torch.equal(n, nans[torch.float32]), dtype
+    assert nans[torch.float32][0, 1, 2].all() and not nans[torch.float32][0, 0].any()
+    # one unmasked key: whether dropout keeps or drops it (16 draws), the NaN row stays NaN
+    lens = torch.tensor([1], device=device)
+    for seed in range(16):
+        torch.manual_seed(seed)
+        out, _ = F.attention(*(t.to(device) for t in (q, k, v)), key_lengths=lens, dropout_p=0.5)
+        assert out[0, 1, 2].isnan().all(), seed
+        assert not out[0, 1, :2].isnan().any(), seed

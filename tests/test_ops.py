@@ -120,8 +120,10 @@ def test_masked_softmax_nan_and_inf_propagate_like_torch(device):
     m = torch.ones(3, 8, dtype=torch.bool)
     m[:, 7] = False
     p = F.masked_softmax(s.to(device), m.to(device))
-    expect = torch.softmax(s.masked_fill(~m, float("-inf")), -1)
-    assert torch.equal(torch.isnan(p.cpu()), torch.isnan(expect))  # rows 0-2: NaN, as torch
+    # rows 0-2: NaN at the unmasked keys, as torch; the masked key stays 0 (docs/ops.md)
+    expect = torch.softmax(s.masked_fill(~m, float("-inf")), -1).masked_fill(~m, 0.0)
+    assert torch.equal(torch.isnan(p.cpu()), torch.isnan(expect))
+    assert torch.equal(p.cpu()[:, 7], torch.zeros(3, dtype=p.dtype))
     s[0, 3] = 0.0
     s[0, 5] = float("nan")
     m[0, 5] = False  # a NaN under the mask does not matter

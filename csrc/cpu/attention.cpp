@@ -137,7 +137,7 @@ void attention_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
         for (int64_t i = 0; i < Lq; ++i)
           for (int64_t j = 0; j < len; ++j)
             pd[i * len + j] =
-                kp[i * Lk + j] ? S[i * len + j] * static_cast<acc_t>(keep_scale) : acc_t(0);
+                S[i * len + j] * (kp[i * Lk + j] ? static_cast<acc_t>(keep_scale) : acc_t(0));
         pv = pd.data();
       }
       gemm_rm<acc_t>(false, false, Lq, Dv, len, acc_t(1), pv, len, vh, Dv, oh, Dv);
@@ -182,8 +182,9 @@ void attention_backward_fused(const at::Tensor& g, const at::Tensor& gp, const a
       if (KEEP) {
         const bool* kh = KEEP + off;
         for (int64_t e = 0; e < Lq * Lk; ++e) {
-          dP[e] = kh[e] ? dP[e] * ks : acc_t(0);
-          pd[e] = kh[e] ? ph[e] * ks : acc_t(0);
+          // a multiply, not a select: a dropped NaN stays NaN, as in probs * keep * keep_scale
+          dP[e] = dP[e] * (kh[e] ? ks : acc_t(0));
+          pd[e] = ph[e] * (kh[e] ? ks : acc_t(0));
         }
       }
       if (GP) {

@@ -176,15 +176,27 @@ inline void masked_softmax_row(const in_t* x, scalar_t* y, int64_t lk, int64_t e
     return;
   }
   const acc_t mx = row_max(buf, end);
-  if (!std::isfinite(mx)) {  // NaN or +-inf among the unmasked scores: NaN, as torch.softmax
-    std::fill(y, y + lk, scalar_t(std::numeric_limits<acc_t>::quiet_NaN()));
+  if (!std::isfinite(mx)) {
+    // NaN or +-inf among the unmasked scores: NaN at every unmasked key, as torch.softmax; a
+    // masked key stays exactly 0 (docs/ops.md), so it is told apart from an unmasked -inf score
+    // by reading the mask again (a rare row)
+    constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+    const scalar_t nan = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
+    for (int64_t j = 0; j < lk; ++j) {
+      bool masked = j >= end;
+      if (!masked && m.b) masked = m.b[j * m.stride] == 0;
+      if (!masked && m.f) masked = static_cast<acc_t>(m.f[j * m.stride]) == ninf;
+      y[j] = masked ? scalar_t(0) : nan;
+    }
     return;
   }
   const acc_t sum = exp_sum_row(buf, end, mx);
   store_scaled(y, buf, end, lk, acc_t(1) / sum);
 }
 
-// Backward of one row: dx[j] = scale * y[j] * (dy[j] - sum_j' dy[j'] y[j']).
+// Backward of one row: dx[j] = scale * y[j] * (dy[j] - sum_j' dy[j'] y[j']), and exactly 0 where
+// y[j] == 0 (a masked key: its gradient is 0 even in a row whose sum is NaN, as the reference's
+// masked_fill gives; docs/ops.md).
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
 inline void masked_softmax_backward_row(const scalar_t* dy, const scalar_t* y, scalar_t* dx,
                                         int64_t n, acc_t scale) {
@@ -199,16 +211,20 @@ inline void masked_softmax_backward_row(const scalar_t* dy, const scalar_t* y, s
     vd.store(tmp);
     for (int64_t t = 0; t < Vec::size(); ++t) dot += tmp[t];
     for (; j < n; ++j) dot += dy[j] * y[j];
-    const Vec vdot(dot), vs(scale);
+    const Vec vdot(dot), vs(scale), zero(0);
     j = 0;
-    for (; j + Vec::size() <= n; j += Vec::size())
-      (vs * Vec::loadu(y + j) * (Vec::loadu(dy + j) - vdot)).store(dx + j);
-    for (; j < n; ++j) dx[j] = scale * y[j] * (dy[j] - dot);
+    for (; j + Vec::size() <= n; j += Vec::size()) {
+      const Vec vy = Vec::loadu(y + j);
+      Vec::blendv(vs * vy * (Vec::loadu(dy + j) - vdot), zero, vy == zero).store(dx + j);
+    }
+    for (; j < n; ++j) dx[j] = y[j] == 0 ? acc_t(0) : scale * y[j] * (dy[j] - dot);
   } else {
     for (int64_t j = 0; j < n; ++j) dot += static_cast<acc_t>(dy[j]) * static_cast<acc_t>(y[j]);
-    for (int64_t j = 0; j < n; ++j)
-      dx[j] = static_cast<scalar_t>(scale * static_cast<acc_t>(y[j]) *
-                                    (static_cast<acc_t>(dy[j]) - dot));
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t yj = static_cast<acc_t>(y[j]);
+      dx[j] = static_cast<scalar_t>(yj == 0 ? acc_t(0)
+                                            : scale * yj * (static_cast<acc_t>(dy[j]) - dot));
+    }
   }
 }
 

@@ -164,7 +164,9 @@ __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads
     }
     s = RowMap<WARP>::sum(s, smem);
     const A inv = (s == A(0)) ? A(0) : A(1) / s;
-    store_row<T, VEC, CHUNKS, WARP>(yr, L, [&](int i) { return v[i] * inv; });
+    // a masked key is exactly 0, also in a row whose inv is NaN (docs/ops.md)
+    store_row<T, VEC, CHUNKS, WARP>(
+        yr, L, [&](int i) { return ((ok_bits >> i) & 1u) ? v[i] * inv : A(0); });
   }
 }
 
@@ -235,7 +237,8 @@ __global__ void __launch_bounds__(kLongThreads, 1)
     m = fin_m;
     const A inv = finalize_inv(m, fin_s);
 
-    // pass 2: write every key; keys at or past `limit` are zero (0 * inv) and not read
+    // pass 2: write every key; masked keys and keys at or past `limit` (not read) are exactly 0,
+    // also in a row whose inv is NaN (docs/ops.md)
     for (int64_t j0 = int64_t(threadIdx.x) * VEC; j0 < L; j0 += step) {
       V out;
       if (j0 < ri.limit) {
@@ -244,12 +247,11 @@ __global__ void __launch_bounds__(kLongThreads, 1)
         for (int e = 0; e < VEC; ++e) {
           bool ok;
           const A xv = masked_value<T, A>(in.v[e], scale, p, ri.moff, j0 + e, ok);
-          const A ev = (ok && j0 + e < ri.limit) ? acc_exp(xv - m) : A(0);
-          out.v[e] = static_cast<T>(ev * inv);
+          out.v[e] = static_cast<T>((ok && j0 + e < ri.limit) ? acc_exp(xv - m) * inv : A(0));
         }
       } else {
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) out.v[e] = static_cast<T>(A(0) * inv);
+        for (int e = 0; e < VEC; ++e) out.v[e] = T(0);
       }
       store_vec<T, VEC>(yr, j0, out);
     }
@@ -293,7 +295,9 @@ __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads
       }
     }
     dot = RowMap<WARP>::sum(dot, smem);
-    store_row<T, VEC, CHUNKS, WARP>(dxr, L, [&](int i) { return scale * o[i] * (g[i] - dot); });
+    // exactly 0 where y == 0 (a masked key), as the CPU row kernel (docs/ops.md)
+    store_row<T, VEC, CHUNKS, WARP>(
+        dxr, L, [&](int i) { return o[i] == A(0) ? A(0) : scale * o[i] * (g[i] - dot); });
   }
 }
 
@@ -323,8 +327,8 @@ __global__ void __launch_bounds__(kLongThreads, 1)
       const V b = load_vec<T, VEC>(yr, j0);
       V out;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e)
-        out.v[e] = static_cast<T>(scale * static_cast<A>(b.v[e]) * (static_cast<A>(a.v[e]) - dot));
+      for (int e = 0; e < VEC; ++e) const A yv = static_cast<A>(b.v[e]);
+      out.v[e] = static_cast<T>(yv == A(0) ? A(0) : scale * yv * (static_cast<A>(a.v[e]) - dot));
       store_vec<T, VEC>(dxr, j0, out);
     }
   }
