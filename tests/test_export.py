@@ -174,3 +174,20 @@ def test_export_multihead_attention(strict, case):
         other = dict(masks, key_padding_mask=masks["key_padding_mask"].roll(1, 0))
         with torch.no_grad():
             assert_same(got(x, **other), model(x, **other), exact=False)
+
+
+@pytest.mark.parametrize("strict", STRICT)
+def test_export_layers_dynamic_shapes(strict):
+    """The drop-in layers export with symbolic batch and sequence dims and keep pyformer's ops."""
+    mha = pnn.MultiheadAttention(E, H, batch_first=True, dtype=torch.float64).eval()
+    norm = pnn.LayerNorm(E, dtype=torch.float64).eval()
+    x = torch.randn(3, 7, E, dtype=torch.float64)
+    b, l = torch.export.Dim("b", min=2, max=64), torch.export.Dim("l", min=2, max=512)
+    dims = {0: b, 1: l}
+    ep = torch.export.export(mha, (x, x, x), dynamic_shapes=(dims, dims, dims), strict=strict)
+    assert "pyformer::attention" in pyformer_ops(ep)
+    y = torch.randn(5, 11, E, dtype=torch.float64)
+    assert_same(run(ep.module(), (y, y, y)), run(mha, (y, y, y)))
+    ep = torch.export.export(norm, (x,), dynamic_shapes=(dims,), strict=strict)
+    assert pyformer_ops(ep) == {"pyformer::layer_norm"}
+    assert_same(run(ep.module(), (y,)), run(norm, (y,)))
