@@ -327,8 +327,10 @@ __global__ void __launch_bounds__(kLongThreads, 1)
       const V b = load_vec<T, VEC>(yr, j0);
       V out;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) const A yv = static_cast<A>(b.v[e]);
-      out.v[e] = static_cast<T>(yv == A(0) ? A(0) : scale * yv * (static_cast<A>(a.v[e]) - dot));
+      for (int e = 0; e < VEC; ++e) {
+        const A yv = static_cast<A>(b.v[e]);  // exactly 0 where y == 0 (a masked key)
+        out.v[e] = static_cast<T>(yv == A(0) ? A(0) : scale * yv * (static_cast<A>(a.v[e]) - dot));
+      }
       store_vec<T, VEC>(dxr, j0, out);
     }
   }
