@@ -17,9 +17,8 @@ def _d(*shape, device="cpu", grad=True):
     return torch.randn(*shape, dtype=torch.float64, device=device, requires_grad=grad)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_gradcheck(device):
-    gc = lambda f, xs: torch.autograd.gradcheck(f, xs, eps=1e-6, atol=1e-7, rtol=1e-5)
+def _attention_inputs(device):
+    """q, k, v (float64, requiring grad), key_lengths, a bool padding mask and a float mask."""
     q, k, v = (
         _d(2, 2, 4, 3, device=device),
         _d(2, 2, 5, 3, device=device),
@@ -27,7 +26,13 @@ def test_gradcheck(device):
     )
     kl = torch.tensor([5, 3], device=device)
     pad = torch.arange(5, device=device) < torch.tensor([4, 5], device=device).view(2, 1, 1, 1)
-    fmask = _d(1, 2, 4, 5, device=device)
+    return q, k, v, kl, pad, _d(1, 2, 4, 5, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(device):
+    gc = lambda f, xs: torch.autograd.gradcheck(f, xs, eps=1e-6, atol=1e-7, rtol=1e-5)
+    q, k, v, kl, pad, fmask = _attention_inputs(device)
     assert gc(lambda q, k: F.scaled_qk(q, k), (q, k))
     assert gc(
         lambda s: F.masked_softmax(s, pad, scale=0.5, causal=True, key_lengths=kl),
@@ -103,14 +108,7 @@ def test_gradgradcheck(device):
     """A gradient of a gradient, every op, every mask kind that carries a gradient: the backward
     runs as differentiable ATen ops when create_graph=True (csrc/host/autograd.h)."""
     ggc = lambda f, xs: torch.autograd.gradgradcheck(f, xs, eps=1e-6, atol=1e-6, rtol=1e-4)
-    q, k, v = (
-        _d(2, 2, 4, 3, device=device),
-        _d(2, 2, 5, 3, device=device),
-        _d(2, 2, 5, 2, device=device),
-    )
-    kl = torch.tensor([5, 3], device=device)
-    pad = torch.arange(5, device=device) < torch.tensor([4, 5], device=device).view(2, 1, 1, 1)
-    fmask = _d(1, 2, 4, 5, device=device)
+    q, k, v, kl, pad, fmask = _attention_inputs(device)
     assert ggc(lambda q, k: F.scaled_qk(q, k, scale=0.7), (q, k))
     s = _d(2, 2, 4, 5, device=device)
     assert ggc(lambda s: F.masked_softmax(s, pad, scale=0.5, causal=True, key_lengths=kl), (s,))
