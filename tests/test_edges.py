@@ -293,3 +293,69 @@ def test_dropped_nan_probabilities_stay_nan_in_every_dtype(device):
         out, _ = F.attention(*(t.to(device) for t in (q, k, v)), key_lengths=lens, dropout_p=0.5)
         assert out[0, 1, 2].isnan().all(), seed
         assert not out[0, 1, :2].isnan().any(), seed
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL, ids=str)
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nonfinite_value_row_at_masked_key_follows_the_reference(device, dtype, bad):
+    """out = probs @ v multiplies a masked key's probability 0 by its value row, so a NaN or inf
+    there gives NaN in that column (0 * inf), in the reference and in every path: padding as
+    key_lengths (which the fused CPU kernel skips) or as a bool mask, with or without probs, in
+    every dtype; the finite columns are untouched."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 5, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    v[0, 1, 4, 2] = bad  # batch 0 has 3 valid keys: key 4 is padding
+    lens = torch.tensor([3, 5])
+    pad = torch.arange(5) < lens[:, None, None, None]  # (2, 1, 1, 5)
+    want, _ = ref.attention(q, k, v, key_lengths=lens)
+    assert want[0, 1, :, 2].isnan().all() and want.isnan().sum() == 5
+    for kw in (dict(key_lengths=lens), dict(mask=pad)):
+        for need_weights in (False, True):
+            args = [t.to(dtype).to(device) for t in (q, k, v)]
+            kwd = {key: t.to(device) for key, t in kw.items()}
+            got, _ = F.attention(*args, **kwd, need_weights=need_weights)
+            assert torch.equal(got.isnan().cpu(), want.isnan()), (kw.keys(), need_weights)
+            fin = ~want.isnan()
+            expect_close(got.cpu()[fin], want[fin], dtype=dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_add_layer_norm_normalizes_the_rounded_sum(device, dtype):
+    """For float16/bfloat16, y is the layer norm of the s returned (rounded to the dtype), as
+    torch's F.layer_norm(x + residual): on short rows with a large mean the rounding of s moves y
+    by far more than the dtype's bound, so normalizing the unrounded sum would disagree with s."""
+    g = torch.Generator().manual_seed(8)
+    x = (torch.randn(64, 8, generator=g) + 300).to(dtype).to(device)
+    r = torch.randn(64, 8, generator=g).to(dtype).to(device)
+    y, s = F.add_layer_norm(x, r, (8,))
+    assert torch.equal(s, x + r)
+    expect_close(y.cpu(), ref.layer_norm(s.cpu().double(), (8,)), dtype=dtype)
+    unrounded = ref.layer_norm(x.cpu().double() + r.cpu().double(), (8,))
+    assert (y.cpu().double() - unrounded).abs().max() > 0.1  # the rounding matters here
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_nonfinite_row_at_masked_key_gradients_follow_the_reference(device, dtype, where):
+    """The backward of the same rule: dq = dS @ k and dP = dout @ v^T multiply a masked key's
+    zero by its key or value row, so NaN patterns of out, dq, dk and dv are the reference's,
+    whether the padding came as key_lengths or as a bool mask."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 2, 5, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    (k if where == "k" else v)[0, 1, 4, 2] = math.nan
+    lens = torch.tensor([3, 5])
+    pad = torch.arange(5) < lens[:, None, None, None]
+    cot = torch.randn(2, 2, 5, 8, generator=g, dtype=torch.float64)
+    r_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    want, _ = ref.attention(*r_in, key_lengths=lens)
+    want_grads = torch.autograd.grad(want, r_in, cot)
+    for kw in (dict(key_lengths=lens), dict(mask=pad)):
+        args = [t.to(dtype).to(device).requires_grad_() for t in (q, k, v)]
+        got, _ = F.attention(*args, **{key: t.to(device) for key, t in kw.items()})
+        grads = torch.autograd.grad(got, args, cot.to(dtype).to(device))
+        assert torch.equal(got.isnan().cpu(), want.isnan()), kw.keys()
+        for name, a, b in zip("qkv", grads, want_grads):
+            assert torch.equal(a.isnan().cpu(), b.isnan()), (kw.keys(), "d" + name)

@@ -146,7 +146,10 @@ MHA_CASES = {
     "need_weights_false": ({"need_weights": False}, {}),
     "key_padding_right": ({}, {"key_padding_mask": RIGHT}),
     "key_padding_left": ({}, {"key_padding_mask": LEFT}),
-    "key_padding_float": ({}, {"key_padding_mask": torch.zeros(B, L).masked_fill(LEFT, -1e9)}),
+    "key_padding_float": (
+        {},
+        {"key_padding_mask": torch.zeros(B, L, dtype=torch.float64).masked_fill(LEFT, -1e9)},
+    ),
     "attn_mask_bool": ({}, {"attn_mask": CAUSAL}),
     "attn_mask_float": ({}, {"attn_mask": torch.randn(L, L, dtype=torch.float64)}),
     "is_causal": ({"is_causal": True}, {"attn_mask": CAUSAL}),

@@ -549,3 +549,37 @@ def test_torchscript_runs_torchs_implementation(calls):
     layer.eval()
     xf = x.float()
     torch.testing.assert_close(torch.jit.script(layer)(xf), layer(xf), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["key_padding_mask", "attn_mask"])
+@pytest.mark.parametrize(
+    "qdtype, mdtype",
+    [
+        (torch.float32, torch.float64),
+        (torch.float64, torch.float32),
+        (torch.float32, torch.float16),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_mha_float_mask_of_another_dtype_raises_like_torch(which, qdtype, mdtype, need_weights):
+    """A floating mask of another dtype than the query: torch.nn.MultiheadAttention raises
+    RuntimeError (in one place or another; without need_weights it takes float32 too), and so
+    does pyformer's, naming the argument."""
+    t = torch.nn.MultiheadAttention(8, 2, batch_first=True).to(qdtype)
+    p = pnn.MultiheadAttention(8, 2, batch_first=True).to(qdtype)
+    x = torch.randn(2, 5, 8, dtype=qdtype)
+    shape = (2, 5) if which == "key_padding_mask" else (5, 5)
+    bad = {which: torch.zeros(shape, dtype=mdtype), "need_weights": need_weights}
+    p.load_state_dict(t.state_dict())
+    if mdtype == torch.float32 and not need_weights:  # taken by both, with the same answer
+        torch.testing.assert_close(p(x, x, x, **bad)[0], t(x, x, x, **bad)[0])
+        return
+    with pytest.raises(RuntimeError):
+        t(x, x, x, **bad)
+    with pytest.raises(RuntimeError, match=which) as info:
+        p(x, x, x, **bad)
+    assert isinstance(info.value, pnn.MaskDtypeError)
+    # the query's own dtype is taken, and agrees with torch
+    ok = {which: torch.zeros(shape, dtype=qdtype)}
+    torch.testing.assert_close(p(x, x, x, **ok)[0], t(x, x, x, **ok)[0])

@@ -8,7 +8,9 @@
 // float buffer, 1 MB at Lq = Lk = 512), so the scores make one trip to memory (the write of
 // probs, which backward and need_weights need; none at all when probs are not wanted) instead of
 // the textbook's five. With key_lengths, keys past len[b] are skipped by all three steps: the
-// GEMMs run on the first len[b] keys only and the softmax writes zeros past them. float16 and
+// GEMMs run on the first len[b] keys only and the softmax writes zeros past them (the second GEMM
+// reads all Lk value rows when one past len[b] is not finite, so that 0 * NaN is NaN there as in
+// the reference). float16 and
 // bfloat16 are declined (return false): the host's composition of batched ATen GEMMs around the
 // same softmax row kernel runs them.
 // Napkin math: 4 * B * H * Lq * Lk * D flops (times len/Lk with key_lengths); memory: q, k, v and
@@ -82,6 +84,14 @@ bool have_blas() {
     return false;
 }
 
+// Whether every one of the n values at p is finite.
+template <typename scalar_t>
+bool tail_finite(const scalar_t* p, int64_t n) {
+  bool ok = true;
+  for (int64_t e = 0; e < n; ++e) ok &= std::isfinite(p[e]);
+  return ok;
+}
+
 // Per-head fused path (float32 / float64 with a BLAS).
 template <typename scalar_t>
 void attention_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -97,7 +107,7 @@ void attention_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const bool* KEEP = keep.defined() ? keep.const_data_ptr<bool>() : nullptr;
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end_bh) {
     // Inside this OpenMP region the BLAS (MKL, OpenBLAS built with OpenMP) runs single-threaded.
-    std::vector<acc_t> S(Lq * Lk), buf(Lk), pd(KEEP ? Lq * Lk : 0);
+    std::vector<acc_t> S(Lq * Lk), buf(Lk), pd;
     for (int64_t bh = begin; bh < end_bh; ++bh) {
       // the keys that any row of this head may read: key_lengths' limit (rows differ only by
       // their causal limit, applied per row below)
@@ -118,29 +128,33 @@ void attention_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
         acc_t* srow = S.data() + i * len;
         masked_softmax_row<acc_t, acc_t>(srow, srow, len, m.limit(r, len), acc_t(1),
                                          row_mask<scalar_t>(m, r), buf.data());
-        // probs row: the len values, then zeros. A row that
-        // came out NaN (NaN or inf among its unmasked scores) is NaN throughout, as torch.softmax.
-        if (!ph) continue;
-        if (len > 0 && std::isnan(srow[0]))
-          std::fill(ph + i * Lk, ph + (i + 1) * Lk,
-                    scalar_t(std::numeric_limits<acc_t>::quiet_NaN()));
-        else
-          store_scaled<scalar_t, acc_t>(ph + i * Lk, srow, len, Lk, acc_t(1));
+        // probs row: the len values, then zeros (the masked keys, also in a NaN row)
+        if (ph) store_scaled<scalar_t, acc_t>(ph + i * Lk, srow, len, Lk, acc_t(1));
       }
-      if (len == 0 || Dv == 0) {
+      if (Dv == 0) continue;
+      // The keys past len have probability 0, and out = probs @ v multiplies that 0 by their
+      // value rows: a NaN or inf there gives NaN (0 * inf), as in the reference (docs/ops.md). So
+      // the product skips them only when their value rows are finite, which one read of those
+      // rows settles; otherwise it runs over all Lk keys with the zeros spelled out.
+      const int64_t n = tail_finite(vh + len * Dv, (Lk - len) * Dv) ? len : Lk;
+      if (n == 0) {
         std::fill(oh, oh + Lq * Dv, scalar_t(0));
         continue;
       }
       const acc_t* pv = S.data();
-      if (KEEP) {  // dropout: probs * keep / (1 - p), compact
-        const bool* kp = KEEP + bh * Lq * Lk;
-        for (int64_t i = 0; i < Lq; ++i)
+      if (KEEP || n > len) {
+        pd.resize(Lq * Lk);  // probs * keep / (1 - p) (a multiply: NaN * 0 is NaN), n wide
+        const bool* kp = KEEP ? KEEP + bh * Lq * Lk : nullptr;
+        const acc_t ks = static_cast<acc_t>(keep_scale);
+        for (int64_t i = 0; i < Lq; ++i) {
           for (int64_t j = 0; j < len; ++j)
-            pd[i * len + j] =
-                S[i * len + j] * (kp[i * Lk + j] ? static_cast<acc_t>(keep_scale) : acc_t(0));
+            pd[i * n + j] =
+                KEEP ? S[i * len + j] * (kp[i * Lk + j] ? ks : acc_t(0)) : S[i * len + j];
+          std::fill(pd.begin() + i * n + len, pd.begin() + (i + 1) * n, acc_t(0));
+        }
         pv = pd.data();
       }
-      gemm_rm<acc_t>(false, false, Lq, Dv, len, acc_t(1), pv, len, vh, Dv, oh, Dv);
+      gemm_rm<acc_t>(false, false, Lq, Dv, n, acc_t(1), pv, n, vh, Dv, oh, Dv);
     }
   });
 }

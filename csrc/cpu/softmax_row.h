@@ -196,7 +196,8 @@ inline void masked_softmax_row(const in_t* x, scalar_t* y, int64_t lk, int64_t e
 
 // Backward of one row: dx[j] = scale * y[j] * (dy[j] - sum_j' dy[j'] y[j']), and exactly 0 where
 // y[j] == 0 (a masked key: its gradient is 0 even in a row whose sum is NaN, as the reference's
-// masked_fill gives; docs/ops.md).
+// masked_fill gives; docs/ops.md). The dy of a key with y == 0 is not read at all, so a NaN
+// there (attention's dP at a masked key whose value row is NaN) does not reach the row's sum.
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
 inline void masked_softmax_backward_row(const scalar_t* dy, const scalar_t* y, scalar_t* dx,
                                         int64_t n, acc_t scale) {
@@ -205,12 +206,14 @@ inline void masked_softmax_backward_row(const scalar_t* dy, const scalar_t* y, s
     using Vec = Vectorized<acc_t>;
     Vec vd(0);
     int64_t j = 0;
-    for (; j + Vec::size() <= n; j += Vec::size())
-      vd = at::vec::fmadd(Vec::loadu(dy + j), Vec::loadu(y + j), vd);
+    for (; j + Vec::size() <= n; j += Vec::size()) {
+      const Vec vy = Vec::loadu(y + j);
+      vd = at::vec::fmadd(Vec::blendv(Vec::loadu(dy + j), Vec(0), vy == Vec(0)), vy, vd);
+    }
     acc_t tmp[Vec::size()];
     vd.store(tmp);
     for (int64_t t = 0; t < Vec::size(); ++t) dot += tmp[t];
-    for (; j < n; ++j) dot += dy[j] * y[j];
+    for (; j < n; ++j) dot += y[j] == 0 ? acc_t(0) : dy[j] * y[j];
     const Vec vdot(dot), vs(scale), zero(0);
     j = 0;
     for (; j + Vec::size() <= n; j += Vec::size()) {
@@ -219,7 +222,10 @@ inline void masked_softmax_backward_row(const scalar_t* dy, const scalar_t* y, s
     }
     for (; j < n; ++j) dx[j] = y[j] == 0 ? acc_t(0) : scale * y[j] * (dy[j] - dot);
   } else {
-    for (int64_t j = 0; j < n; ++j) dot += static_cast<acc_t>(dy[j]) * static_cast<acc_t>(y[j]);
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t yj = static_cast<acc_t>(y[j]);
+      if (yj != 0) dot += static_cast<acc_t>(dy[j]) * yj;
+    }
     for (int64_t j = 0; j < n; ++j) {
       const acc_t yj = static_cast<acc_t>(y[j]);
       dx[j] = static_cast<scalar_t>(yj == 0 ? acc_t(0)

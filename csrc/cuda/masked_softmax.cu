@@ -287,7 +287,8 @@ __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads
         for (int e = 0; e < VEC; ++e) {
           g[c * VEC + e] = static_cast<A>(a.v[e]);
           o[c * VEC + e] = static_cast<A>(b.v[e]);
-          dot += g[c * VEC + e] * o[c * VEC + e];
+          // a zero probability's dy is not read (NaN there must not reach the row's dot)
+          if (o[c * VEC + e] != A(0)) dot += g[c * VEC + e] * o[c * VEC + e];
         }
       } else {
 #pragma unroll
@@ -319,7 +320,10 @@ __global__ void __launch_bounds__(kLongThreads, 1)
       const V a = load_vec<T, VEC>(dyr, j0);
       const V b = load_vec<T, VEC>(yr, j0);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) dot += static_cast<A>(a.v[e]) * static_cast<A>(b.v[e]);
+      for (int e = 0; e < VEC; ++e) {
+        const A yv = static_cast<A>(b.v[e]);
+        if (yv != A(0)) dot += static_cast<A>(a.v[e]) * yv;  // a zero probability's dy: unread
+      }
     }
     dot = block_allreduce_sum(dot, smem);
     for (int64_t j0 = int64_t(threadIdx.x) * VEC; j0 < L; j0 += step) {

@@ -148,8 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> differentiable_attent
   at::Tensor dP = at::matmul(g, va.transpose(-2, -1));
   if (dropped) dP = dP * keep * keep_scale;
   if (grad_probs) dP = dP + grad_probs->to(acc);
-  const at::Tensor dS =  // 0 where p == 0, as the kernels (a masked key)
-      at::where(p == 0, at::zeros_like(p), p * (dP - (dP * p).sum(-1, /*keepdim=*/true)));
+  const at::Tensor dS = differentiable_softmax_backward(p, dP);
   return {at::matmul(dS, ka).mul(scale).to(dt),
           at::matmul(dS.transpose(-2, -1), qa).mul(scale).to(dt),
           at::matmul(pd.transpose(-2, -1), g).to(dt), dS.to(dt)};

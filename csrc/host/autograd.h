@@ -51,6 +51,10 @@ at::Tensor mask_grad(const at::Tensor& dlogits, at::IntArrayRef mask_sizes, at::
 // (probs, s) carry the chain back through the op's own node.
 inline bool creating_graph() { return at::GradMode::is_enabled(); }
 
+// The softmax backward y * (dy - sum(dy * y, -1)) in differentiable ATen ops (creating_graph), in
+// y's dtype: exactly 0 where y == 0, whose dy is not read, as the row kernels (docs/ops.md).
+at::Tensor differentiable_softmax_backward(const at::Tensor& y, const at::Tensor& dy);
+
 // A scale saved by a Function's forward as given (None = 1/sqrt(D)), resolved in backward: read
 // in forward, q's size would pin every dim of a symbolic q (torch.export, torch.compile).
 inline c10::IValue save_scale(std::optional<double> scale) {

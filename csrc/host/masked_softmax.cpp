@@ -76,9 +76,7 @@ struct MaskedSoftmaxFunction : torch::autograd::Function<MaskedSoftmaxFunction> 
     if (creating_graph()) {  // differentiable: dlogits = y * (g - sum(g * y)) in ATen ops
       const at::ScalarType acc = stat_dtype(out.scalar_type());
       const at::Tensor y = out.to(acc), g = grads[0].to(acc);
-      const at::Tensor dlogits =  // 0 where y == 0, as the kernels (a masked key)
-          at::where(y == 0, at::zeros_like(y), y * (g - (g * y).sum(-1, /*keepdim=*/true)))
-              .to(out.scalar_type());
+      const at::Tensor dlogits = differentiable_softmax_backward(y, g).to(out.scalar_type());
       if (ctx->saved_data["mask_grad"].toBool())
         dmask = mask_grad(dlogits, ctx->saved_data["mask_sizes"].toIntVector(),
                           static_cast<at::ScalarType>(ctx->saved_data["mask_dtype"].toInt()));

@@ -12,9 +12,11 @@ argument, what was expected and what was given.
   :class:`pyformer.nn.MultiheadAttention`, a query, key, value or mask of the wrong shape
   (``torch.nn.MultiheadAttention`` raises ``AssertionError`` for most of these, ``RuntimeError``
   for an ``attn_mask`` of the wrong shape and in its fast path).
-- :class:`MaskDtypeError` (``TypeError``, ``AssertionError``): an integer ``key_padding_mask`` or
-  ``attn_mask`` given to :class:`pyformer.nn.MultiheadAttention` (``torch.nn.MultiheadAttention``
-  raises ``AssertionError``); a mask is bool or floating, never an integer tensor to add.
+- :class:`MaskDtypeError` (``TypeError``, ``AssertionError``, ``RuntimeError``): an integer
+  ``key_padding_mask`` or ``attn_mask`` given to :class:`pyformer.nn.MultiheadAttention`
+  (``torch.nn.MultiheadAttention`` raises ``AssertionError``): a mask is bool or floating, never an
+  integer tensor to add; or a floating mask of another dtype than the query (torch raises
+  ``RuntimeError``).
 """
 
 from __future__ import annotations
@@ -31,5 +33,7 @@ class AttentionShapeError(ShapeError, AssertionError):
     ``AssertionError``, what ``torch.nn.MultiheadAttention`` raises)."""
 
 
-class MaskDtypeError(TypeError, AssertionError):
-    """An integer mask given to ``MultiheadAttention`` (a ``TypeError`` and an ``AssertionError``)."""
+class MaskDtypeError(TypeError, AssertionError, RuntimeError):
+    """A mask of a dtype ``MultiheadAttention`` cannot take: an integer mask, or a floating one of
+    another dtype than the query (a ``TypeError``, an ``AssertionError`` and a ``RuntimeError``,
+    what ``torch.nn.MultiheadAttention`` raises for the one or the other)."""

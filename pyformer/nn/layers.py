@@ -160,6 +160,21 @@ def _check_mask_dtype(name: str, m: Optional[Tensor]) -> None:
         )
 
 
+def _check_mask_float_dtype(name: str, m: Optional[Tensor], query: Tensor, need_weights: bool):
+    """A floating mask of another dtype than the query is an error too, except float32 without
+    need_weights: the dtypes PyTorch takes (its need_weights path adds the mask in the query's
+    dtype, its SDPA path also takes float32)."""
+    if m is None or not m.is_floating_point():
+        return
+    takes = (query.dtype,) if need_weights else (query.dtype, torch.float32)
+    if m.dtype not in takes:
+        also = "" if need_weights else " or float32"
+        raise MaskDtypeError(
+            f"{_MHA}: argument '{name}': expected a bool mask or one of the query's dtype "
+            f"({query.dtype}){also}, got dtype {m.dtype}"
+        )
+
+
 class MultiheadAttention(BackendMixin, torch.nn.MultiheadAttention):
     r"""Multi-head attention on :func:`pyformer.functional.attention`.
 
@@ -193,8 +208,9 @@ class MultiheadAttention(BackendMixin, torch.nn.MultiheadAttention):
 
     Errors: a query, key, value or mask of the wrong shape raises
     :class:`pyformer.nn.AttentionShapeError` (a ``ValueError``, an ``AssertionError`` and a
-    ``RuntimeError``: what PyTorch raises for these); an integer mask raises
-    :class:`pyformer.nn.MaskDtypeError` (a ``TypeError`` and an ``AssertionError``).
+    ``RuntimeError``: what PyTorch raises for these); an integer mask, or a floating mask of
+    another dtype than the query (float32 is also taken without ``need_weights``), raises :class:`pyformer.nn.MaskDtypeError` (a ``TypeError``,
+    an ``AssertionError`` and a ``RuntimeError``).
 
     Args:
         embed_dim (int): model dimension ``E``.
@@ -452,6 +468,8 @@ class MultiheadAttention(BackendMixin, torch.nn.MultiheadAttention):
                 "attn_mask must be given (as in torch.nn.MultiheadAttention)"
             )
         self._check_shapes(query, key, value, key_padding_mask, attn_mask)
+        _check_mask_float_dtype("key_padding_mask", key_padding_mask, query, need_weights)
+        _check_mask_float_dtype("attn_mask", attn_mask, query, need_weights)
 
         batched = query.dim() == 3
         self_attention = query is key and key is value
