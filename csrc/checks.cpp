@@ -52,7 +52,7 @@ void check_finite(const char* op, const char* arg, double v) {
 
 // Mask arguments of an op whose scores have shape `sizes` on `device`.
 void check_masks(const char* op, at::IntArrayRef sizes, const at::Device& device,
-                 const std::optional<at::Tensor>& mask, bool causal,
+                 const std::optional<at::Tensor>& mask, int64_t causal,
                  const std::optional<at::Tensor>& key_lengths) {
   const int64_t nd = static_cast<int64_t>(sizes.size());
   if (mask.has_value()) {
@@ -69,6 +69,8 @@ void check_masks(const char* op, at::IntArrayRef sizes, const at::Device& device
     PYF_VALUE(ok, op, "mask", "a shape broadcastable to the scores' shape " + str(sizes),
               str(m.sizes()));
   }
+  PYF_VALUE(causal >= 0 && causal <= 2, op, "causal", "0 (none), 1 (top-left) or 2 (bottom-right)",
+            causal);
   if (causal) {
     PYF_VALUE(nd >= 2, op, "causal", "scores of at least 2 dims (..., Lq, Lk)", str(sizes));
   }
@@ -123,8 +125,8 @@ void check_scaled_qk_backward(const at::Tensor& grad, const at::Tensor& q, const
 }
 
 void check_masked_softmax(const at::Tensor& scores, const std::optional<at::Tensor>& mask,
-                          double scale, bool causal, const std::optional<at::Tensor>& key_lengths,
-                          const char* op) {
+                          double scale, int64_t causal,
+                          const std::optional<at::Tensor>& key_lengths, const char* op) {
   check_float(op, "scores", scores);
   PYF_VALUE(scores.dim() >= 1, op, "scores", "a tensor of at least 1 dim (..., Lk)",
             str(scores.sizes()));
@@ -195,19 +197,20 @@ void check_add_layer_norm(const at::Tensor& x, const at::Tensor& residual,
 }
 
 void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const std::optional<at::Tensor>& mask, double scale, bool causal,
+                     const std::optional<at::Tensor>& mask, double scale, int64_t causal,
                      const std::optional<at::Tensor>& key_lengths, double dropout_p) {
   const char* op = "attention";
   check_float(op, "q", q);
   check_same(op, "k", k, q, "q");
   check_same(op, "v", v, q, "q");
   PYF_VALUE(q.dim() == 4, op, "q", "a 4-dim tensor (B, H, Lq, D)", str(q.sizes()));
-  PYF_VALUE(
-      k.dim() == 4 && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
-      op, "k",
-      "shape (" + std::to_string(q.size(0)) + ", " + std::to_string(q.size(1)) + ", Lk, " +
-          std::to_string(q.size(3)) + ")",
-      str(k.sizes()));
+  // grouped-query attention: k and v may have H_kv heads, H_kv dividing H
+  const bool heads_ok =
+      k.dim() == 4 && k.size(1) > 0 ? q.size(1) % k.size(1) == 0 : k.dim() == 4 && q.size(1) == 0;
+  PYF_VALUE(k.dim() == 4 && k.size(0) == q.size(0) && heads_ok && k.size(3) == q.size(3), op, "k",
+            "shape (" + std::to_string(q.size(0)) + ", H_kv, Lk, " + std::to_string(q.size(3)) +
+                ") with H_kv dividing q's " + std::to_string(q.size(1)) + " heads",
+            str(k.sizes()));
   PYF_VALUE(
       v.dim() == 4 && v.size(0) == k.size(0) && v.size(1) == k.size(1) && v.size(2) == k.size(2),
       op, "v",
@@ -226,7 +229,7 @@ void check_attention_backward(const at::Tensor& grad_out,
                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& probs,
                               const at::Tensor& keep, double scale, double dropout_p) {
   const char* op = "attention_backward";
-  check_attention(q, k, v, std::nullopt, scale, false, std::nullopt, dropout_p);
+  check_attention(q, k, v, std::nullopt, scale, 0, std::nullopt, dropout_p);
   const std::vector<int64_t> ps{q.size(0), q.size(1), q.size(2), k.size(2)};
   const std::vector<int64_t> os{q.size(0), q.size(1), q.size(2), v.size(3)};
   check_same(op, "probs", probs, q, "q");

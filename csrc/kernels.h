@@ -151,5 +151,13 @@ using AttentionBwd = bool (*)(const at::Tensor& grad_out, const at::Tensor& grad
                               const at::Tensor& dv, const at::Tensor& dlogits);
 extern Slot<AttentionFwd> attention_fwd;
 extern Slot<AttentionBwd> attention_bwd;
+// Flash attention forward: never forms the (Lq, Lk) scores. q (B, H_kv, G * Lq, D) and out
+// (B, H_kv, G * Lq, Dv) grouped by kv head (csrc/host/attention.cpp, grouped), k (B, H_kv, Lk, D),
+// v (B, H_kv, Lk, Dv); lse (B, H_kv, G * Lq) float32, or undefined when not wanted. No dropout,
+// no probs. Returns false when it does not take the inputs.
+using AttentionFlashFwd = bool (*)(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const at::Tensor& out, const at::Tensor& lse,
+                                   const MaskLayout& mask, double scale);
+extern Slot<AttentionFlashFwd> attention_flash_fwd;
 
 }  // namespace pyformer::kernels

@@ -4,7 +4,8 @@
 // A row is one query's scores: rows are the scores (..., Lq, Lk) flattened to (rows, Lk). What is
 // masked in row r, key j (docs/ops.md): the bool mask (True = may attend) or the additive float
 // mask (a -inf entry counts as masked), read through its broadcast strides and never expanded;
-// `causal` (key j allowed only where j <= i, i = r % lq); `key_lengths` (keys
+// `causal` (key j allowed only where j <= i + causal_offset, i = r % lq: offset 0 is top-left
+// alignment, Lk - Lq bottom-right, which may be negative); `key_lengths` (keys
 // j >= klen[b] masked, b = r / rows_per_batch). Causal and key_lengths fold into one per-row
 // `limit`: keys at or past it are masked and never read.
 //
@@ -35,6 +36,7 @@ struct MaskLayout {
   int64_t mstride[kMaxMaskDims] = {};  // the mask's strides over them (0 where broadcast)
   int64_t mlast = 0;                   // the mask's stride over keys (0 when broadcast)
   bool causal = false;
+  int64_t causal_offset = 0;      // key j <= i + causal_offset: 0 top-left, Lk - Lq bottom-right
   int64_t lq = 1;                 // scores.size(-2): row -> query index
   const int64_t* klen = nullptr;  // key_lengths as int64 (on the scores' device), or null
   int64_t rows_per_batch = 1;     // rows / scores.size(0): row -> batch index
@@ -45,7 +47,7 @@ struct MaskLayout {
   // Keys at or past the limit are masked by causal / key_lengths (not read); at most L.
   PYF_HD int64_t limit(int64_t row, int64_t L) const {
     int64_t lim = L;
-    if (causal && query(row) + 1 < lim) lim = query(row) + 1;
+    if (causal && query(row) + 1 + causal_offset < lim) lim = query(row) + 1 + causal_offset;
     if (klen != nullptr && klen[batch(row)] < lim) lim = klen[batch(row)];
     return lim < 0 ? 0 : lim;
   }

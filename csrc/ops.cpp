@@ -15,8 +15,10 @@ TORCH_LIBRARY(pyformer, m) {
   m.def("scaled_qk_backward(Tensor grad, Tensor q, Tensor k, float scale) -> (Tensor, Tensor)");
 
   // probs = softmax(scale * scores + M) over the last dim; M from mask / causal / key_lengths.
+  // causal: 0 none, 1 top-left (key j <= i), 2 bottom-right (key j <= i + Lk - Lq).
   m.def(
-      "masked_softmax(Tensor scores, Tensor? mask, float scale, bool causal, Tensor? key_lengths)"
+      "masked_softmax(Tensor scores, Tensor? mask, float scale, int causal, Tensor? "
+      "key_lengths)"
       " -> Tensor");
   // dscores = scale * out * (grad - sum(grad * out, -1))
   m.def("masked_softmax_backward(Tensor grad, Tensor out, float scale) -> Tensor");
@@ -42,7 +44,7 @@ TORCH_LIBRARY(pyformer, m) {
   // no backward; the fused CPU kernel then never writes the (B,H,Lq,Lk) probs (it works per head
   // in cache), the composition still forms them as the input of probs @ v.
   m.def(
-      "attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float? scale, bool causal,"
+      "attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float? scale, int causal,"
       " Tensor? key_lengths, float dropout_p, bool need_probs=True) -> (Tensor, Tensor, Tensor)");
   // (dq, dk, dv, dlogits); grad_probs is the gradient flowing into the returned probs
   // (need_weights); dlogits is the gradient w.r.t. the logits scale * q @ k^T + M, which the

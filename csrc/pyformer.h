@@ -39,7 +39,8 @@ void check_scaled_qk_backward(const at::Tensor& grad, const at::Tensor& q, const
 
 // Also validates the values of key_lengths (0 <= len <= Lk); on CUDA that reads them back (a sync).
 void check_masked_softmax(const at::Tensor& scores, const std::optional<at::Tensor>& mask,
-                          double scale, bool causal, const std::optional<at::Tensor>& key_lengths,
+                          double scale, int64_t causal,
+                          const std::optional<at::Tensor>& key_lengths,
                           const char* op = "masked_softmax");
 void check_masked_softmax_backward(const at::Tensor& grad, const at::Tensor& out);
 
@@ -55,7 +56,7 @@ void check_add_layer_norm(const at::Tensor& x, const at::Tensor& residual,
                           const std::optional<at::Tensor>& bias, double eps);
 
 void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const std::optional<at::Tensor>& mask, double scale, bool causal,
+                     const std::optional<at::Tensor>& mask, double scale, int64_t causal,
                      const std::optional<at::Tensor>& key_lengths, double dropout_p);
 void check_attention_backward(const at::Tensor& grad_out,
                               const std::optional<at::Tensor>& grad_probs, const at::Tensor& q,
@@ -92,7 +93,7 @@ struct MaskArgs {
 };
 // The mask layout over scores of `sizes` (..., Lq, Lk) and dtype `dtype`, from checked arguments.
 MaskArgs make_mask_args(at::IntArrayRef sizes, at::ScalarType dtype,
-                        const std::optional<at::Tensor>& mask, bool causal,
+                        const std::optional<at::Tensor>& mask, int64_t causal,
                         const std::optional<at::Tensor>& key_lengths);
 
 }  // namespace pyformer

@@ -16,6 +16,7 @@
 #include <dlfcn.h>
 #include <unistd.h>
 
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -62,6 +63,18 @@ std::optional<double> opt_real(const char* op, const char* arg, PyObject* o) {
 bool boolean(const char* op, const char* arg, PyObject* o) {
   if (!PyBool_Check(o)) type_error(op, arg, "a bool", o);
   return o == Py_True;
+}
+
+// causal: False (0), True or "top_left" (1), "bottom_right" (2), the schema's int code.
+int64_t causal_code(const char* op, PyObject* o) {
+  if (PyBool_Check(o)) return o == Py_True ? 1 : 0;
+  if (PyUnicode_Check(o)) {
+    const char* s = PyUnicode_AsUTF8(o);
+    if (s == nullptr) throw python_error();
+    if (std::strcmp(s, "top_left") == 0) return 1;
+    if (std::strcmp(s, "bottom_right") == 0) return 2;
+  }
+  type_error(op, "causal", "a bool, \"top_left\" or \"bottom_right\"", o);
 }
 
 int64_t integer(const char* op, const char* arg, PyObject* o) {
@@ -125,12 +138,12 @@ using T3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using T4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using OptD = std::optional<double>;
 using ScaledQkSig = at::Tensor(const at::Tensor&, const at::Tensor&, OptD);
-using MaskedSoftmaxSig = at::Tensor(const at::Tensor&, const OptT&, double, bool, const OptT&);
+using MaskedSoftmaxSig = at::Tensor(const at::Tensor&, const OptT&, double, int64_t, const OptT&);
 using LayerNormSig = T3(const at::Tensor&, c10::SymIntArrayRef, const OptT&, const OptT&, double);
 using AddLayerNormSig = T4(const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef, const OptT&,
                            const OptT&, double);
 using AttentionSig = T3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&, OptD,
-                        bool, const OptT&, double, bool);
+                        int64_t, const OptT&, double, bool);
 OP_HANDLE(scaled_qk, ScaledQkSig)
 OP_HANDLE(masked_softmax, MaskedSoftmaxSig)
 OP_HANDLE(layer_norm, LayerNormSig)
@@ -164,7 +177,7 @@ PyObject* py_masked_softmax(PyObject*, PyObject* const* a, Py_ssize_t n) {
   const at::Tensor& scores = tensor(op, "scores", a[0]);
   const OptT mask = opt_tensor(op, "mask", a[1]);
   const double scale = real(op, "scale", a[2]);
-  const bool causal = boolean(op, "causal", a[3]);
+  const int64_t causal = causal_code(op, a[3]);
   const OptT key_lengths = opt_tensor(op, "key_lengths", a[4]);
   at::Tensor out;
   {
@@ -228,7 +241,7 @@ PyObject* py_attention(PyObject*, PyObject* const* a, Py_ssize_t n) {
   const at::Tensor& v = tensor(op, "v", a[2]);
   const OptT mask = opt_tensor(op, "mask", a[3]);
   const OptD scale = opt_real(op, "scale", a[4]);
-  const bool causal = boolean(op, "causal", a[5]);
+  const int64_t causal = causal_code(op, a[5]);
   const OptT key_lengths = opt_tensor(op, "key_lengths", a[6]);
   const double dropout_p = real(op, "dropout_p", a[7]);
   const int need_weights = PyObject_IsTrue(a[8]);

@@ -7,7 +7,8 @@ equivalents are in :mod:`pyformer.reference`.
 
 Masks follow :func:`torch.nn.functional.scaled_dot_product_attention`: a bool ``mask`` is True
 where a query **may** attend a key, a floating ``mask`` is added to the scaled scores (``-inf``
-masks). ``causal=True`` lets query ``i`` attend keys ``j <= i``; ``key_lengths`` (an int tensor of
+masks). ``causal=True`` (or ``"top_left"``) lets query ``i`` attend keys ``j <= i``,
+``causal="bottom_right"`` keys ``j <= i + Lk - Lq`` (a KV cache's alignment); ``key_lengths`` (an int tensor of
 shape ``(B,)``) masks keys ``j >= key_lengths[b]`` without any mask tensor. All given masks
 combine. A query row with every key masked gets all-zero probabilities (and output), never NaN.
 """
@@ -37,10 +38,19 @@ _has_torch_function = torch._C._has_torch_function_variadic
 # op's cost.
 
 
-def _causal(causal) -> bool:
-    if causal is True or causal is False:
-        return causal
-    raise TypeError(f"pyformer: argument 'causal': expected a bool, got {type(causal).__name__}")
+_CAUSAL = {False: 0, True: 1, "top_left": 1, "bottom_right": 2}
+
+
+def _causal(causal) -> int:
+    """The schema's code: 0 none, 1 top-left (key j <= i), 2 bottom-right (j <= i + Lk - Lq)."""
+    if causal is True or causal is False or isinstance(causal, str):
+        code = _CAUSAL.get(causal)
+        if code is not None:
+            return code
+    raise TypeError(
+        'pyformer: argument \'causal\': expected a bool, "top_left" or "bottom_right", '
+        f"got {causal!r}"
+    )
 
 
 def _scale(scale: Optional[float]) -> Optional[float]:
@@ -97,7 +107,7 @@ def masked_softmax(
     mask: Optional[Tensor] = None,
     *,
     scale: float = 1.0,
-    causal: bool = False,
+    causal: Union[bool, str] = False,
     key_lengths: Optional[Tensor] = None,
 ) -> Tensor:
     r"""Softmax over the last dim of :math:`\text{scale} \cdot \text{scores} + M`, in one pass.
@@ -110,7 +120,9 @@ def masked_softmax(
             e.g. ``(B, 1, 1, Lk)`` padding or ``(1, 1, Lq, Lk)``; read through its broadcast
             strides, never expanded in memory. A floating mask may require grad.
         scale: multiplies the scores before the mask is added.
-        causal: query row ``i`` (dim -2) may attend key ``j`` only where ``j <= i``.
+        causal: ``True`` or ``"top_left"``: query row ``i`` (dim -2) may attend key ``j`` only
+            where ``j <= i``; ``"bottom_right"``: where ``j <= i + Lk - Lq`` (the last query
+            sees every key: chunked prefill and decoding against a KV cache).
         key_lengths: int tensor ``(B,)`` with ``B = scores.shape[0]``; keys
             ``j >= key_lengths[b]`` are masked (right padding). Values must lie in ``[0, Lk]``.
 
@@ -192,7 +204,7 @@ def attention(
     mask: Optional[Tensor] = None,
     *,
     scale: Optional[float] = None,
-    causal: bool = False,
+    causal: Union[bool, str] = False,
     key_lengths: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     need_weights: bool = False,
@@ -205,7 +217,9 @@ def attention(
     mask, except that a query row with every key masked gives a zero output row.
 
     Args:
-        q: ``(B, H, Lq, D)``; k: ``(B, H, Lk, D)``; v: ``(B, H, Lk, Dv)``.
+        q: ``(B, H, Lq, D)``; k: ``(B, H_kv, Lk, D)``; v: ``(B, H_kv, Lk, Dv)``, where
+            ``H_kv`` divides ``H`` (grouped-query attention: query head ``h`` reads kv head
+            ``h // (H // H_kv)``; k and v are read in place, never repeated).
         mask, causal, key_lengths: as for :func:`masked_softmax`, on scores ``(B, H, Lq, Lk)``.
         scale: ``1 / sqrt(D)`` when None.
         dropout_p: dropout probability on the attention probabilities (pass 0 in eval). The

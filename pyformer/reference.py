@@ -44,7 +44,7 @@ def upcast(*tensors, dtype=torch.float64):
 def allowed(
     scores: Union[Tensor, Sequence[int]],
     mask: Optional[Tensor] = None,
-    causal: bool = False,
+    causal: Union[bool, str] = False,
     key_lengths: Optional[Tensor] = None,
     device=None,
     expand: bool = True,
@@ -52,7 +52,7 @@ def allowed(
     """Bool tensor of the positions that may be attended (True = may attend), or None if all may.
 
     ``scores`` is the scores tensor or its shape (..., Lq, Lk). Combines a bool mask (True = may
-    attend), a float mask (-inf = masked), ``causal`` (key j <= query i) and ``key_lengths`` (B,)
+    attend), a float mask (-inf = masked), ``causal`` (key j <= query i; "bottom_right": j <= i + Lk - Lq) and ``key_lengths`` (B,)
     (key j < key_lengths[b], b indexing dim 0). With ``expand=False`` the result keeps the
     broadcast shape of its parts (what masked_fill needs, without a full-size mask in memory).
     """
@@ -72,7 +72,7 @@ def allowed(
     if causal:
         i = torch.arange(lq, device=device).unsqueeze(-1)
         j = torch.arange(lk, device=device)
-        ok = both(ok, j <= i)
+        ok = both(ok, j <= i + (lk - lq if causal == "bottom_right" else 0))
     if key_lengths is not None:
         j = torch.arange(lk, device=device)
         lens = key_lengths.to(device).reshape((-1,) + (1,) * (len(shape) - 1))
@@ -95,7 +95,7 @@ def masked_softmax(
     mask: Optional[Tensor] = None,
     *,
     scale: float = 1.0,
-    causal: bool = False,
+    causal: Union[bool, str] = False,
     key_lengths: Optional[Tensor] = None,
     zero_masked_rows: bool = True,
 ) -> Tensor:
@@ -160,7 +160,7 @@ def attention(
     mask: Optional[Tensor] = None,
     *,
     scale: Optional[float] = None,
-    causal: bool = False,
+    causal: Union[bool, str] = False,
     key_lengths: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     need_weights: bool = False,
@@ -171,6 +171,9 @@ def attention(
     Shapes: q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv) -> out (B, H, Lq, Dv),
     probs (B, H, Lq, Lk). Dropout (when ``dropout_p > 0``) is torch's, so not bit-comparable.
     """
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: each kv head serves a group
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     s = scaled_qk(q, k, scale)
     p = masked_softmax(
         s, mask, causal=causal, key_lengths=key_lengths, zero_masked_rows=zero_masked_rows

@@ -476,7 +476,7 @@ class Mask(NamedTuple):
     True where a key may be attended, a float mask is added to the scores (float64)."""
 
     mask: Optional[Tensor]
-    causal: bool
+    causal: Union[bool, str]  # False, True (top-left) or "bottom_right"
     key_lengths: Optional[Tensor]
 
     def tensors(self) -> Dict[str, Tensor]:
@@ -554,6 +554,9 @@ _KINDS: Dict[str, Callable[..., Mask]] = {
     "float (B,1,Lq,Lk)": lambda g, b, h, lq, lk: Mask(_float(g, (b, 1, lq, lk)), False, None),
     "float (1,H,1,Lk)": lambda g, b, h, lq, lk: Mask(_float(g, (1, h, 1, lk)), False, None),
     "causal": lambda g, b, h, lq, lk: Mask(None, True, None),
+    # a KV cache's alignment (key j <= i + Lk - Lq): with Lq > Lk the first rows are fully masked
+    "causal bottom_right": lambda g, b, h, lq, lk: Mask(None, "bottom_right", None),
+    "bottom_right+lengths": lambda g, b, h, lq, lk: Mask(None, "bottom_right", _lengths(g, b, lk)),
     "key_lengths": lambda g, b, h, lq, lk: Mask(None, False, _lengths(g, b, lk)),
     # padding + causal + key_lengths: key 0 passes all three, so no row is fully masked
     "bool+causal+lengths": lambda g, b, h, lq, lk: Mask(

@@ -115,10 +115,14 @@ def test_both_paths_reject_bad_arguments(mode):
     q = torch.randn(1, 2, 3, 4)
     ctx = Recorder() if mode else torch.autograd.grad_mode.no_grad()
     with ctx:
-        with pytest.raises(TypeError, match="causal"):
-            F.masked_softmax(x, causal="bottom_right")
-        with pytest.raises(TypeError, match="causal"):
-            F.attention(q, q, q, causal="top_left")
+        for bad in ("bottom-right", 2, None):
+            with pytest.raises(TypeError, match="causal"):
+                F.masked_softmax(x, causal=bad)
+            with pytest.raises(TypeError, match="causal"):
+                F.attention(q, q, q, causal=bad)
+        # the two alignments are taken on both paths, with the same answer
+        a = F.masked_softmax(x, causal="bottom_right")
+        assert torch.equal(a, F.masked_softmax(x, torch.ones(4, 5, dtype=torch.bool).tril(1)))
         with pytest.raises(TypeError, match="normalized_shape"):
             F.layer_norm(x, (5.0,))
         with pytest.raises(TypeError, match="normalized_shape"):

@@ -34,7 +34,9 @@ def run(module, args):
     return out if isinstance(out, tuple) else (out,)
 
 
-def assert_same(got, want, exact=True):
+def assert_same(got, want, exact=False):
+    # not bitwise by default: under no_grad eager attention runs the flash algorithm, while the
+    # exported graph keeps the need_probs it was traced with (the bmm algorithm); float64 inputs
     assert len(got) == len(want)
     for g, w in zip(got, want):
         if w is None:
@@ -171,8 +173,9 @@ def test_export_multihead_attention(strict, case):
         out, want = got(x, **masks), model(x, **masks)
     # eager reads a right-padding key_padding_mask's values and passes key_lengths instead; the
     # exported graph cannot depend on one mask's values and passes the mask: the same keys are
-    # masked, and the kernels' sums over fewer keys may round differently in the last bits
-    assert_same(out, want, exact=case != "key_padding_right")
+    # masked, and the kernels' sums over fewer keys may round differently in the last bits (as
+    # may the flash algorithm, which eager runs under no_grad without need_weights)
+    assert_same(out, want)
     if "key_padding_mask" in masks:  # other padding through the same graph
         other = dict(masks, key_padding_mask=masks["key_padding_mask"].roll(1, 0))
         with torch.no_grad():

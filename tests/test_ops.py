@@ -393,14 +393,17 @@ def test_empty_tensors(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_attention_inference_skips_probs(device, dtype):
-    """Without need_weights and without grad, the op is asked not to write the probabilities:
-    the output is the same, the probs come back empty, and differentiating it is refused."""
+    """Without need_weights and without grad, the op is asked not to write the probabilities
+    (and runs flash attention where the device has it): the output agrees, the probs come back
+    empty, and differentiating it is refused."""
     q, k, v = (torch.randn(2, 3, 6, 8, device=device, dtype=dtype) for _ in range(3))
     kl = torch.tensor([6, 2], device=device)
     with torch.no_grad():
         out, w = F.attention(q, k, v, key_lengths=kl, scale=8**-0.5)
     full, probs, _ = torch.ops.pyformer.attention(q, k, v, None, 8**-0.5, False, kl, 0.0, True)
-    assert w is None and torch.equal(out, full) and probs.shape == (2, 3, 6, 6)
+    assert w is None and probs.shape == (2, 3, 6, 6)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+    torch.testing.assert_close(out, full, rtol=tol, atol=tol)
     _, none, _ = torch.ops.pyformer.attention(q, k, v, None, 8**-0.5, False, kl, 0.0, False)
     assert none.numel() == 0
     qg = q.clone().requires_grad_()
@@ -568,3 +571,52 @@ def test_large_outputs(device):
         grad=(0, 1, 2),
     )
     compare(F.scaled_qk, ref.scaled_qk, [q, k], dtype=torch.float32, device=device, grad=(0, 1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("groups", [1, 3, 8])
+@pytest.mark.parametrize(
+    "kind", ["none", "bool (B,H,Lq,Lk)", "float (1,H,Lq,Lk)", "causal bottom_right", "key_lengths"]
+)
+@pytest.mark.parametrize("Lq,Lk", [(5, 7), (7, 5), (1, 33)])
+def test_attention_grouped_query(device, dtype, groups, kind, Lq, Lk):
+    """k and v with H / groups heads: query head h reads kv head h // groups; dk and dv are the
+    sums over each group (the reference repeats k and v, the op never does)."""
+    B, Hkv, D, Dv = 2, 2, 16, 8
+    H = Hkv * groups
+    q = torch.randn(B, H, Lq, D, dtype=torch.float64)
+    k = torch.randn(B, Hkv, Lk, D, dtype=torch.float64)
+    v = torch.randn(B, Hkv, Lk, Dv, dtype=torch.float64)
+    mask, causal, kl = make_mask(kind, B, H, Lq, Lk)
+    grad = (0, 1, 2, 3) if mask is not None and mask.is_floating_point() else (0, 1, 2)
+    for need_weights in (True, False):
+        kw = dict(causal=causal, need_weights=need_weights)
+        f = lambda q, k, v, m: F.attention(
+            q, k, v, m, key_lengths=None if kl is None else kl.to(q.device), **kw
+        )
+        r = lambda q, k, v, m: ref.attention(q, k, v, m, key_lengths=kl, **kw)
+        compare(f, r, [q, k, v, mask], dtype=dtype, device=device, grad=grad, what=kind)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("Lq,Lk", [(3, 8), (8, 3), (4, 4), (1, 9)])
+def test_bottom_right_causal_is_sdpa_with_its_mask(device, Lq, Lk):
+    """causal="bottom_right": key j <= i + Lk - Lq, the mask FlashAttention and a KV cache use;
+    rows with no key (Lq > Lk) give zeros, in masked_softmax and attention alike."""
+    q = torch.randn(2, 3, Lq, 8, device=device)
+    k, v = torch.randn(2, 3, Lk, 8, device=device), torch.randn(2, 3, Lk, 8, device=device)
+    ok = torch.ones(Lq, Lk, dtype=torch.bool, device=device).tril(Lk - Lq)
+    out, _ = F.attention(q, k, v, causal="bottom_right")
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=ok)
+    rows = ok.any(-1)
+    torch.testing.assert_close(out[..., rows, :], want[..., rows, :])
+    assert torch.equal(out[..., ~rows, :], torch.zeros_like(out[..., ~rows, :]))
+    s = torch.randn(2, 3, Lq, Lk, device=device)
+    torch.testing.assert_close(F.masked_softmax(s, causal="bottom_right"), F.masked_softmax(s, ok))
+    assert torch.equal(F.masked_softmax(s, causal="top_left"), F.masked_softmax(s, causal=True))
+    for bad in ("bottom-right", 1, None):
+        with pytest.raises(TypeError, match="causal"):
+            F.masked_softmax(s, causal=bad)
+        with pytest.raises(TypeError, match="causal"):
+            F.attention(q, k, v, causal=bad)

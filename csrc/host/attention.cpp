@@ -14,8 +14,10 @@
 // scores are in cache, csrc/cpu/attention.cpp) runs it; otherwise, and for the inputs the fused
 // kernel declines, the composition below runs: a batched GEMM with the scale as alpha, the
 // device's masked-softmax row kernel, the dropout, a batched GEMM. need_probs=False (inference
-// without need_weights) returns an empty probs and keeps nothing for a backward; the fused kernel
-// then never writes the (B,H,Lq,Lk) probabilities.
+// without need_weights) returns an empty probs and keeps nothing for a backward; without dropout
+// it runs the device's flash kernel when it has one (the CPU: csrc/cpu/flash_attention.cpp,
+// every dtype), which never forms the (Lq, Lk) scores, so memory stays O(L) at any length.
+// k and v may have fewer heads than q (grouped-query attention; see grouped below).
 // Napkin math: 4 * B * H * Lq * Lk * D flops forward, 8 * ... backward; memory: q, k, v, out
 // once, probs written once (and, in the composition, the scores written and read once).
 #include "../kernels.h"
@@ -31,25 +33,36 @@ at::Tensor bh3(const at::Tensor& t) {
   return t.reshape({t.size(0) * t.size(1), t.size(2), t.size(3)});
 }
 
+// Grouped-query attention by shape alone: query head h = g_kv * G + g reads kv head g_kv
+// (G = H / H_kv), so a contiguous (B, H, L, X) query-side tensor is (B, H_kv, G * L, X) in the
+// same memory, rows of one kv head's group stacked. Every GEMM then runs per kv head on G * L
+// rows: k and v are never repeated, and dk, dv come out summed over the group. The mask layout
+// keeps indexing rows as (B, H, Lq): the stacked row order is the same.
+at::Tensor grouped(const at::Tensor& t, int64_t h_kv) {
+  return t.view({t.size(0), h_kv, t.size(1) / h_kv * t.size(2), t.size(3)});
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-    const std::optional<at::Tensor>& mask, std::optional<double> scale_, bool causal,
+    const std::optional<at::Tensor>& mask, std::optional<double> scale_, int64_t causal,
     const std::optional<at::Tensor>& key_lengths, double dropout_p, bool need_probs) {
   check_attention(q_, k_, v_, mask, scale_.value_or(1.0), causal, key_lengths, dropout_p);
   const double scale = resolve_scale(q_, scale_);
   const BelowAutograd below_autograd;
   const c10::OptionalDeviceGuard guard(q_.device());
-  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
-  const int64_t Lk = k.size(2), Dv = v.size(3);
+  const at::Tensor k = k_.contiguous(), v = v_.contiguous();
+  const int64_t B = q_.size(0), H = q_.size(1), Lq = q_.size(2), D = q_.size(3);
+  const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3);
+  const at::Tensor q = Hkv > 0 ? grouped(q_.contiguous(), Hkv) : q_.contiguous();
   const bool dropped = dropout_p > 0;
   const double keep_scale = dropout_keep_scale(dropout_p);
   const std::vector<int64_t> ps{B, H, Lq, Lk};
   at::Tensor keep = dropped ? dropout_keep_mask(ps, dropout_p, q.options())
                             : at::empty({0}, q.options().dtype(at::kBool));
   at::Tensor out = empty_output({B, H, Lq, Dv}, q.options());
+  const at::Tensor out_g = Hkv > 0 ? grouped(out, Hkv) : out;  // (B, H_kv, G * Lq, Dv)
   at::Tensor probs = need_probs ? empty_output(ps, q.options()) : at::Tensor();
   auto result = [&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
     return {out, need_probs ? probs : at::empty({0}, q.options()), keep};
@@ -60,13 +73,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
     return result();
   }
   const MaskArgs m = make_mask_args(ps, q.scalar_type(), mask, causal, key_lengths);
-  // the fused kernels' GEMMs take the scale as alpha; alpha 0 is the composition's (gemm.h)
+  // the fused kernels' GEMMs take the scale as alpha; alpha 0 is the composition's (gemm.h).
+  // Without probs or dropout (inference), flash attention: O(L) memory at any length.
+  if (const auto flash = scale != 0 && !need_probs && !dropped
+                             ? kernels::attention_flash_fwd(q.device())
+                             : nullptr) {
+    if (flash(q, k, v, out_g, at::Tensor(), m.layout, scale)) return result();
+  }
   if (const auto fused = scale != 0 ? kernels::attention_fwd(q.device()) : nullptr) {
-    if (fused(q, k, v, out, probs, dropped ? keep : at::Tensor(), m.layout, scale, keep_scale))
+    if (fused(q, k, v, out_g, probs, dropped ? keep : at::Tensor(), m.layout, scale, keep_scale))
       return result();
   }
   // the composition: scores = scale * q @ k^T, probs = the masked softmax rows, out = probs @ v
-  at::Tensor scores = at::empty({B * H, Lq, Lk}, q.options());
+  at::Tensor scores = at::empty({B * Hkv, H / Hkv * Lq, Lk}, q.options());
   if (D == 0)
     scores.zero_();
   else
@@ -76,8 +95,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
   scores.reset();  // let the allocator reuse it for the product below
   if (Dv > 0) {
     const at::Tensor pd = dropped ? probs * keep * keep_scale : probs;
-    at::Tensor out3 = out.view({B * H, Lq, Dv});
-    at::bmm_out(out3, bh3(pd), bh3(v));
+    at::Tensor out3 = bh3(out_g);
+    at::bmm_out(out3, bh3(grouped(pd, Hkv)), bh3(v));
   }
   return result();
 }
@@ -91,18 +110,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   const c10::OptionalDeviceGuard guard(q_.device());
   const bool dropped = dropout_p > 0;
   const double keep_scale = dropout_keep_scale(dropout_p);
-  const at::Tensor g = grad_out_.contiguous(), q = q_.contiguous(), k = k_.contiguous();
-  const at::Tensor v = v_.contiguous(), probs = probs_.contiguous();
-  const at::Tensor keep = dropped ? keep_.contiguous() : at::Tensor();
-  const at::Tensor gp = grad_probs ? grad_probs->contiguous() : at::Tensor();
-  at::Tensor dq = empty_output_like(q), dk = empty_output_like(k), dv = empty_output_like(v);
-  at::Tensor dS = empty_output_like(probs);
-  if (probs.numel() == 0) {  // nothing flows: zero gradients
+  const at::Tensor k = k_.contiguous(), v = v_.contiguous();
+  at::Tensor dq = empty_output_like(q_), dk = empty_output_like(k), dv = empty_output_like(v);
+  at::Tensor dS = empty_output_like(probs_);
+  if (probs_.numel() == 0) {  // nothing flows: zero gradients
     dq.zero_(), dk.zero_(), dv.zero_();
     return {dq, dk, dv, dS};
   }
+  // every query-side tensor grouped by kv head (see grouped)
+  const int64_t Hkv = k.size(1);
+  const auto gr = [&](const at::Tensor& t) { return grouped(t.contiguous(), Hkv); };
+  const at::Tensor g = gr(grad_out_), q = gr(q_), probs = gr(probs_);
+  const at::Tensor keep = dropped ? gr(keep_) : at::Tensor();
+  const at::Tensor gp = grad_probs ? gr(*grad_probs) : at::Tensor();
+  const at::Tensor dq_g = grouped(dq, Hkv), dS_g = grouped(dS, Hkv);
   if (const auto fused = scale != 0 ? kernels::attention_bwd(q.device()) : nullptr) {
-    if (fused(g, gp, q, k, v, probs, keep, scale, keep_scale, dq, dk, dv, dS))
+    if (fused(g, gp, q, k, v, probs, keep, scale, keep_scale, dq_g, dk, dv, dS_g))
       return {dq, dk, dv, dS};
   }
   // the composition
@@ -110,10 +133,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   at::Tensor dP = at::bmm(g3, v3.transpose(1, 2)).view(probs.sizes());
   if (dropped) dP.mul_(keep).mul_(keep_scale);
   if (gp.defined()) dP.add_(gp);
-  kernels::masked_softmax_bwd.require(q.device())(dP, probs, dS, 1.0);
+  kernels::masked_softmax_bwd.require(q.device())(dP, probs, dS_g, 1.0);
   dP.reset();
-  const at::Tensor dS3 = bh3(dS);
-  at::Tensor dq3 = dq.view(q3.sizes()), dk3 = dk.view(k3.sizes()), dv3 = dv.view(v3.sizes());
+  const at::Tensor dS3 = bh3(dS_g);
+  at::Tensor dq3 = bh3(dq_g), dk3 = bh3(dk), dv3 = bh3(dv);
   scaled_bmm_out(dq3, dS3, k3, scale);
   scaled_bmm_out(dk3, dS3.transpose(1, 2), q3, scale);
   const at::Tensor pd = dropped ? probs * keep * keep_scale : probs;
@@ -125,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
 
 using AttentionSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-    std::optional<double>, bool, const std::optional<at::Tensor>&, double, bool);
+    std::optional<double>, int64_t, const std::optional<at::Tensor>&, double, bool);
 using AttentionBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double);
@@ -140,7 +163,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> differentiable_attent
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& probs, const at::Tensor& keep,
     double scale, double dropout_p) {
   const at::ScalarType dt = q.scalar_type(), acc = stat_dtype(dt);
-  const at::Tensor g = grad_out.to(acc), qa = q.to(acc), ka = k.to(acc), va = v.to(acc);
+  const int64_t G = k.size(1) > 0 ? q.size(1) / k.size(1) : 1;
+  // grouped-query attention: a repeated copy of k and v is fine here (this path is for a
+  // gradient of a gradient), and dk, dv are summed over each group below
+  const auto rep = [&](const at::Tensor& t) { return G > 1 ? t.repeat_interleave(G, 1) : t; };
+  const auto sum_group = [&](const at::Tensor& t) {
+    return G > 1 ? t.unflatten(1, {k.size(1), G}).sum(2) : t;
+  };
+  const at::Tensor g = grad_out.to(acc), qa = q.to(acc), ka = rep(k.to(acc)), va = rep(v.to(acc));
   const at::Tensor p = probs.to(acc);
   const bool dropped = dropout_p > 0;
   const double keep_scale = dropout_keep_scale(dropout_p);
@@ -150,14 +180,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> differentiable_attent
   if (grad_probs) dP = dP + grad_probs->to(acc);
   const at::Tensor dS = differentiable_softmax_backward(p, dP);
   return {at::matmul(dS, ka).mul(scale).to(dt),
-          at::matmul(dS.transpose(-2, -1), qa).mul(scale).to(dt),
-          at::matmul(pd.transpose(-2, -1), g).to(dt), dS.to(dt)};
+          sum_group(at::matmul(dS.transpose(-2, -1), qa)).mul(scale).to(dt),
+          sum_group(at::matmul(pd.transpose(-2, -1), g)).to(dt), dS.to(dt)};
 }
 
 struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, const std::optional<at::Tensor>& mask,
-                               std::optional<double> scale, bool causal,
+                               std::optional<double> scale, int64_t causal,
                                const std::optional<at::Tensor>& key_lengths, double dropout_p,
                                bool need_probs) {
     at::Tensor out, probs, keep;
@@ -215,7 +245,7 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& mask, std::optional<double> scale, bool causal,
+    const std::optional<at::Tensor>& mask, std::optional<double> scale, int64_t causal,
     const std::optional<at::Tensor>& key_lengths, double dropout_p, bool need_probs) {
   if (!recording(q, k, v, mask)) {
     const at::AutoDispatchBelowADInplaceOrView below;
@@ -242,4 +272,5 @@ TORCH_LIBRARY_IMPL(pyformer, Autograd, m) {
 namespace pyformer::kernels {
 PYFORMER_DEFINE_SLOT(AttentionFwd, attention_fwd, "attention forward");
 PYFORMER_DEFINE_SLOT(AttentionBwd, attention_bwd, "attention backward");
+PYFORMER_DEFINE_SLOT(AttentionFlashFwd, attention_flash_fwd, "flash attention forward");
 }  // namespace pyformer::kernels

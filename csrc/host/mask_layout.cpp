@@ -49,7 +49,7 @@ bool merge_dims(MaskLayout& p, at::IntArrayRef sizes, const at::Tensor& m) {
 }  // namespace
 
 MaskArgs make_mask_args(at::IntArrayRef sizes, at::ScalarType dtype,
-                        const std::optional<at::Tensor>& mask, bool causal,
+                        const std::optional<at::Tensor>& mask, int64_t causal,
                         const std::optional<at::Tensor>& key_lengths) {
   MaskArgs a;
   MaskLayout& p = a.layout;
@@ -68,8 +68,9 @@ MaskArgs make_mask_args(at::IntArrayRef sizes, at::ScalarType dtype,
     p.data = a.mask.const_data_ptr();
     p.kind = a.mask.scalar_type() == at::kBool ? 1 : 2;
   }
-  p.causal = causal;
+  p.causal = causal != 0;
   p.lq = sdim >= 2 && sizes[sdim - 2] > 0 ? sizes[sdim - 2] : 1;
+  if (causal == 2 && sdim >= 2) p.causal_offset = sizes[sdim - 1] - sizes[sdim - 2];
   if (key_lengths.has_value() && key_lengths->defined()) {
     a.key_lengths = key_lengths->to(at::kLong).contiguous();
     p.klen = a.key_lengths.const_data_ptr<int64_t>();

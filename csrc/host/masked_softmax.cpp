@@ -14,7 +14,8 @@
 namespace pyformer::host {
 
 at::Tensor masked_softmax(const at::Tensor& scores_, const std::optional<at::Tensor>& mask,
-                          double scale, bool causal, const std::optional<at::Tensor>& key_lengths) {
+                          double scale, int64_t causal,
+                          const std::optional<at::Tensor>& key_lengths) {
   check_masked_softmax(scores_, mask, scale, causal, key_lengths);
   const BelowAutograd below_autograd;
   const c10::OptionalDeviceGuard guard(scores_.device());
@@ -40,7 +41,7 @@ at::Tensor masked_softmax_backward(const at::Tensor& grad_, const at::Tensor& ou
 // ---- autograd -----------------------------------------------------------------------------------
 
 using MaskedSoftmaxSig = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, double,
-                                    bool, const std::optional<at::Tensor>&);
+                                    int64_t, const std::optional<at::Tensor>&);
 using MaskedSoftmaxBwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, double);
 PYFORMER_OP_HANDLE(masked_softmax, MaskedSoftmaxSig)
 PYFORMER_OP_HANDLE(masked_softmax_backward, MaskedSoftmaxBwdSig)
@@ -51,7 +52,7 @@ at::Tensor mask_grad(const at::Tensor& dlogits, at::IntArrayRef mask_sizes, at::
 
 struct MaskedSoftmaxFunction : torch::autograd::Function<MaskedSoftmaxFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& scores,
-                            const std::optional<at::Tensor>& mask, double scale, bool causal,
+                            const std::optional<at::Tensor>& mask, double scale, int64_t causal,
                             const std::optional<at::Tensor>& key_lengths) {
     at::Tensor y;
     {
@@ -94,7 +95,7 @@ struct MaskedSoftmaxFunction : torch::autograd::Function<MaskedSoftmaxFunction> 
 };
 
 at::Tensor masked_softmax_autograd(const at::Tensor& scores, const std::optional<at::Tensor>& mask,
-                                   double scale, bool causal,
+                                   double scale, int64_t causal,
                                    const std::optional<at::Tensor>& key_lengths) {
   if (!recording(scores, mask)) {
     const at::AutoDispatchBelowADInplaceOrView below;

@@ -33,14 +33,6 @@ NAME = "pyformer"
 _UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks")
 
 
-def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(B, H_kv, L, D) -> (B, H_kv * n_rep, L, D): grouped-query attention's shared K/V heads."""
-    if n_rep == 1:
-        return x
-    b, h, length, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, length, d).reshape(b, h * n_rep, length, d)
-
-
 def _tracing(mask: torch.Tensor) -> bool:
     """True where the mask's values cannot be read on the host: torch.compile, torch.export, jit
     tracing, vmap/grad transforms, fake or meta tensors and other tensor subclasses (a graph must
@@ -145,7 +137,7 @@ def pyformer_attention_forward(
     """transformers' attention-function signature on :func:`pyformer.functional.attention`.
 
     Args:
-        module: the calling attention module (read: ``is_causal``, ``num_key_value_groups``).
+        module: the calling attention module (read: ``is_causal``).
         query: :math:`(B, H, L_q, D)`; key, value: :math:`(B, H_{kv}, L_k, D)`.
         attention_mask: None, bool (True = may attend) or float (added), broadcastable to
             :math:`(B, H, L_q, L_k)`. Exactly right padding (with or without causal masking)
@@ -174,8 +166,8 @@ def pyformer_attention_forward(
         )
     import pyformer.functional as PF
 
-    n_rep = getattr(module, "num_key_value_groups", 1) or 1
-    key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+    # grouped-query attention: key and value keep their H_kv heads; pyformer reads each kv head
+    # for its group of query heads in place (no repeated copy)
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     causal = bool(query.shape[2] > 1 and attention_mask is None and is_causal)
