@@ -524,7 +524,8 @@ def _free(device: str) -> None:
     "'cpu' (L 128-1024, N 768-4096), 'gpu' (L 128-8192, N 768-8192, causal "
     "attention too), 'quick' (tiny), 'cpu-targets' (the three CPU speed targets, "
     "float32), 'gpu-targets' (the GPU speed targets, bf16 and fp16), 'per-call' "
-    "(tiny shapes: each op's per-call cost against torch's, float32), or sizes "
+    "(tiny shapes: each op's per-call cost against torch's, float32), 'cpu-flash' "
+    "(attention at growing lengths and decode against torch's SDPA, float32), or sizes "
     "such as 256,1024 used as both sequence lengths and hidden sizes. The target "
     "sweeps end with their targets, met or not.",
 )

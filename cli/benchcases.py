@@ -456,6 +456,19 @@ def _cpu_target_configs() -> List[BenchConfig]:
     ]
 
 
+def _cpu_flash_configs() -> List[BenchConfig]:
+    """Flash attention on the CPU against torch's SDPA (its fused CPU kernel) at growing
+    lengths, float32: causal prefill (B=1, H=8, D=64) forward and forward+backward, padding as
+    key_lengths, and decode (one query against a long cache)."""
+    out = []
+    for l in (512, 1024, 2048, 4096):
+        out.append(attention_config(1, 8, l, 64, causal=True))
+    out.append(_with_modes(attention_config(2, 8, 2048, 64), "forward", "both"))
+    for lk in (4096, 16384):
+        out.append(_with_modes(attention_decode_config(1, 8, 1, lk, 64), "forward"))
+    return out
+
+
 def _gpu_target_configs() -> List[BenchConfig]:
     """The GPU speed targets, exactly (bf16 and fp16): masked_softmax forward on scores
     (8,16,2048,2048) with a padding mask; layer_norm (32768,4096) forward and backward;
@@ -514,6 +527,18 @@ SWEEPS = {
             Target(op, mode, "torch", 1 / 1.5)
             for op in ("layer_norm", "add_layer_norm", "masked_softmax", "attention")
             for mode in ("forward", "both")
+        ),
+    ),
+    "cpu-flash": FixedSweep(
+        "cpu-flash",
+        (),
+        (),
+        make_configs=_cpu_flash_configs,
+        modes=("forward", "both"),
+        dtypes=("float32",),
+        targets=(
+            Target("attention", "forward", "torch", 1.0),
+            Target("attention", "both", "torch", 1.0),
         ),
     ),
     "gpu-targets": FixedSweep(

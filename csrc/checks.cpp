@@ -250,6 +250,25 @@ void check_attention_backward(const at::Tensor& grad_out,
   }
 }
 
+void check_flash_attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
+                                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                    const at::Tensor& lse, const std::optional<at::Tensor>& mask,
+                                    double scale, int64_t causal,
+                                    const std::optional<at::Tensor>& key_lengths) {
+  const char* op = "flash_attention_backward";
+  check_attention(q, k, v, mask, scale, causal, key_lengths, 0.0);
+  const std::vector<int64_t> os{q.size(0), q.size(1), q.size(2), v.size(3)};
+  const std::vector<int64_t> ls{q.size(0), q.size(1), q.size(2)};
+  check_same(op, "grad_out", grad_out, q, "q");
+  PYF_VALUE(grad_out.sizes() == at::IntArrayRef(os), op, "grad_out", "shape " + str(os),
+            str(grad_out.sizes()));
+  check_same(op, "out", out, q, "q");
+  PYF_VALUE(out.sizes() == at::IntArrayRef(os), op, "out", "shape " + str(os), str(out.sizes()));
+  check_same(op, "lse", lse, q, "q", /*dtype=*/false);
+  PYF_VALUE(lse.sizes() == at::IntArrayRef(ls) && lse.scalar_type() == stat_dtype(q.scalar_type()),
+            op, "lse", "the lse flash_attention returned, shape " + str(ls), str(lse.sizes()));
+}
+
 int64_t layer_norm_cols(at::IntArrayRef normalized_shape) {
   int64_t n = 1;
   for (auto s : normalized_shape) n *= s;

@@ -159,5 +159,13 @@ using AttentionFlashFwd = bool (*)(const at::Tensor& q, const at::Tensor& k, con
                                    const at::Tensor& out, const at::Tensor& lse,
                                    const MaskLayout& mask, double scale);
 extern Slot<AttentionFlashFwd> attention_flash_fwd;
+// Its backward: dq (grouped like q), dk, dv from grad_out (grouped like out), the forward's out
+// and lse. Returns false when it does not take the inputs.
+using AttentionFlashBwd = bool (*)(const at::Tensor& grad_out, const at::Tensor& q,
+                                   const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                   const at::Tensor& lse, const MaskLayout& mask, double scale,
+                                   const at::Tensor& dq, const at::Tensor& dk,
+                                   const at::Tensor& dv);
+extern Slot<AttentionFlashBwd> attention_flash_bwd;
 
 }  // namespace pyformer::kernels

@@ -40,9 +40,11 @@ TORCH_LIBRARY(pyformer, m) {
 
   // (out, probs, keep): out = dropout(probs) @ v, probs = masked_softmax(scaled_qk(q, k, scale)).
   // keep is the bool dropout mask (shape of probs), or an empty bool tensor when dropout_p == 0.
-  // need_probs=False (inference without need_weights) returns an empty probs, and there is then
-  // no backward; the fused CPU kernel then never writes the (B,H,Lq,Lk) probs (it works per head
-  // in cache), the composition still forms them as the input of probs @ v.
+  // need_probs=False (no need_weights) returns an empty probs; outside autograd the device's flash
+  // kernel then runs where it has one (the CPU), and the fused CPU kernel otherwise never writes
+  // the (B,H,Lq,Lk) probs. When autograd records the call, its kernel either takes the flash
+  // algorithm (flash_attention below: no need_probs, no dropout, no mask gradient, a device with
+  // flash kernels) or asks for the probs itself, which the backward needs.
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float? scale, int causal,"
       " Tensor? key_lengths, float dropout_p, bool need_probs=True) -> (Tensor, Tensor, Tensor)");
@@ -53,4 +55,16 @@ TORCH_LIBRARY(pyformer, m) {
       "attention_backward(Tensor grad_out, Tensor? grad_probs, Tensor q, Tensor k, Tensor v,"
       " Tensor probs, Tensor keep, float scale, float dropout_p) -> (Tensor, Tensor, Tensor, "
       "Tensor)");
+  // The flash algorithm of attention (no probabilities, no dropout): out and the log-sum-exp of
+  // each query row, lse (B, H, Lq) in the statistics dtype (float32; float64 for float64), -inf
+  // for a fully masked row; the backward recomputes the probabilities from lse. k and v may have
+  // fewer heads than q (grouped-query attention). The CPU has the kernels; pyformer.attention
+  // takes this path itself where it applies (csrc/host/attention.cpp).
+  m.def(
+      "flash_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float? scale, int causal,"
+      " Tensor? key_lengths) -> (Tensor, Tensor)");
+  m.def(
+      "flash_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out,"
+      " Tensor lse, Tensor? mask, float? scale, int causal, Tensor? key_lengths)"
+      " -> (Tensor, Tensor, Tensor)");
 }

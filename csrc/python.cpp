@@ -231,7 +231,7 @@ PyObject* py_add_layer_norm(PyObject*, PyObject* const* a, Py_ssize_t n) {
 }
 
 // attention(q, k, v, mask, scale, causal, key_lengths, dropout_p, need_weights) -> (out, probs or
-// None). The probabilities are written only when someone reads them: need_weights, or a backward.
+// None).
 PyObject* py_attention(PyObject*, PyObject* const* a, Py_ssize_t n) {
   HANDLE_TH_ERRORS
   const char* op = "attention";
@@ -246,9 +246,9 @@ PyObject* py_attention(PyObject*, PyObject* const* a, Py_ssize_t n) {
   const double dropout_p = real(op, "dropout_p", a[7]);
   const int need_weights = PyObject_IsTrue(a[8]);
   if (need_weights < 0) throw python_error();
-  const bool need_probs = need_weights || (at::GradMode::is_enabled() &&
-                                           (q.requires_grad() || k.requires_grad() ||
-                                            v.requires_grad() || (mask && mask->requires_grad())));
+  // the probabilities are asked for only when returned: autograd's kernel forms them itself
+  // where its backward needs them (csrc/host/attention.cpp)
+  const bool need_probs = need_weights;
   at::Tensor out, probs;
   {
     ReleaseGil nogil;

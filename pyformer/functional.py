@@ -209,12 +209,19 @@ def attention(
     dropout_p: float = 0.0,
     need_weights: bool = False,
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    r"""Multi-head scaled dot-product attention, bmm-based.
+    r"""Multi-head scaled dot-product attention.
 
     ``probs = masked_softmax(scaled_qk(q, k, scale), mask, causal=causal, key_lengths=key_lengths)``,
-    dropout on ``probs`` when ``dropout_p > 0``, then ``out = probs @ v`` as a batched product.
-    Matches :func:`torch.nn.functional.scaled_dot_product_attention` with the equivalent bool
-    mask, except that a query row with every key masked gives a zero output row.
+    dropout on ``probs`` when ``dropout_p > 0``, then ``out = probs @ v``. Matches
+    :func:`torch.nn.functional.scaled_dot_product_attention` with the equivalent bool mask (and
+    ``enable_gqa=True``), except that a query row with every key masked gives a zero output row.
+
+    Two algorithms, picked per call: on the CPU, without ``need_weights`` and without dropout,
+    the flash algorithm (query and key blocks, an online softmax, never an ``Lq x Lk`` buffer:
+    memory O(L) in inference and training, where the backward recomputes the probabilities from
+    the saved log-sum-exp) unless a floating mask requires grad; otherwise the bmm algorithm,
+    which forms the probabilities (what ``need_weights`` returns and its backward reads). Both
+    agree within ``docs/ops.md``'s bounds. On CUDA the bmm algorithm runs.
 
     Args:
         q: ``(B, H, Lq, D)``; k: ``(B, H_kv, Lk, D)``; v: ``(B, H_kv, Lk, Dv)``, where
@@ -241,11 +248,9 @@ def attention(
         return _C.attention(
             q, k, v, mask, _scale(scale), causal, key_lengths, dropout_p, need_weights
         )
-    # The probabilities are written out only when someone will read them: need_weights, or a
-    # backward pass (inference skips a (B, H, Lq, Lk) write).
-    need_probs = bool(need_weights) or (
-        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask))
-    )
+    # The probabilities are asked for only when returned (need_weights): the op's autograd
+    # kernel forms them where its backward needs them, and otherwise runs the flash algorithm.
+    need_probs = bool(need_weights)
     out, probs, _ = _P.attention(
         q,
         k,

@@ -393,9 +393,9 @@ def test_empty_tensors(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_attention_inference_skips_probs(device, dtype):
-    """Without need_weights and without grad, the op is asked not to write the probabilities
-    (and runs flash attention where the device has it): the output agrees, the probs come back
-    empty, and differentiating it is refused."""
+    """Without need_weights the op is asked not to write the probabilities (and runs flash
+    attention where the device has it): the output agrees and the probs come back empty, with or
+    without autograd."""
     q, k, v = (torch.randn(2, 3, 6, 8, device=device, dtype=dtype) for _ in range(3))
     kl = torch.tensor([6, 2], device=device)
     with torch.no_grad():
@@ -406,10 +406,15 @@ def test_attention_inference_skips_probs(device, dtype):
     torch.testing.assert_close(out, full, rtol=tol, atol=tol)
     _, none, _ = torch.ops.pyformer.attention(q, k, v, None, 8**-0.5, False, kl, 0.0, False)
     assert none.numel() == 0
+    # recorded by autograd, need_probs=False still differentiates (the flash algorithm where the
+    # device has it, else the bmm node forms the probabilities itself) and returns no probs
     qg = q.clone().requires_grad_()
-    out, _, _ = torch.ops.pyformer.attention(qg, k, v, None, 1.0, False, None, 0.0, False)
-    with pytest.raises(RuntimeError, match="need_probs=False"):
-        out.sum().backward()
+    out, none, _ = torch.ops.pyformer.attention(qg, k, v, None, 1.0, 0, kl, 0.0, False)
+    assert none.numel() == 0
+    (dq,) = torch.autograd.grad(out.sum(), qg)
+    qr = q.clone().requires_grad_()
+    (want,) = torch.autograd.grad(F.attention(qr, k, v, key_lengths=kl, scale=1.0)[0].sum(), qr)
+    torch.testing.assert_close(dq, want, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)

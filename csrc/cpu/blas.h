@@ -37,20 +37,6 @@ const Blas& blas() {
   return b;
 }
 
-// Row-major C (m x n, ldc) = alpha * op(A) @ op(B) + beta * C, op(X) = X^T when trans_x. A is
-// stored (m x k) or, transposed, (k x m) with leading dimension lda; B (k x n) or (n x k) with ldb.
-// In the BLAS's column-major terms that is C^T = op(B)^T @ op(A)^T, hence the swapped operands.
-template <typename T>
-void gemm_rm(bool trans_a, bool trans_b, int m, int n, int k, T alpha, const T* A, int lda,
-             const T* B, int ldb, T* C, int ldc, T beta = 0) {
-  const char tb = trans_b ? 'T' : 'N', ta = trans_a ? 'T' : 'N';
-  if constexpr (std::is_same_v<T, float>) {
-    blas().sgemm(&tb, &ta, &n, &m, &k, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
-  } else {
-    blas().dgemm(&tb, &ta, &n, &m, &k, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
-  }
-}
-
 template <typename T>
 bool have_blas() {
   if constexpr (std::is_same_v<T, float>)
@@ -59,6 +45,31 @@ bool have_blas() {
     return blas().dgemm != nullptr;
   else
     return false;
+}
+
+// Row-major C (m x n, ldc) = alpha * op(A) @ op(B) + beta * C, op(X) = X^T when trans_x. A is
+// stored (m x k) or, transposed, (k x m) with leading dimension lda; B (k x n) or (n x k) with ldb.
+// In the BLAS's column-major terms that is C^T = op(B)^T @ op(A)^T, hence the swapped operands.
+template <typename T>
+void gemm_rm(bool trans_a, bool trans_b, int m, int n, int k, T alpha, const T* A, int lda,
+             const T* B, int ldb, T* C, int ldc, T beta = 0) {
+  const char tb = trans_b ? 'T' : 'N', ta = trans_a ? 'T' : 'N';
+  if (!have_blas<T>()) {  // no BLAS symbol in the process: plain loops (correct, slow)
+    for (int i = 0; i < m; ++i)
+      for (int j = 0; j < n; ++j) {
+        T acc = 0;
+        for (int p = 0; p < k; ++p)
+          acc += (trans_a ? A[p * lda + i] : A[i * lda + p]) *
+                 (trans_b ? B[j * ldb + p] : B[p * ldb + j]);
+        C[i * ldc + j] = alpha * acc + (beta == T(0) ? T(0) : beta * C[i * ldc + j]);
+      }
+    return;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    blas().sgemm(&tb, &ta, &n, &m, &k, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+  } else {
+    blas().dgemm(&tb, &ta, &n, &m, &k, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+  }
 }
 
 // Whether every one of the n values at p is finite.

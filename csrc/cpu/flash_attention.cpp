@@ -1,8 +1,9 @@
-// Flash attention on the CPU, forward: the kernel behind kernels::attention_flash_fwd.
+// Flash attention on the CPU, forward and backward: kernels::attention_flash_fwd / _bwd.
 //
 //   q (B, H_kv, G * Lq, D), k (B, H_kv, Lk, D), v (B, H_kv, Lk, Dv), contiguous: the query side
 //   grouped by kv head (csrc/host/attention.cpp, grouped), so one kv head serves G * Lq rows
-//   -> out (B, H_kv, G * Lq, Dv), and lse (B, H_kv, G * Lq) float32 when asked for
+//   -> out (B, H_kv, G * Lq, Dv), and lse (B, H_kv, G * Lq) in the accumulation type (float32;
+//      float64 for float64) when asked for
 //   out = softmax(scale * q @ k^T + M) @ v,  lse = log(sum_j exp(scale * q k_j + M_j)) per row
 //
 // Algorithm (FlashAttention's, on BLAS GEMMs): the rows of a head are cut into query blocks of
@@ -23,12 +24,14 @@
 //
 // The edges are the composition's (docs/ops.md): a row whose every key is masked gives zeros (lse
 // -inf); NaN or +inf among a row's unmasked scores, or every unmasked score -inf, gives NaN; a
-// masked key's probability is 0 and multiplies its value row in IEEE arithmetic, so the keys past
-// the skipped limit are read (not skipped) when one of their value rows is not finite.
+// masked key's probability is 0 and multiplies its value row (and, in dq, its key row) in IEEE
+// arithmetic, so the keys past the skipped limit are read when one of their rows is not finite.
 //
-// Napkin math: 4 * B * H * Lq * Lk_eff * D flops (Lk_eff: the keys not skipped; about half of Lk
-// with causal masking); memory: q and out once, k and v once per query block (from L2/L3 for
-// short heads), nothing of size Lq x Lk.
+// Backward (Flash::backward): per kv head, P recomputed from lse block by block; see there.
+//
+// Napkin math: 4 * B * H * Lq * Lk_eff * D flops (backward: 10, five GEMMs per block) (Lk_eff: the
+// keys not skipped; about half of Lk with causal masking); memory: q and out once, k and v once per
+// query block (from L2/L3 for short heads), nothing of size Lq x Lk.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -87,7 +90,7 @@ struct Flash {
 
   const scalar_t *Q, *K, *V;
   scalar_t* O;
-  float* LSE;
+  acc_type<scalar_t>* LSE;
   const MaskLayout& m;
   int64_t BH, R, Lk, D, Dv;  // R = G * Lq rows per kv head
   acc_t scale;
@@ -152,12 +155,15 @@ struct Flash {
     }
   }
 
-  // The rows' key range: [0, kend), kend the largest limit among them, or Lk when a value row
-  // past it is not finite (its 0 * NaN must reach the output, as in the reference).
+  // The rows' key range: [0, kend), kend the largest limit among them, or Lk when a key or value
+  // row past it is not finite: its 0 * NaN reaches the output (a value) or dq (a key), as in the
+  // reference.
   int64_t key_end(int64_t bh, int64_t r0, int64_t nr) const {
     int64_t kend = 0;
     for (int64_t i = 0; i < nr; ++i) kend = std::max(kend, m.limit(bh * R + r0 + i, Lk));
-    if (kend < Lk && !tail_finite(V + (bh * Lk + kend) * Dv, (Lk - kend) * Dv)) kend = Lk;
+    if (kend < Lk && (!tail_finite(V + (bh * Lk + kend) * Dv, (Lk - kend) * Dv) ||
+                      !tail_finite(K + (bh * Lk + kend) * D, (Lk - kend) * D)))
+      kend = Lk;
     return kend;
   }
 
@@ -181,8 +187,127 @@ struct Flash {
         for (int64_t d = 0; d < Dv; ++d) out[d] = static_cast<scalar_t>(o[d] * inv);
         lse = st.m[i] + std::log(st.l[i]);
       }
-      if (LSE) LSE[row] = static_cast<float>(lse);
+      if (LSE) LSE[row] = lse;
     }
+  }
+
+  // ---- backward ------------------------------------------------------------------------------
+  // Head bh's dq, dk, dv from dout and the forward's out and lse (FlashAttention-2): for each key
+  // block, over the query blocks whose rows reach it, P = exp(S - lse) is recomputed and
+  //   dV += P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dQ += scale dS K,  dK += scale dS^T Q,
+  // with delta = rowsum(dO * out). dS is exactly 0 where P is 0 (a masked key) or 1. The task owns
+  // every row and key of its kv head, so nothing is shared between threads and no sum races.
+  struct BwdWork {
+    std::vector<acc_t> s, dp, q, go, k, v, dq, dk, dv, delta;
+    std::vector<int64_t> kend;
+  };
+
+  void backward(int64_t bh, const scalar_t* GO, const acc_t* lse, scalar_t* DQ, scalar_t* DK,
+                scalar_t* DV, BwdWork& w) const {
+    using Vec = Vectorized<acc_t>;
+    constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+    const scalar_t* qh = Q + bh * R * D;
+    const scalar_t* goh = GO + bh * R * Dv;
+    const scalar_t* oh = O + bh * R * Dv;
+    const scalar_t* kh = K + bh * Lk * D;
+    const scalar_t* vh = V + bh * Lk * Dv;
+    const acc_t* lh = lse + bh * R;
+    const acc_t *qa, *goa;
+    if constexpr (kConvert) {
+      w.q.resize(R * D), w.go.resize(R * Dv);
+      for (int64_t e = 0; e < R * D; ++e) w.q[e] = static_cast<acc_t>(qh[e]);
+      for (int64_t e = 0; e < R * Dv; ++e) w.go[e] = static_cast<acc_t>(goh[e]);
+      qa = w.q.data(), goa = w.go.data();
+    } else {
+      qa = qh, goa = goh;
+    }
+    w.delta.assign(R, acc_t(0));
+    for (int64_t r = 0; r < R; ++r) {
+      acc_t d = 0;
+      for (int64_t c = 0; c < Dv; ++c) d += goa[r * Dv + c] * static_cast<acc_t>(oh[r * Dv + c]);
+      w.delta[r] = d;
+    }
+    w.dq.assign(R * D, acc_t(0));
+    std::vector<int64_t>& kends = w.kend;
+    kends.resize((R + kBlockQ - 1) / kBlockQ);
+    for (int64_t r0 = 0; r0 < R; r0 += kBlockQ)
+      kends[r0 / kBlockQ] = key_end(bh, r0, std::min(kBlockQ, R - r0));
+    w.s.resize(kBlockQ * kBlockK), w.dp.resize(kBlockQ * kBlockK);
+    w.dk.resize(kBlockK * D), w.dv.resize(kBlockK * Dv);
+    for (int64_t kb = 0; kb < Lk; kb += kBlockK) {
+      const int64_t n = std::min(kBlockK, Lk - kb);
+      const acc_t *kp, *vp;
+      if constexpr (kConvert) {
+        w.k.resize(n * D), w.v.resize(n * Dv);
+        for (int64_t e = 0; e < n * D; ++e) w.k[e] = static_cast<acc_t>(kh[kb * D + e]);
+        for (int64_t e = 0; e < n * Dv; ++e) w.v[e] = static_cast<acc_t>(vh[kb * Dv + e]);
+        kp = w.k.data(), vp = w.v.data();
+      } else {
+        kp = kh + kb * D, vp = vh + kb * Dv;
+      }
+      std::fill(w.dk.begin(), w.dk.begin() + n * D, acc_t(0));
+      std::fill(w.dv.begin(), w.dv.begin() + n * Dv, acc_t(0));
+      for (int64_t r0 = 0; r0 < R; r0 += kBlockQ) {
+        const int64_t nr = std::min(kBlockQ, R - r0);
+        // the forward's key range of this query block, so that S is recomputed by GEMMs of the
+        // same shapes, bit for bit (a row with one key then has P exactly 1 and dS exactly 0)
+        const int64_t kend = kends[r0 / kBlockQ];
+        if (kend <= kb) continue;
+        const int64_t nq = std::min(kBlockK, kend - kb);
+        acc_t* S = w.s.data();
+        acc_t* dP = w.dp.data();
+        gemm_rm<acc_t>(false, true, nr, nq, D, scale, qa + r0 * D, D, kp, D, S, nq);
+        for (int64_t i = 0; i < nr; ++i) {
+          const int64_t row = bh * R + r0 + i;
+          acc_t* srow = S + i * nq;
+          mask_block<scalar_t>(srow, nq, kb, m.limit(row, Lk), row_mask<scalar_t>(m, row));
+          const acc_t l = lh[r0 + i];
+          if (l == ninf) {  // a fully masked row: no gradient
+            std::fill(srow, srow + nq, acc_t(0));
+            continue;
+          }
+          const Vec vl(l), vninf(ninf), zero(0);
+          int64_t j = 0;
+          for (; j + Vec::size() <= nq; j += Vec::size()) {
+            const Vec sv = Vec::loadu(srow + j);
+            Vec::blendv((sv - vl).exp_u20(), zero, sv == vninf).store(srow + j);
+          }
+          for (; j < nq; ++j) srow[j] = srow[j] == ninf ? acc_t(0) : std::exp(srow[j] - l);
+        }
+        const acc_t* gob = goa + r0 * Dv;
+        // dV += P^T dO;  dP = dO V^T
+        gemm_rm<acc_t>(true, false, nq, Dv, nr, acc_t(1), S, nq, gob, Dv, w.dv.data(), Dv,
+                       acc_t(1));
+        gemm_rm<acc_t>(false, true, nr, nq, Dv, acc_t(1), gob, Dv, vp, Dv, dP, nq);
+        for (int64_t i = 0; i < nr; ++i) {
+          const acc_t* prow = S + i * nq;
+          acc_t* drow = dP + i * nq;
+          // P == 1: the row's only key (of weight), where dS is exactly 0 (dP - delta cancels;
+          // delta = dO . out rounds otherwise than dP = dO . v and would leave noise)
+          const acc_t delta = w.delta[r0 + i];
+          const Vec vd(delta), zero(0), one(1);
+          int64_t j = 0;
+          for (; j + Vec::size() <= nq; j += Vec::size()) {
+            const Vec pv = Vec::loadu(prow + j);
+            Vec::blendv(pv * (Vec::loadu(drow + j) - vd), zero, (pv == zero) | (pv == one))
+                .store(drow + j);
+          }
+          for (; j < nq; ++j)
+            drow[j] = prow[j] == 0 || prow[j] == 1 ? acc_t(0) : prow[j] * (drow[j] - delta);
+        }
+        // dQ += scale dS K;  dK += scale dS^T Q
+        gemm_rm<acc_t>(false, false, nr, D, nq, scale, dP, nq, kp, D, w.dq.data() + r0 * D, D,
+                       acc_t(1));
+        gemm_rm<acc_t>(true, false, nq, D, nr, scale, dP, nq, qa + r0 * D, D, w.dk.data(), D,
+                       acc_t(1));
+      }
+      scalar_t* dkh = DK + (bh * Lk + kb) * D;
+      scalar_t* dvh = DV + (bh * Lk + kb) * Dv;
+      for (int64_t e = 0; e < n * D; ++e) dkh[e] = static_cast<scalar_t>(w.dk[e]);
+      for (int64_t e = 0; e < n * Dv; ++e) dvh[e] = static_cast<scalar_t>(w.dv[e]);
+    }
+    scalar_t* dqh = DQ + bh * R * D;
+    for (int64_t e = 0; e < R * D; ++e) dqh[e] = static_cast<scalar_t>(w.dq[e]);
   }
 };
 
@@ -214,7 +339,7 @@ void flash_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                           k.const_data_ptr<scalar_t>(),
                           v.const_data_ptr<scalar_t>(),
                           out.mutable_data_ptr<scalar_t>(),
-                          lse.defined() ? lse.mutable_data_ptr<float>() : nullptr,
+                          lse.defined() ? lse.mutable_data_ptr<acc_t>() : nullptr,
                           mask,
                           q.size(0) * q.size(1),
                           q.size(2),
@@ -268,14 +393,56 @@ void flash_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   });
 }
 
+template <typename scalar_t>
+void flash_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                    const MaskLayout& mask, double scale, const at::Tensor& dq,
+                    const at::Tensor& dk, const at::Tensor& dv) {
+  using acc_t = acc_type<scalar_t>;
+  const Flash<scalar_t> f{q.const_data_ptr<scalar_t>(),
+                          k.const_data_ptr<scalar_t>(),
+                          v.const_data_ptr<scalar_t>(),
+                          const_cast<scalar_t*>(out.const_data_ptr<scalar_t>()),  // read only
+                          nullptr,
+                          mask,
+                          q.size(0) * q.size(1),
+                          q.size(2),
+                          k.size(2),
+                          q.size(3),
+                          v.size(3),
+                          static_cast<acc_t>(scale)};
+  const scalar_t* GO = grad_out.const_data_ptr<scalar_t>();
+  const acc_t* L = lse.const_data_ptr<acc_t>();
+  scalar_t *DQ = dq.mutable_data_ptr<scalar_t>(), *DK = dk.mutable_data_ptr<scalar_t>(),
+           *DV = dv.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, f.BH, 1, [&](int64_t begin, int64_t end) {
+    typename Flash<scalar_t>::BwdWork w;
+    for (int64_t bh = begin; bh < end; ++bh) f.backward(bh, GO, L, DQ, DK, DV, w);
+  });
+}
+
+// The sizes the kernels take (the BLAS's int; without a BLAS, gemm_rm's loops run).
+bool flash_takes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  const bool small = std::max({q.size(2), k.size(2), q.size(3), v.size(3)}) < INT_MAX / 2;
+  return small && q.size(3) > 0 && v.size(3) > 0;
+}
+
+bool attention_flash_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                             const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                             const MaskLayout& mask, double scale, const at::Tensor& dq,
+                             const at::Tensor& dk, const at::Tensor& dv) {
+  if (!flash_takes(q, k, v)) return false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "flash_bwd_cpu", [&] {
+    flash_backward<scalar_t>(grad_out, q, k, v, out, lse, mask, scale, dq, dk, dv);
+  });
+  return true;
+}
+
 bool attention_flash_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const at::Tensor& out, const at::Tensor& lse, const MaskLayout& mask,
                              double scale) {
-  const at::ScalarType dt = q.scalar_type();
-  const bool blas_ok = dt == at::kDouble ? have_blas<double>() : have_blas<float>();
-  const bool small = std::max({q.size(2), k.size(2), q.size(3), v.size(3)}) < INT_MAX / 2;
-  if (!blas_ok || !small || q.size(3) == 0 || v.size(3) == 0) return false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "attention_flash_cpu",
+  if (!flash_takes(q, k, v)) return false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "flash_cpu",
                                   [&] { flash_forward<scalar_t>(q, k, v, out, lse, mask, scale); });
   return true;
 }
@@ -283,5 +450,6 @@ bool attention_flash_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at:
 }  // namespace
 
 PYFORMER_REGISTER_KERNEL(attention_flash_fwd, CPU, &attention_flash_fwd_cpu);
+PYFORMER_REGISTER_KERNEL(attention_flash_bwd, CPU, &attention_flash_bwd_cpu);
 
 }  // namespace pyformer::cpu

@@ -196,7 +196,6 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
       std::tie(out, probs, keep) =
           attention_op().call(q, k, v, mask, scale, causal, key_lengths, dropout_p, need_probs);
     }
-    ctx->saved_data["need_probs"] = need_probs;
     ctx->saved_data["scale"] = save_scale(scale);
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["mask_grad"] = requires_grad(mask);
@@ -213,9 +212,6 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    TORCH_CHECK(ctx->saved_data["need_probs"].toBool(),
-                "pyformer.attention: called with need_probs=False, which keeps nothing for "
-                "backward; pass need_probs=True to differentiate");
     const variable_list s = ctx->get_saved_variables();
     const at::Tensor &q = s[0], &k = s[1], &v = s[2];
     at::Tensor grad_out = grads[0];
@@ -243,6 +239,147 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
   }
 };
 
+// ---- the flash algorithm: out and lse forward, the gradients recomputed from lse ---------------
+
+std::tuple<at::Tensor, at::Tensor> flash_attention(const at::Tensor& q_, const at::Tensor& k_,
+                                                   const at::Tensor& v_,
+                                                   const std::optional<at::Tensor>& mask,
+                                                   std::optional<double> scale_, int64_t causal,
+                                                   const std::optional<at::Tensor>& key_lengths) {
+  check_attention(q_, k_, v_, mask, scale_.value_or(1.0), causal, key_lengths, 0.0);
+  const double scale = resolve_scale(q_, scale_);
+  const BelowAutograd below_autograd;
+  const c10::OptionalDeviceGuard guard(q_.device());
+  const at::Tensor k = k_.contiguous(), v = v_.contiguous();
+  const int64_t B = q_.size(0), H = q_.size(1), Lq = q_.size(2), Hkv = k.size(1);
+  at::Tensor out = empty_output({B, H, Lq, v.size(3)}, q_.options());
+  at::Tensor lse = empty_output({B, H, Lq}, q_.options().dtype(stat_dtype(q_.scalar_type())));
+  if (B * H * Lq == 0) return {out, lse};
+  const MaskArgs m =
+      make_mask_args({B, H, Lq, k.size(2)}, q_.scalar_type(), mask, causal, key_lengths);
+  const bool done = kernels::attention_flash_fwd.require(q_.device())(
+      grouped(q_.contiguous(), Hkv), k, v, grouped(out, Hkv), lse.view({B, Hkv, -1}), m.layout,
+      scale);
+  TORCH_CHECK(done, "pyformer.flash_attention: the flash kernel does not take these inputs");
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
+    std::optional<double> scale_, int64_t causal, const std::optional<at::Tensor>& key_lengths) {
+  check_flash_attention_backward(grad_out, q_, k_, v_, out, lse, mask, scale_.value_or(1.0), causal,
+                                 key_lengths);
+  const double scale = resolve_scale(q_, scale_);
+  const BelowAutograd below_autograd;
+  const c10::OptionalDeviceGuard guard(q_.device());
+  const at::Tensor k = k_.contiguous(), v = v_.contiguous();
+  at::Tensor dq = empty_output_like(q_), dk = empty_output_like(k), dv = empty_output_like(v);
+  const int64_t B = q_.size(0), H = q_.size(1), Lq = q_.size(2), Hkv = k.size(1);
+  if (B * H * Lq == 0 || k.size(2) == 0) {
+    dq.zero_(), dk.zero_(), dv.zero_();
+    return {dq, dk, dv};
+  }
+  // An output holding NaN/inf, whose rule the probabilities carry (a masked key's NaN value row,
+  // a NaN score; docs/ops.md): they are formed again and the bmm backward runs.
+  if (!at::isfinite(out).all().item<bool>()) {
+    const auto [o, probs, keep] =
+        attention(q_, k_, v_, mask, scale_, causal, key_lengths, 0.0, /*need_probs=*/true);
+    const auto [gq, gk, gv, gs] =
+        attention_backward(grad_out, std::nullopt, q_, k_, v_, probs, keep, scale, 0.0);
+    return {gq, gk, gv};
+  }
+  const MaskArgs m =
+      make_mask_args({B, H, Lq, k.size(2)}, q_.scalar_type(), mask, causal, key_lengths);
+  const bool done = kernels::attention_flash_bwd.require(q_.device())(
+      grouped(grad_out.contiguous(), Hkv), grouped(q_.contiguous(), Hkv), k, v,
+      grouped(out.contiguous(), Hkv), lse.contiguous().view({B, Hkv, -1}), m.layout, scale,
+      grouped(dq, Hkv), dk, dv);
+  TORCH_CHECK(done,
+              "pyformer.flash_attention_backward: the flash kernel does not take these inputs");
+  return {dq, dk, dv};
+}
+
+using FlashSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                    const at::Tensor&,
+                                                    const std::optional<at::Tensor>&,
+                                                    std::optional<double>, int64_t,
+                                                    const std::optional<at::Tensor>&);
+using FlashBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const std::optional<at::Tensor>&, std::optional<double>, int64_t,
+    const std::optional<at::Tensor>&);
+PYFORMER_OP_HANDLE(flash_attention, FlashSig)
+PYFORMER_OP_HANDLE(flash_attention_backward, FlashBwdSig)
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, std::optional<double> scale, int64_t causal,
+    const std::optional<at::Tensor>& key_lengths, double dropout_p, bool need_probs);
+
+// attention's autograd node on the flash algorithm: saves q, k, v, out and lse (O(L) memory).
+struct FlashAttentionFunction : torch::autograd::Function<FlashAttentionFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                               std::optional<double> scale, int64_t causal,
+                               const std::optional<at::Tensor>& key_lengths) {
+    at::Tensor out, lse;
+    {
+      const at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(out, lse) = flash_attention_op().call(q, k, v, mask, scale, causal, key_lengths);
+    }
+    ctx->saved_data["scale"] = save_scale(scale);
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["mask"] = mask ? c10::IValue(*mask) : c10::IValue();
+    ctx->saved_data["key_lengths"] = key_lengths ? c10::IValue(*key_lengths) : c10::IValue();
+    ctx->save_for_backward({q, k, v, out, lse});
+    return {out};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    const at::Tensor &q = s[0], &k = s[1], &v = s[2], &out = s[3], &lse = s[4];
+    const c10::IValue& mv = ctx->saved_data["mask"];
+    const c10::IValue& kv = ctx->saved_data["key_lengths"];
+    const std::optional<at::Tensor> mask =
+        mv.isNone() ? std::nullopt : std::optional<at::Tensor>(mv.toTensor());
+    const std::optional<at::Tensor> key_lengths =
+        kv.isNone() ? std::nullopt : std::optional<at::Tensor>(kv.toTensor());
+    const c10::IValue& sv = ctx->saved_data["scale"];
+    const std::optional<double> scale =
+        sv.isNone() ? std::nullopt : std::optional<double>(sv.toDouble());
+    const int64_t causal = ctx->saved_data["causal"].toInt();
+    at::Tensor dq, dk, dv;
+    if (creating_graph()) {  // a gradient of a gradient: the attention node that forms probs
+      const at::Tensor probs =
+          std::get<1>(attention_autograd(q, k, v, mask, scale, causal, key_lengths, 0.0, true));
+      std::tie(dq, dk, dv, std::ignore) = differentiable_attention_backward(
+          grads[0], std::nullopt, q, k, v, probs, at::Tensor(), saved_scale(sv, q), 0.0);
+    } else {
+      std::tie(dq, dk, dv) = flash_attention_backward_op().call(grads[0], q, k, v, out, lse, mask,
+                                                                scale, causal, key_lengths);
+    }
+    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// Whether a recorded call takes the flash algorithm: no probs asked for, no dropout, no mask
+// gradient (the flash backward never forms dlogits), a device with both flash kernels; the edges
+// (no keys, D = 0, scale 0) run the bmm node. Sizes are read as SymInts, so that a traced call
+// (torch.export, torch.compile with dynamic shapes) keeps them symbolic.
+bool takes_flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const std::optional<at::Tensor>& mask, std::optional<double> scale,
+                 double dropout_p, bool need_probs) {
+  if (need_probs || dropout_p > 0 || requires_grad(mask) || (scale && *scale == 0)) return false;
+  if (!kernels::attention_flash_fwd(q.device()) || !kernels::attention_flash_bwd(q.device()))
+    return false;
+  if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4) return false;  // the op's checks say why
+  const auto positive = [](const c10::SymInt& n) {
+    return n > 0;
+  };  // a guard, not a specialization
+  return positive(q.sym_size(3)) && positive(v.sym_size(3)) && positive(k.sym_size(2));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, std::optional<double> scale, int64_t causal,
@@ -251,20 +388,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_autograd(
     const at::AutoDispatchBelowADInplaceOrView below;
     return attention_op().call(q, k, v, mask, scale, causal, key_lengths, dropout_p, need_probs);
   }
+  if (takes_flash(q, k, v, mask, scale, dropout_p, need_probs)) {
+    const variable_list r =
+        FlashAttentionFunction::apply(q, k, v, mask, scale, causal, key_lengths);
+    return {r[0], at::empty({0}, q.options()), at::empty({0}, q.options().dtype(at::kBool))};
+  }
+  // the bmm node needs the probabilities for its backward, whether or not they are returned
   const variable_list r =
-      AttentionFunction::apply(q, k, v, mask, scale, causal, key_lengths, dropout_p, need_probs);
-  return {r[0], r[1], r[2]};
+      AttentionFunction::apply(q, k, v, mask, scale, causal, key_lengths, dropout_p, true);
+  return {r[0], need_probs ? r[1] : at::empty({0}, q.options()), r[2]};
 }
 
 static void register_host(torch::Library& m) {
   m.impl("attention", &attention);
   m.impl("attention_backward", &attention_backward);
+  m.impl("flash_attention", &flash_attention);
+  m.impl("flash_attention_backward", &flash_attention_backward);
 }
 TORCH_LIBRARY_IMPL(pyformer, CPU, m) { register_host(m); }
 TORCH_LIBRARY_IMPL(pyformer, CUDA, m) { register_host(m); }
 TORCH_LIBRARY_IMPL(pyformer, Autograd, m) {
   m.impl("attention", &attention_autograd);
   register_no_double_backward(m, "attention_backward");
+  register_no_double_backward(m, "flash_attention_backward");
 }
 
 }  // namespace pyformer::host
@@ -273,4 +419,5 @@ namespace pyformer::kernels {
 PYFORMER_DEFINE_SLOT(AttentionFwd, attention_fwd, "attention forward");
 PYFORMER_DEFINE_SLOT(AttentionBwd, attention_bwd, "attention backward");
 PYFORMER_DEFINE_SLOT(AttentionFlashFwd, attention_flash_fwd, "flash attention forward");
+PYFORMER_DEFINE_SLOT(AttentionFlashBwd, attention_flash_bwd, "flash attention backward");
 }  // namespace pyformer::kernels

@@ -1,8 +1,8 @@
 """attention: fake kernels.  out = dropout(masked_softmax(scale * q @ k^T + M)) @ v.
 
-The op returns (out, probs, keep); probs are saved for backward (and returned to the user with
-need_weights), keep is the dropout mask. With need_probs=False (inference: no need_weights, no
-grad) probs come back empty. Autograd: csrc/host/attention.cpp.
+The op returns (out, probs, keep); probs are returned with need_probs (need_weights) and saved for
+the bmm algorithm's backward, keep is the dropout mask. flash_attention returns (out, lse) and its
+backward recomputes from lse. Autograd: csrc/host/attention.cpp.
 """
 
 import torch
@@ -48,4 +48,38 @@ def _attention_backward_fake(grad_out, grad_probs, q, k, v, probs, keep, scale, 
         torch.empty_like(k, memory_format=c),
         torch.empty_like(v, memory_format=c),
         torch.empty_like(probs, memory_format=c),
+    )
+
+
+@torch.library.register_fake("pyformer::flash_attention")
+def _flash_attention_fake(q, k, v, mask, scale, causal, key_lengths):
+    same_device("flash_attention", "q", q, k=k, v=v, mask=mask, key_lengths=key_lengths)
+    torch._check(
+        q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
+        lambda: "pyformer.flash_attention: q, k, v must be 4-dim",
+    )
+    B, H, Lq, _ = q.shape
+    stat = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty((B, H, Lq, v.shape[3])), q.new_empty((B, H, Lq), dtype=stat)
+
+
+@torch.library.register_fake("pyformer::flash_attention_backward")
+def _flash_attention_backward_fake(grad_out, q, k, v, out, lse, mask, scale, causal, key_lengths):
+    same_device(
+        "flash_attention_backward",
+        "q",
+        q,
+        grad_out=grad_out,
+        k=k,
+        v=v,
+        out=out,
+        lse=lse,
+        mask=mask,
+        key_lengths=key_lengths,
+    )
+    c = torch.contiguous_format
+    return (
+        torch.empty_like(q, memory_format=c),
+        torch.empty_like(k, memory_format=c),
+        torch.empty_like(v, memory_format=c),
     )
