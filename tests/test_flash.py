@@ -21,7 +21,7 @@ from conftest import DEVICES
 from pyformer.testing import MASK_KINDS, make_mask, verify
 
 ALL = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-BLOCK_Q, BLOCK_K = 64, 256  # the kernel's blocks: sizes one below and above them are tested
+BLOCK_Q, BLOCK_K = 128, 256  # the kernel's blocks: sizes one below and above them are tested
 
 # (B, H, H_kv, Lq, Lk, D, Dv)
 SHAPES = [

@@ -46,7 +46,7 @@
 namespace pyformer::cpu {
 namespace {
 
-constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockQ = 128;
 constexpr int64_t kBlockK = 256;
 
 // The running state of the rows of one query block over a range of keys.
