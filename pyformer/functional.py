@@ -208,6 +208,7 @@ def attention(
     key_lengths: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     need_weights: bool = False,
+    algorithm: str = "auto",
 ) -> Tuple[Tensor, Optional[Tensor]]:
     r"""Multi-head scaled dot-product attention.
 
@@ -221,7 +222,10 @@ def attention(
     memory O(L) in inference and training, where the backward recomputes the probabilities from
     the saved log-sum-exp) unless a floating mask requires grad; otherwise the bmm algorithm,
     which forms the probabilities (what ``need_weights`` returns and its backward reads). Both
-    agree within ``docs/ops.md``'s bounds. On CUDA the bmm algorithm runs.
+    agree within ``docs/ops.md``'s bounds. On CUDA the bmm algorithm runs. ``algorithm`` picks
+    one: ``"auto"`` (the above), ``"flash"`` (an error where it cannot run: ``need_weights``,
+    dropout, a mask that requires grad, a device without a flash kernel; the edges its kernel
+    does not take, ``D = 0``, no keys or ``scale = 0``, run the bmm algorithm) or ``"bmm"``.
 
     Args:
         q: ``(B, H, Lq, D)``; k: ``(B, H_kv, Lk, D)``; v: ``(B, H_kv, Lk, Dv)``, where
@@ -234,6 +238,7 @@ def attention(
             of the inputs' device: seeded by ``torch.manual_seed``, the same distribution as
             :func:`torch.nn.functional.dropout`, but not the same elements (``docs/ops.md``).
         need_weights: also return the probabilities (before dropout).
+        algorithm: ``"auto"``, ``"flash"`` or ``"bmm"`` (above).
 
     Returns:
         ``(out, weights)``: ``out`` ``(B, H, Lq, Dv)`` and the probabilities
@@ -244,6 +249,10 @@ def attention(
         >>> q = k = v = torch.randn(2, 8, 16, 64)
         >>> out, _ = pyformer.functional.attention(q, k, v, key_lengths=torch.tensor([16, 9]))
     """
+    if algorithm != "auto":
+        return _attention_algorithm(
+            algorithm, q, k, v, mask, scale, causal, key_lengths, dropout_p, need_weights
+        )
     if not _is_compiling() and not _has_torch_function(q, k, v, mask, key_lengths):
         return _C.attention(
             q, k, v, mask, _scale(scale), causal, key_lengths, dropout_p, need_weights
@@ -263,3 +272,37 @@ def attention(
         need_probs,
     )
     return out, (probs if need_weights else None)
+
+
+def _attention_algorithm(algorithm, q, k, v, mask, scale, causal, key_lengths, dropout_p, weights):
+    """attention with ``algorithm`` "flash" or "bmm" asked for by name."""
+    kw = dict(scale=scale, causal=causal, key_lengths=key_lengths, dropout_p=dropout_p)
+    if algorithm == "bmm":  # the probabilities formed (asked for), returned only if wanted
+        out, probs = attention(q, k, v, mask, need_weights=True, **kw)
+        return out, (probs if weights else None)
+    if algorithm == "flash":
+        grad_mask = mask is not None and mask.requires_grad and torch.is_grad_enabled()
+        why = (
+            "need_weights=True"
+            if weights
+            else "dropout_p > 0"
+            if dropout_p > 0
+            else "a mask that requires grad"
+            if grad_mask
+            else None
+        )
+        if why is not None:
+            raise ValueError(
+                f"pyformer.attention: algorithm='flash' forms no probabilities, so it cannot take "
+                f"{why}; use algorithm='auto' or 'bmm'"
+            )
+        if q.device.type != "cpu":
+            raise NotImplementedError(
+                f"pyformer.attention: algorithm='flash' has kernels on the CPU only, not on "
+                f"{q.device.type}; use algorithm='auto' or 'bmm'"
+            )
+        return attention(q, k, v, mask, **kw)
+    raise ValueError(
+        "pyformer.attention: argument 'algorithm': expected 'auto', 'flash' or 'bmm', "
+        f"got {algorithm!r}"
+    )

@@ -205,3 +205,44 @@ def test_flash_training_memory_does_not_grow_as_lq_times_lk():
     got = json.loads(run.stdout.strip().splitlines()[-1])
     assert got["finite"]
     assert got["extra_kib"] / 1024 < 48, got
+
+
+def test_algorithm_argument():
+    """algorithm="flash" and "bmm" agree (output and gradients); "bmm" keeps the probabilities
+    for its backward, "flash" does not; "flash" refuses what it cannot do, by name."""
+    q, k, v, _ = _inputs(2, 4, 2, 70, 300, 16, 16, seed=9)
+    q, k, v = (t.float().requires_grad_() for t in (q, k, v))
+    kl = torch.tensor([300, 120])
+    res = {}
+    for alg in ("flash", "bmm", "auto"):
+        shapes = []
+
+        def pack(t):
+            shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out, w = F.attention(q, k, v, key_lengths=kl, causal="bottom_right", algorithm=alg)
+        assert w is None
+        res[alg] = (out, *torch.autograd.grad(out.square().sum(), (q, k, v)))
+        res[alg + " probs saved"] = any(s[-2:] == (70, 300) for s in shapes)
+    assert res["bmm probs saved"] and not res["flash probs saved"]
+    assert not res["auto probs saved"]  # auto: flash here
+    for a, b in zip(res["flash"], res["bmm"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            F.attention(q, k, v, algorithm="bmm")[0], F.attention(q, k, v, algorithm="flash")[0]
+        )
+    with pytest.raises(ValueError, match="need_weights"):
+        F.attention(q, k, v, need_weights=True, algorithm="flash")
+    with pytest.raises(ValueError, match="dropout"):
+        F.attention(q, k, v, dropout_p=0.1, algorithm="flash")
+    m = torch.zeros(70, 300, requires_grad=True)
+    with pytest.raises(ValueError, match="requires grad"):
+        F.attention(q, k, v, m, algorithm="flash")
+    with pytest.raises(ValueError, match="algorithm"):
+        F.attention(q, k, v, algorithm="fast")
+    # need_weights with bmm returns them
+    out, w = F.attention(q, k, v, need_weights=True, algorithm="bmm")
+    assert w.shape == (2, 4, 70, 300)
