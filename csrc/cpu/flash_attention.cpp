@@ -35,6 +35,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <limits>
 #include <vector>
@@ -114,7 +115,7 @@ struct Flash {
     } else {
       qb = Q + (bh * R + r0) * D;
     }
-    w.s.resize(kBlockQ * kBlockK);
+    w.s.resize(nr * std::min(kBlockK, Lk));  // no larger than the call needs: tiny calls stay cheap
     constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
     for (int64_t kb = k0; kb < k1; kb += kBlockK) {
       const int64_t n = std::min(kBlockK, k1 - kb);
@@ -202,7 +203,10 @@ struct Flash {
     std::vector<int64_t> kend;
   };
 
-  void backward(int64_t bh, const scalar_t* GO, const acc_t* lse, scalar_t* DQ, scalar_t* DK,
+  // Returns false, leaving the gradients unwritten, when a row's delta is not finite: an output
+  // (or its gradient) holding NaN/inf, whose rule the probabilities carry (docs/ops.md); the host
+  // then runs the bmm backward.
+  bool backward(int64_t bh, const scalar_t* GO, const acc_t* lse, scalar_t* DQ, scalar_t* DK,
                 scalar_t* DV, BwdWork& w) const {
     using Vec = Vectorized<acc_t>;
     constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
@@ -225,6 +229,7 @@ struct Flash {
     for (int64_t r = 0; r < R; ++r) {
       acc_t d = 0;
       for (int64_t c = 0; c < Dv; ++c) d += goa[r * Dv + c] * static_cast<acc_t>(oh[r * Dv + c]);
+      if (!std::isfinite(d)) return false;
       w.delta[r] = d;
     }
     w.dq.assign(R * D, acc_t(0));
@@ -232,8 +237,8 @@ struct Flash {
     kends.resize((R + kBlockQ - 1) / kBlockQ);
     for (int64_t r0 = 0; r0 < R; r0 += kBlockQ)
       kends[r0 / kBlockQ] = key_end(bh, r0, std::min(kBlockQ, R - r0));
-    w.s.resize(kBlockQ * kBlockK), w.dp.resize(kBlockQ * kBlockK);
-    w.dk.resize(kBlockK * D), w.dv.resize(kBlockK * Dv);
+    const int64_t bq = std::min(kBlockQ, R), bk = std::min(kBlockK, Lk);
+    w.s.resize(bq * bk), w.dp.resize(bq * bk), w.dk.resize(bk * D), w.dv.resize(bk * Dv);
     for (int64_t kb = 0; kb < Lk; kb += kBlockK) {
       const int64_t n = std::min(kBlockK, Lk - kb);
       const acc_t *kp, *vp;
@@ -308,6 +313,7 @@ struct Flash {
     }
     scalar_t* dqh = DQ + bh * R * D;
     for (int64_t e = 0; e < R * D; ++e) dqh[e] = static_cast<scalar_t>(w.dq[e]);
+    return true;
   }
 };
 
@@ -394,7 +400,7 @@ void flash_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 }
 
 template <typename scalar_t>
-void flash_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+bool flash_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                     const MaskLayout& mask, double scale, const at::Tensor& dq,
                     const at::Tensor& dk, const at::Tensor& dv) {
@@ -415,10 +421,13 @@ void flash_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::T
   const acc_t* L = lse.const_data_ptr<acc_t>();
   scalar_t *DQ = dq.mutable_data_ptr<scalar_t>(), *DK = dk.mutable_data_ptr<scalar_t>(),
            *DV = dv.mutable_data_ptr<scalar_t>();
+  std::atomic<bool> ok{true};
   at::parallel_for(0, f.BH, 1, [&](int64_t begin, int64_t end) {
     typename Flash<scalar_t>::BwdWork w;
-    for (int64_t bh = begin; bh < end; ++bh) f.backward(bh, GO, L, DQ, DK, DV, w);
+    for (int64_t bh = begin; bh < end && ok.load(std::memory_order_relaxed); ++bh)
+      if (!f.backward(bh, GO, L, DQ, DK, DV, w)) ok = false;
   });
+  return ok;
 }
 
 // The sizes the kernels take (the BLAS's int; without a BLAS, gemm_rm's loops run).
@@ -432,10 +441,11 @@ bool attention_flash_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, co
                              const MaskLayout& mask, double scale, const at::Tensor& dq,
                              const at::Tensor& dk, const at::Tensor& dv) {
   if (!flash_takes(q, k, v)) return false;
+  bool done = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "flash_bwd_cpu", [&] {
-    flash_backward<scalar_t>(grad_out, q, k, v, out, lse, mask, scale, dq, dk, dv);
+    done = flash_backward<scalar_t>(grad_out, q, k, v, out, lse, mask, scale, dq, dk, dv);
   });
-  return true;
+  return done;
 }
 
 bool attention_flash_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -280,24 +280,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
     dq.zero_(), dk.zero_(), dv.zero_();
     return {dq, dk, dv};
   }
-  // An output holding NaN/inf, whose rule the probabilities carry (a masked key's NaN value row,
-  // a NaN score; docs/ops.md): they are formed again and the bmm backward runs.
-  if (!at::isfinite(out).all().item<bool>()) {
-    const auto [o, probs, keep] =
-        attention(q_, k_, v_, mask, scale_, causal, key_lengths, 0.0, /*need_probs=*/true);
-    const auto [gq, gk, gv, gs] =
-        attention_backward(grad_out, std::nullopt, q_, k_, v_, probs, keep, scale, 0.0);
-    return {gq, gk, gv};
-  }
   const MaskArgs m =
       make_mask_args({B, H, Lq, k.size(2)}, q_.scalar_type(), mask, causal, key_lengths);
   const bool done = kernels::attention_flash_bwd.require(q_.device())(
       grouped(grad_out.contiguous(), Hkv), grouped(q_.contiguous(), Hkv), k, v,
       grouped(out.contiguous(), Hkv), lse.contiguous().view({B, Hkv, -1}), m.layout, scale,
       grouped(dq, Hkv), dk, dv);
-  TORCH_CHECK(done,
-              "pyformer.flash_attention_backward: the flash kernel does not take these inputs");
-  return {dq, dk, dv};
+  if (done) return {dq, dk, dv};
+  // Declined: an output holding NaN/inf, whose rule the probabilities carry (a masked key's NaN
+  // value row, a NaN score; docs/ops.md), or sizes past the kernel's. The probabilities are
+  // formed again and the bmm backward runs.
+  const auto [o, probs, keep] =
+      attention(q_, k_, v_, mask, scale_, causal, key_lengths, 0.0, /*need_probs=*/true);
+  const auto [gq, gk, gv, gs] =
+      attention_backward(grad_out, std::nullopt, q_, k_, v_, probs, keep, scale, 0.0);
+  return {gq, gk, gv};
 }
 
 using FlashSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
