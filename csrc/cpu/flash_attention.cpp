@@ -36,6 +36,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <utility>
 #include <climits>
 #include <limits>
 #include <vector>
@@ -96,6 +97,38 @@ struct Flash {
   int64_t BH, R, Lk, D, Dv;  // R = G * Lq rows per kv head
   acc_t scale;
 
+  // The kernel over q (B, H_kv, R, D), k, v of the op, writing out (and lse when not null).
+  static Flash of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, scalar_t* out,
+                  acc_t* lse, const MaskLayout& mask, double scale) {
+    return Flash{q.const_data_ptr<scalar_t>(),
+                 k.const_data_ptr<scalar_t>(),
+                 v.const_data_ptr<scalar_t>(),
+                 out,
+                 lse,
+                 mask,
+                 q.size(0) * q.size(1),
+                 q.size(2),
+                 k.size(2),
+                 q.size(3),
+                 v.size(3),
+                 static_cast<acc_t>(scale)};
+  }
+
+  // Keys [kb, kb + n) of one head's k and v (rows kh, vh) as acc_t: in place, or converted into
+  // the buffers bk, bv (float16/bfloat16).
+  std::pair<const acc_t*, const acc_t*> kv_block(const scalar_t* kh, const scalar_t* vh, int64_t kb,
+                                                 int64_t n, std::vector<acc_t>& bk,
+                                                 std::vector<acc_t>& bv) const {
+    if constexpr (kConvert) {
+      bk.resize(n * D), bv.resize(n * Dv);
+      for (int64_t e = 0; e < n * D; ++e) bk[e] = static_cast<acc_t>(kh[kb * D + e]);
+      for (int64_t e = 0; e < n * Dv; ++e) bv[e] = static_cast<acc_t>(vh[kb * Dv + e]);
+      return {bk.data(), bv.data()};
+    } else {
+      return {kh + kb * D, vh + kb * Dv};
+    }
+  }
+
   // Per-thread buffers.
   struct Work {
     std::vector<acc_t> s, q, k, v;
@@ -119,15 +152,7 @@ struct Flash {
     constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
     for (int64_t kb = k0; kb < k1; kb += kBlockK) {
       const int64_t n = std::min(kBlockK, k1 - kb);
-      const acc_t *kp, *vp;
-      if constexpr (kConvert) {
-        w.k.resize(n * D), w.v.resize(n * Dv);
-        for (int64_t e = 0; e < n * D; ++e) w.k[e] = static_cast<acc_t>(kh[kb * D + e]);
-        for (int64_t e = 0; e < n * Dv; ++e) w.v[e] = static_cast<acc_t>(vh[kb * Dv + e]);
-        kp = w.k.data(), vp = w.v.data();
-      } else {
-        kp = kh + kb * D, vp = vh + kb * Dv;
-      }
+      const auto [kp, vp] = kv_block(kh, vh, kb, n, w.k, w.v);
       acc_t* S = w.s.data();
       gemm_rm<acc_t>(false, true, nr, n, D, scale, qb, D, kp, D, S, n);
       for (int64_t i = 0; i < nr; ++i) {
@@ -241,15 +266,7 @@ struct Flash {
     w.s.resize(bq * bk), w.dp.resize(bq * bk), w.dk.resize(bk * D), w.dv.resize(bk * Dv);
     for (int64_t kb = 0; kb < Lk; kb += kBlockK) {
       const int64_t n = std::min(kBlockK, Lk - kb);
-      const acc_t *kp, *vp;
-      if constexpr (kConvert) {
-        w.k.resize(n * D), w.v.resize(n * Dv);
-        for (int64_t e = 0; e < n * D; ++e) w.k[e] = static_cast<acc_t>(kh[kb * D + e]);
-        for (int64_t e = 0; e < n * Dv; ++e) w.v[e] = static_cast<acc_t>(vh[kb * Dv + e]);
-        kp = w.k.data(), vp = w.v.data();
-      } else {
-        kp = kh + kb * D, vp = vh + kb * Dv;
-      }
+      const auto [kp, vp] = kv_block(kh, vh, kb, n, w.k, w.v);
       std::fill(w.dk.begin(), w.dk.begin() + n * D, acc_t(0));
       std::fill(w.dv.begin(), w.dv.begin() + n * Dv, acc_t(0));
       for (int64_t r0 = 0; r0 < R; r0 += kBlockQ) {
@@ -341,18 +358,9 @@ void flash_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                    const at::Tensor& out, const at::Tensor& lse, const MaskLayout& mask,
                    double scale) {
   using acc_t = acc_type<scalar_t>;
-  const Flash<scalar_t> f{q.const_data_ptr<scalar_t>(),
-                          k.const_data_ptr<scalar_t>(),
-                          v.const_data_ptr<scalar_t>(),
-                          out.mutable_data_ptr<scalar_t>(),
-                          lse.defined() ? lse.mutable_data_ptr<acc_t>() : nullptr,
-                          mask,
-                          q.size(0) * q.size(1),
-                          q.size(2),
-                          k.size(2),
-                          q.size(3),
-                          v.size(3),
-                          static_cast<acc_t>(scale)};
+  const Flash<scalar_t> f =
+      Flash<scalar_t>::of(q, k, v, out.mutable_data_ptr<scalar_t>(),
+                          lse.defined() ? lse.mutable_data_ptr<acc_t>() : nullptr, mask, scale);
   const int64_t nqb = (f.R + kBlockQ - 1) / kBlockQ;
   const int64_t tasks = f.BH * nqb;
   const int64_t threads = at::get_num_threads();
@@ -405,18 +413,9 @@ bool flash_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::T
                     const MaskLayout& mask, double scale, const at::Tensor& dq,
                     const at::Tensor& dk, const at::Tensor& dv) {
   using acc_t = acc_type<scalar_t>;
-  const Flash<scalar_t> f{q.const_data_ptr<scalar_t>(),
-                          k.const_data_ptr<scalar_t>(),
-                          v.const_data_ptr<scalar_t>(),
-                          const_cast<scalar_t*>(out.const_data_ptr<scalar_t>()),  // read only
-                          nullptr,
-                          mask,
-                          q.size(0) * q.size(1),
-                          q.size(2),
-                          k.size(2),
-                          q.size(3),
-                          v.size(3),
-                          static_cast<acc_t>(scale)};
+  // out is read only here (delta = rowsum(dO * out))
+  const Flash<scalar_t> f = Flash<scalar_t>::of(
+      q, k, v, const_cast<scalar_t*>(out.const_data_ptr<scalar_t>()), nullptr, mask, scale);
   const scalar_t* GO = grad_out.const_data_ptr<scalar_t>();
   const acc_t* L = lse.const_data_ptr<acc_t>();
   scalar_t *DQ = dq.mutable_data_ptr<scalar_t>(), *DK = dk.mutable_data_ptr<scalar_t>(),
