@@ -10,11 +10,15 @@ Every config builds a :class:`Problem`: the same inputs fed to up to three *prov
   ``masked_softmax`` -> ``F.softmax`` alone, on scores already scaled and masked *outside* the
   timer (so it is a lower bound for any unfused composition);
   ``layer_norm`` -> ``F.layer_norm``; ``add_layer_norm`` -> ``x + residual`` then ``F.layer_norm``;
+  ``rms_norm`` -> ``F.rms_norm``; ``add_rms_norm`` -> ``x + residual`` then ``F.rms_norm``;
+  ``apply_rotary`` -> Hugging Face's ``apply_rotary_pos_emb`` (``x * cos + rotate_half(x) * sin``
+  in the dtype, on q and k); ``swiglu`` -> ``F.silu(gate) * up``;
   ``attention`` -> ``F.scaled_dot_product_attention`` with the equivalent bool ``attn_mask``
   (``is_causal=True`` for the causal variant). ``scaled_qk`` has none.
 
 Sizes (the x axis of a sweep) are the sequence length L (= Lq = Lk) for ``scaled_qk``,
-``masked_softmax`` and ``attention``, and the hidden size N for the two layer norms.
+``masked_softmax``, ``attention`` and ``apply_rotary``, and the hidden size N for the norms and
+``swiglu``.
 """
 
 from __future__ import annotations
@@ -31,9 +35,19 @@ from torch import Tensor
 
 from .common import shape_str
 
-OPS = ("scaled_qk", "masked_softmax", "layer_norm", "add_layer_norm", "attention")
+OPS = (
+    "scaled_qk",
+    "masked_softmax",
+    "layer_norm",
+    "add_layer_norm",
+    "rms_norm",
+    "add_rms_norm",
+    "apply_rotary",
+    "swiglu",
+    "attention",
+)
 MODES = ("forward", "backward", "both")
-SEQ_OPS = ("scaled_qk", "masked_softmax", "attention")
+SEQ_OPS = ("scaled_qk", "masked_softmax", "attention", "apply_rotary")
 COMPUTE_OPS = ("scaled_qk", "attention")  # reported in TFLOP/s; the others in GB/s
 
 
@@ -233,6 +247,122 @@ def add_layer_norm_config(m: int, n: int) -> BenchConfig:
     )
 
 
+def rms_norm_config(m: int, n: int) -> BenchConfig:
+    """``rms_norm`` on x (M,N) with weight, eps=None."""
+
+    def make(dtype, device, g):
+        import pyformer.functional as pf
+        import pyformer.reference as ref
+
+        x, w = _rand(g, (m, n), dtype, device), _rand(g, (n,), dtype, device)
+        return Problem(
+            {
+                "pyformer": Provider(lambda: pf.rms_norm(x, (n,), w), [x, w]),
+                "textbook": Provider(lambda: ref.rms_norm(x, (n,), w), [x, w]),
+                "torch": Provider(lambda: F.rms_norm(x, (n,), w), [x, w]),
+            },
+            _f64(ref.rms_norm, x, (n,), w, ref.default_rms_eps(dtype)),
+            bytes=_modes(nbytes(x, w, x), nbytes(x, x, w, x, w)),
+        )
+
+    return BenchConfig("rms_norm", "weight", shape_str((m, n)), n, "F.rms_norm", make)
+
+
+def add_rms_norm_config(m: int, n: int) -> BenchConfig:
+    """``add_rms_norm`` on x, residual (M,N) with weight."""
+
+    def make(dtype, device, g):
+        import pyformer.functional as pf
+        import pyformer.reference as ref
+
+        x, r = _rand(g, (m, n), dtype, device), _rand(g, (m, n), dtype, device)
+        w = _rand(g, (n,), dtype, device)
+
+        def fused():
+            s = x + r
+            return F.rms_norm(s, (n,), w), s
+
+        return Problem(
+            {
+                "pyformer": Provider(lambda: pf.add_rms_norm(x, r, (n,), w), [x, r, w]),
+                "textbook": Provider(lambda: ref.add_rms_norm(x, r, (n,), w), [x, r, w]),
+                "torch": Provider(fused, [x, r, w]),
+            },
+            _f64(ref.add_rms_norm, x, r, (n,), w, ref.default_rms_eps(dtype)),
+            # forward reads x, r, w, writes y, s; backward reads dy, ds, s, w, writes dx, dw
+            bytes=_modes(nbytes(x, r, w, x, x), nbytes(x, x, x, w, x, w)),
+        )
+
+    return BenchConfig("add_rms_norm", "weight", shape_str((m, n)), n, "add+F.rms_norm", make)
+
+
+def _hf_rotary(q, k, cos, sin):
+    """Hugging Face's ``apply_rotary_pos_emb`` (Llama's), the composition users run."""
+
+    def rotate_half(x):
+        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+        return torch.cat((-x2, x1), dim=-1)
+
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def rotary_config(b: int, hq: int, hk: int, l: int, d: int) -> BenchConfig:
+    """``apply_rotary`` on q (B,Hq,L,D) and k (B,Hk,L,D), the transposed views of (B,L,H,D)
+    projections as in a Hugging Face attention, cos and sin (B,L,D) of the dtype."""
+
+    def make(dtype, device, g):
+        import pyformer.functional as pf
+        import pyformer.reference as ref
+
+        q = _rand(g, (b, l, hq, d), dtype, device, False).transpose(1, 2).requires_grad_()
+        k = _rand(g, (b, l, hk, d), dtype, device, False).transpose(1, 2).requires_grad_()
+        f = torch.arange(l, device=device, dtype=torch.float32)[:, None] / 10000 ** (
+            torch.arange(0, d, 2, device=device, dtype=torch.float32) / d
+        )
+        emb = torch.cat((f, f), -1)[None].expand(b, l, d)
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        return Problem(
+            {
+                "pyformer": Provider(lambda: pf.apply_rotary(q, k, cos, sin), [q, k]),
+                "textbook": Provider(lambda: ref.apply_rotary(q, k, cos, sin), [q, k]),
+                "torch": Provider(lambda: _hf_rotary(q, k, cos, sin), [q, k]),
+            },
+            _f64(ref.apply_rotary, q, k, cos, sin),
+            bytes=_modes(2 * nbytes(q, k) + nbytes(cos, sin), 2 * nbytes(q, k) + nbytes(cos, sin)),
+        )
+
+    return BenchConfig(
+        "apply_rotary",
+        "rotate-half",
+        f"q{shape_str((b, hq, l, d))} k{shape_str((b, hk, l, d))}",
+        l,
+        "HF rotary",
+        make,
+    )
+
+
+def swiglu_config(m: int, n: int) -> BenchConfig:
+    """``swiglu`` on gate, up (M,N)."""
+
+    def make(dtype, device, g):
+        import pyformer.functional as pf
+        import pyformer.reference as ref
+
+        gate, up = _rand(g, (m, n), dtype, device), _rand(g, (m, n), dtype, device)
+        return Problem(
+            {
+                "pyformer": Provider(lambda: pf.swiglu(gate, up), [gate, up]),
+                "textbook": Provider(lambda: ref.swiglu(gate, up), [gate, up]),
+                "torch": Provider(lambda: F.silu(gate) * up, [gate, up]),
+            },
+            _f64(ref.swiglu, gate, up),
+            bytes=_modes(3 * nbytes(gate), 5 * nbytes(gate)),
+        )
+
+    return BenchConfig("swiglu", "-", shape_str((m, n)), n, "F.silu*up", make)
+
+
 def attention_config(
     b: int, h: int, l: int, d: int, causal: bool = False, bool_mask: bool = False
 ) -> BenchConfig:
@@ -369,6 +499,12 @@ SWEEP_CONFIGS: Dict[str, Callable[[int, _Shape, bool], List[BenchConfig]]] = {
     ],
     "layer_norm": lambda size, s, causal: [layer_norm_config(s.rows, size)],
     "add_layer_norm": lambda size, s, causal: [add_layer_norm_config(s.rows, size)],
+    "rms_norm": lambda size, s, causal: [rms_norm_config(s.rows, size)],
+    "add_rms_norm": lambda size, s, causal: [add_rms_norm_config(s.rows, size)],
+    "apply_rotary": lambda size, s, causal: [
+        rotary_config(s.batch(size), s.heads, max(1, s.heads // 4), size, s.head_dim)
+    ],
+    "swiglu": lambda size, s, causal: [swiglu_config(s.rows, size)],
     "attention": _attention_configs,
 }
 
@@ -469,6 +605,18 @@ def _cpu_flash_configs() -> List[BenchConfig]:
     return out
 
 
+def _block_target_configs() -> List[BenchConfig]:
+    """The speed targets of the block ops, exactly (float32): rms_norm (8192,4096) forward and
+    backward, add_rms_norm forward, apply_rotary on Llama-7B-like q (4,32,2048,128) and k
+    (4,8,2048,128) forward and backward, swiglu (8192,11008) forward and backward."""
+    return [
+        _with_modes(rms_norm_config(8192, 4096), "forward", "backward"),
+        _with_modes(add_rms_norm_config(8192, 4096), "forward"),
+        _with_modes(rotary_config(4, 32, 8, 2048, 128), "forward", "backward"),
+        _with_modes(swiglu_config(8192, 11008), "forward", "backward"),
+    ]
+
+
 def _gpu_target_configs() -> List[BenchConfig]:
     """The GPU speed targets, exactly (bf16 and fp16): masked_softmax forward on scores
     (8,16,2048,2048) with a padding mask; layer_norm (32768,4096) forward and backward;
@@ -539,6 +687,23 @@ SWEEPS = {
         targets=(
             Target("attention", "forward", "torch", 1.0),
             Target("attention", "both", "torch", 1.0),
+        ),
+    ),
+    "block-targets": FixedSweep(
+        "block-targets",
+        (),
+        (),
+        make_configs=_block_target_configs,
+        dtypes=("float32",),
+        targets=(
+            Target("rms_norm", "forward", "torch", 2.0),
+            Target("rms_norm", "forward", "copy", 85.0),
+            Target("rms_norm", "backward", "torch", 2.0),
+            Target("add_rms_norm", "forward", "torch", 2.5),
+            Target("apply_rotary", "forward", "torch", 3.0),
+            Target("apply_rotary", "backward", "torch", 3.0),
+            Target("swiglu", "forward", "torch", 1.5),
+            Target("swiglu", "backward", "torch", 1.5),
         ),
     ),
     "gpu-targets": FixedSweep(

@@ -314,6 +314,96 @@ register("layer_norm")(_norm_cases("layer_norm", False, ("y",), quick_affine_onl
 register("add_layer_norm")(_norm_cases("add_layer_norm", True, ("y", "s"), quick_affine_only=True))
 
 
+def _rms_cases(op: str, residual: bool, outputs: Tuple[str, ...]):
+    """The builder of ``op`` (``rms_norm`` or ``add_rms_norm``) over NORM_SHAPES, eps=None."""
+
+    def build(quick: bool):
+        for xs, ns, affine, q in NORM_SHAPES:
+            impl, ref = op_pair(op, normalized_shape=ns)
+
+            def make(g, xs=xs, ns=ns, affine=affine):
+                out = {"x": randn(g, *xs, scale=2.0, shift=0.5)}
+                if residual:
+                    out["residual"] = randn(g, *xs)
+                if affine:
+                    out["weight"] = randn(g, *ns, scale=0.5, shift=1.0)
+                return out
+
+            yield CheckCase(
+                op,
+                f"{shape_str(xs)} N={math.prod(ns)}",
+                "weight" if affine else "no weight",
+                make,
+                impl,
+                ref,
+                outputs=outputs,
+                quick=q and (affine or not residual),
+            )
+
+    return build
+
+
+register("rms_norm")(_rms_cases("rms_norm", False, ("y",)))
+register("add_rms_norm")(_rms_cases("add_rms_norm", True, ("y", "s")))
+
+# (B, Hq, Hk, L, D, Dr, cos batch, quick): GQA, partial rotary, decoding, per-sequence positions
+ROTARY_SHAPES = [
+    (2, 4, 2, 7, 64, 64, 1, True),
+    (2, 8, 2, 33, 128, 128, 2, False),
+    (1, 3, 1, 9, 80, 32, 1, True),
+    (4, 4, 4, 1, 64, 64, 4, False),
+]
+
+
+def _rotary_inputs(b, hq, hk, length, d, dr, bc, interleaved):
+    def make(g):
+        inv = 1.0 / 10000.0 ** (torch.arange(0, dr, 2, dtype=F64) / dr)
+        pos = torch.randint(0, 4096, (bc, length), generator=g).to(F64)
+        f = pos[..., None] * inv
+        emb = f.repeat_interleave(2, -1) if interleaved else torch.cat((f, f), -1)
+        return {
+            "q": randn(g, b, hq, length, d),
+            "k": randn(g, b, hk, length, d),
+            "cos": emb.cos(),
+            "sin": emb.sin(),
+        }
+
+    return make
+
+
+@register("apply_rotary")
+def _rotary_cases(quick: bool):
+    for b, hq, hk, length, d, dr, bc, q in ROTARY_SHAPES:
+        for interleaved in (False, True):
+            impl, ref = op_pair("apply_rotary", interleaved=interleaved)
+            yield CheckCase(
+                "apply_rotary",
+                f"q{shape_str((b, hq, length, d))} k{shape_str((b, hk, length, d))} Dr={dr}",
+                "interleaved" if interleaved else "rotate-half",
+                _rotary_inputs(b, hq, hk, length, d, dr, bc, interleaved),
+                impl,
+                ref,
+                outputs=("q_rot", "k_rot"),
+                constants=("cos", "sin"),
+                quick=q,
+            )
+
+
+@register("swiglu")
+def _swiglu_cases(quick: bool):
+    for shape, q in (((4, 7, 1408), True), ((3, 11008), False), ((5, 33), True)):
+        impl, ref = op_pair("swiglu")
+        yield CheckCase(
+            "swiglu",
+            shape_str(shape),
+            "-",
+            lambda g, shape=shape: {"gate": randn(g, *shape, scale=3.0), "up": randn(g, *shape)},
+            impl,
+            ref,
+            quick=q,
+        )
+
+
 # ----------------------------------------------------------------------------- nn layers
 # The drop-in modules against PyTorch's own with the same weights (the textbook Transformer's two
 # backends are compared in tests/test_nn.py). Weights are drawn once in float64 and loaded into a

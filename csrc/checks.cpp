@@ -3,6 +3,7 @@
 // Each message reads "pyformer.<op>: argument '<arg>': expected <what>, got <what>" and is raised
 // as TypeError (wrong dtype), ValueError (wrong shape, value or device) or IndexError.
 #include <cmath>
+#include <cstring>
 #include <sstream>
 
 #include "pyformer.h"
@@ -194,6 +195,77 @@ void check_add_layer_norm(const at::Tensor& x, const at::Tensor& residual,
   check_same(op, "residual", residual, x, "x");
   PYF_VALUE(residual.sizes() == x.sizes(), op, "residual", "shape " + str(x.sizes()),
             str(residual.sizes()));
+}
+
+void check_rms_norm_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& rstd,
+                             const std::optional<at::Tensor>& weight,
+                             at::IntArrayRef normalized_shape) {
+  const char* op = "rms_norm_backward";
+  check_layer_norm(x, normalized_shape, weight, std::nullopt, 0.0, op);
+  check_same(op, "grad", grad, x, "x");
+  PYF_VALUE(grad.sizes() == x.sizes(), op, "grad", "shape " + str(x.sizes()), str(grad.sizes()));
+  check_same(op, "rstd", rstd, x, "x", /*dtype=*/false);
+  PYF_TYPE(rstd.scalar_type() == (x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat), op,
+           "rstd", "the float32 statistics saved by rms_norm (float64 for float64 x)",
+           rstd.scalar_type());
+  const int64_t rows = layer_norm_rows(x, normalized_shape);
+  PYF_VALUE(rstd.numel() == rows, op, "rstd", std::to_string(rows) + " elements (one per row)",
+            rstd.numel());
+}
+
+void check_add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                        at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+                        double eps) {
+  const char* op = "add_rms_norm";
+  check_layer_norm(x, normalized_shape, weight, std::nullopt, eps, op);
+  check_same(op, "residual", residual, x, "x");
+  PYF_VALUE(residual.sizes() == x.sizes(), op, "residual", "shape " + str(x.sizes()),
+            str(residual.sizes()));
+}
+
+void check_rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                  const at::Tensor& sin, const char* op) {
+  const bool fwd = std::strcmp(op, "apply_rotary") == 0;
+  const char* qn = fwd ? "q" : "grad_q";
+  const char* kn = fwd ? "k" : "grad_k";
+  check_float(op, qn, q);
+  check_same(op, kn, k, q, qn);
+  PYF_VALUE(q.dim() == 4, op, qn, "a 4-dim tensor (B, H, L, D)", str(q.sizes()));
+  PYF_VALUE(
+      k.dim() == 4 && k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(3) == q.size(3),
+      op, kn,
+      "shape (" + std::to_string(q.size(0)) + ", H_kv, " + std::to_string(q.size(2)) + ", " +
+          std::to_string(q.size(3)) + ")",
+      str(k.sizes()));
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"cos", cos},
+                                std::pair<const char*, const at::Tensor&>{"sin", sin}}) {
+    check_same(op, name, t, q, qn, /*dtype=*/false);
+    PYF_TYPE(at::isFloatingType(t.scalar_type()), op, name, "a floating tensor", t.scalar_type());
+    const int64_t B = q.size(0), L = q.size(2), D = q.size(3);
+    const bool ok3 = t.dim() == 3 && (t.size(0) == 1 || t.size(0) == B) && t.size(1) == L;
+    const bool ok2 = t.dim() == 2 && t.size(0) == L;
+    PYF_VALUE((ok3 || ok2) && t.size(-1) % 2 == 0 && t.size(-1) <= D, op, name,
+              "shape (" + std::to_string(B) + " or 1, " + std::to_string(L) +
+                  ", Dr) or (L, Dr) with Dr even and at most D = " + std::to_string(D),
+              str(t.sizes()));
+  }
+  PYF_VALUE(sin.sizes() == cos.sizes(), op, "sin", "the shape of cos " + str(cos.sizes()),
+            str(sin.sizes()));
+}
+
+void check_swiglu(const at::Tensor& gate, const at::Tensor& up, const char* op) {
+  check_float(op, "gate", gate);
+  check_same(op, "up", up, gate, "gate");
+  PYF_VALUE(up.sizes() == gate.sizes(), op, "up", "shape " + str(gate.sizes()) + " (gate's)",
+            str(up.sizes()));
+}
+
+void check_swiglu_backward(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up) {
+  const char* op = "swiglu_backward";
+  check_swiglu(gate, up, op);
+  check_same(op, "grad", grad, gate, "gate");
+  PYF_VALUE(grad.sizes() == gate.sizes(), op, "grad", "shape " + str(gate.sizes()),
+            str(grad.sizes()));
 }
 
 void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

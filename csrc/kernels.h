@@ -119,19 +119,41 @@ using MaskedSoftmaxBwd = void (*)(const at::Tensor& dy, const at::Tensor& y, con
 extern Slot<MaskedSoftmaxFwd> masked_softmax_fwd;
 extern Slot<MaskedSoftmaxBwd> masked_softmax_bwd;
 
-// ---- layer_norm / add_layer_norm ---------------------------------------------------------------
-// Rows of x (R, N), R * N > 0. residual and s are undefined for layer_norm; weight and bias
-// (N,) in x's dtype or undefined; mean and rstd (R,) in the statistics dtype.
+// ---- layer_norm / add_layer_norm / rms_norm / add_rms_norm -------------------------------------
+// Rows of x (R, N), R * N > 0. residual and s are undefined without the fused add; weight and bias
+// (N,) in x's dtype or undefined; mean and rstd (R,) in the statistics dtype. An undefined mean
+// asks for the RMS norm: no centring, y = x * rstd * weight with rstd = 1 / sqrt(mean(x^2) + eps)
+// (bias is then undefined too).
 using LayerNormFwd = void (*)(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& s,
                               const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& y,
                               const at::Tensor& mean, const at::Tensor& rstd, double eps);
-// dx (R, N); dweight and dbias (N,) in x's dtype, always written.
+// dx (R, N); dweight and dbias (N,) in x's dtype, always written (dbias undefined for the RMS
+// norm, whose mean is undefined: dx = rstd * (g - xhat * mean(g * xhat)), g = dy * weight).
 using LayerNormBwd = void (*)(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
                               const at::Tensor& rstd, const at::Tensor& weight,
                               const at::Tensor& dx, const at::Tensor& dweight,
                               const at::Tensor& dbias);
 extern Slot<LayerNormFwd> layer_norm_fwd;
 extern Slot<LayerNormBwd> layer_norm_bwd;
+
+// ---- apply_rotary ------------------------------------------------------------------------------
+// q (B, Hq, L, D), k (B, Hk, L, D) and the outputs: any strides on the first three dims, unit
+// stride along D; cos, sin (Bc, L, Dr) contiguous in the statistics dtype, Bc = 1 or B, Dr even
+// and <= D. Writes x cos + rotate(x) sin on the first Dr dims (x itself past them), or with
+// `transpose` the backward's g cos + rotate^T(g sin); rotate is rotate-half or, `interleaved`, on
+// adjacent pairs (csrc/cpu/rotary.cpp).
+using Rotary = void (*)(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_out,
+                        const at::Tensor& k_out, const at::Tensor& cos, const at::Tensor& sin,
+                        bool interleaved, bool transpose);
+extern Slot<Rotary> rotary;
+
+// ---- swiglu ------------------------------------------------------------------------------------
+// out = silu(gate) * up over n > 0 contiguous elements; the backward writes dgate and dup.
+using SwigluFwd = void (*)(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out);
+using SwigluBwd = void (*)(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up,
+                           const at::Tensor& dgate, const at::Tensor& dup);
+extern Slot<SwigluFwd> swiglu_fwd;
+extern Slot<SwigluBwd> swiglu_bwd;
 
 // ---- attention ---------------------------------------------------------------------------------
 // A fused per-head path for the whole forward (GEMM -> masked softmax -> dropout -> GEMM in

@@ -38,6 +38,34 @@ TORCH_LIBRARY(pyformer, m) {
       "add_layer_norm(Tensor x, Tensor residual, SymInt[] normalized_shape, Tensor? weight,"
       " Tensor? bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
 
+  // (y, rstd): y = x * rstd * weight, rstd = 1 / sqrt(mean(x^2) + eps) per row (float32; float64
+  // for float64 x). eps None: the machine epsilon of the statistics dtype (torch's F.rms_norm).
+  m.def(
+      "rms_norm(Tensor x, SymInt[] normalized_shape, Tensor? weight, float? eps)"
+      " -> (Tensor, Tensor)");
+  // (dx, dweight); dweight has normalized_shape and is always computed.
+  m.def(
+      "rms_norm_backward(Tensor grad, Tensor x, Tensor rstd, Tensor? weight,"
+      " SymInt[] normalized_shape) -> (Tensor, Tensor)");
+  // (y, s, rstd) with s = x + residual and y = rms_norm(s).
+  m.def(
+      "add_rms_norm(Tensor x, Tensor residual, SymInt[] normalized_shape, Tensor? weight,"
+      " float? eps) -> (Tensor, Tensor, Tensor)");
+
+  // (q_rot, k_rot) = (q cos + rotate(q) sin, k cos + rotate(k) sin) on the first Dr dims of each
+  // head; q (B, H, L, D), k (B, H_kv, L, D), cos and sin (B or 1, L, Dr) or (L, Dr).
+  m.def(
+      "apply_rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, bool interleaved=False)"
+      " -> (Tensor, Tensor)");
+  // (dq, dk) = (g cos + rotate^T(g sin)) for each of grad_q, grad_k.
+  m.def(
+      "apply_rotary_backward(Tensor grad_q, Tensor grad_k, Tensor cos, Tensor sin,"
+      " bool interleaved) -> (Tensor, Tensor)");
+
+  // silu(gate) * up, elementwise; the backward returns (dgate, dup).
+  m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
+  m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+
   // (out, probs, keep): out = dropout(probs) @ v, probs = masked_softmax(scaled_qk(q, k, scale)).
   // keep is the bool dropout mask (shape of probs), or an empty bool tensor when dropout_p == 0.
   // need_probs=False (no need_weights) returns an empty probs; outside autograd the device's flash

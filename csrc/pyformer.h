@@ -17,6 +17,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -54,6 +55,24 @@ void check_layer_norm_backward(const at::Tensor& grad, const at::Tensor& x, cons
 void check_add_layer_norm(const at::Tensor& x, const at::Tensor& residual,
                           at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
                           const std::optional<at::Tensor>& bias, double eps);
+
+void check_rms_norm_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& rstd,
+                             const std::optional<at::Tensor>& weight,
+                             at::IntArrayRef normalized_shape);
+void check_add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                        at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+                        double eps);
+// The eps of rms_norm: `eps`, or the machine epsilon of the statistics dtype when None.
+inline double resolve_rms_eps(const at::Tensor& x, std::optional<double> eps) {
+  if (eps) return *eps;
+  return x.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
+                                        : std::numeric_limits<float>::epsilon();
+}
+
+void check_rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                  const at::Tensor& sin, const char* op = "apply_rotary");
+void check_swiglu(const at::Tensor& gate, const at::Tensor& up, const char* op = "swiglu");
+void check_swiglu_backward(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up);
 
 void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const std::optional<at::Tensor>& mask, double scale, int64_t causal,

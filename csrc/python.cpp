@@ -147,7 +147,17 @@ using AttentionSig = T3(const at::Tensor&, const at::Tensor&, const at::Tensor&,
 OP_HANDLE(scaled_qk, ScaledQkSig)
 OP_HANDLE(masked_softmax, MaskedSoftmaxSig)
 OP_HANDLE(layer_norm, LayerNormSig)
+using RmsNormSig = T2(const at::Tensor&, c10::SymIntArrayRef, const OptT&, OptD);
+using AddRmsNormSig = T3(const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef, const OptT&,
+                         OptD);
+using RotarySig = T2(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                     bool);
+using SwigluSig = at::Tensor(const at::Tensor&, const at::Tensor&);
 OP_HANDLE(add_layer_norm, AddLayerNormSig)
+OP_HANDLE(rms_norm, RmsNormSig)
+OP_HANDLE(add_rms_norm, AddRmsNormSig)
+OP_HANDLE(apply_rotary, RotarySig)
+OP_HANDLE(swiglu, SwigluSig)
 OP_HANDLE(attention, AttentionSig)
 
 // ---- the fast entries: the arguments of torch.ops.pyformer.<op>, positional -------------------
@@ -230,6 +240,80 @@ PyObject* py_add_layer_norm(PyObject*, PyObject* const* a, Py_ssize_t n) {
   END_HANDLE_TH_ERRORS
 }
 
+// rms_norm(x, normalized_shape, weight, eps) -> y
+PyObject* py_rms_norm(PyObject*, PyObject* const* a, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  const char* op = "rms_norm";
+  want_args(op, n, 4);
+  const at::Tensor& x = tensor(op, "x", a[0]);
+  const std::vector<int64_t> shape = int_list(op, "normalized_shape", a[1]);
+  const OptT weight = opt_tensor(op, "weight", a[2]);
+  const OptD eps = opt_real(op, "eps", a[3]);
+  at::Tensor y;
+  {
+    ReleaseGil nogil;
+    y = std::get<0>(rms_norm_op().call(x, c10::fromIntArrayRefSlow(shape), weight, eps));
+  }
+  return wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
+// add_rms_norm(x, residual, normalized_shape, weight, eps) -> (y, s)
+PyObject* py_add_rms_norm(PyObject*, PyObject* const* a, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  const char* op = "add_rms_norm";
+  want_args(op, n, 5);
+  const at::Tensor& x = tensor(op, "x", a[0]);
+  const at::Tensor& residual = tensor(op, "residual", a[1]);
+  const std::vector<int64_t> shape = int_list(op, "normalized_shape", a[2]);
+  const OptT weight = opt_tensor(op, "weight", a[3]);
+  const OptD eps = opt_real(op, "eps", a[4]);
+  at::Tensor y, s;
+  {
+    ReleaseGil nogil;
+    auto r = add_rms_norm_op().call(x, residual, c10::fromIntArrayRefSlow(shape), weight, eps);
+    y = std::move(std::get<0>(r));
+    s = std::move(std::get<1>(r));
+  }
+  return pair(wrap(std::move(y)), wrap(std::move(s)));
+  END_HANDLE_TH_ERRORS
+}
+
+// apply_rotary(q, k, cos, sin, interleaved) -> (q_rot, k_rot)
+PyObject* py_apply_rotary(PyObject*, PyObject* const* a, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  const char* op = "apply_rotary";
+  want_args(op, n, 5);
+  const at::Tensor& q = tensor(op, "q", a[0]);
+  const at::Tensor& k = tensor(op, "k", a[1]);
+  const at::Tensor& cos = tensor(op, "cos", a[2]);
+  const at::Tensor& sin = tensor(op, "sin", a[3]);
+  const bool interleaved = boolean(op, "interleaved", a[4]);
+  at::Tensor qr, kr;
+  {
+    ReleaseGil nogil;
+    std::tie(qr, kr) = apply_rotary_op().call(q, k, cos, sin, interleaved);
+  }
+  return pair(wrap(std::move(qr)), wrap(std::move(kr)));
+  END_HANDLE_TH_ERRORS
+}
+
+// swiglu(gate, up) -> out
+PyObject* py_swiglu(PyObject*, PyObject* const* a, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  const char* op = "swiglu";
+  want_args(op, n, 2);
+  const at::Tensor& gate = tensor(op, "gate", a[0]);
+  const at::Tensor& up = tensor(op, "up", a[1]);
+  at::Tensor out;
+  {
+    ReleaseGil nogil;
+    out = swiglu_op().call(gate, up);
+  }
+  return wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
 // attention(q, k, v, mask, scale, causal, key_lengths, dropout_p, need_weights) -> (out, probs or
 // None).
 PyObject* py_attention(PyObject*, PyObject* const* a, Py_ssize_t n) {
@@ -300,6 +384,10 @@ PyMethodDef methods[] = {
     FAST(layer_norm, "layer_norm(x, normalized_shape, weight, bias, eps) -> y"),
     FAST(add_layer_norm,
          "add_layer_norm(x, residual, normalized_shape, weight, bias, eps) -> (y, s)"),
+    FAST(rms_norm, "rms_norm(x, normalized_shape, weight, eps) -> y"),
+    FAST(add_rms_norm, "add_rms_norm(x, residual, normalized_shape, weight, eps) -> (y, s)"),
+    FAST(apply_rotary, "apply_rotary(q, k, cos, sin, interleaved) -> (q_rot, k_rot)"),
+    FAST(swiglu, "swiglu(gate, up) -> out"),
     FAST(attention,
          "attention(q, k, v, mask, scale, causal, key_lengths, dropout_p, need_weights) -> "
          "(out, probs or None)"),

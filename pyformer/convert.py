@@ -1,7 +1,8 @@
-"""``pyformer.convert(model)``: run an existing PyTorch model's LayerNorm and attention on pyformer.
+"""``pyformer.convert(model)``: run an existing PyTorch model's norms and attention on pyformer.
 
-Every ``torch.nn.LayerNorm`` and ``torch.nn.MultiheadAttention`` inside the model becomes its
-pyformer twin (:class:`pyformer.nn.LayerNorm`, :class:`pyformer.nn.MultiheadAttention`). The twins
+Every ``torch.nn.LayerNorm``, ``torch.nn.RMSNorm`` and ``torch.nn.MultiheadAttention`` inside the
+model becomes its pyformer twin (:class:`pyformer.nn.LayerNorm`, :class:`pyformer.nn.RMSNorm`,
+:class:`pyformer.nn.MultiheadAttention`). The twins
 subclass the PyTorch modules and add no state, so conversion changes the class of each module
 object in place: the parameters stay the very same tensors (same values, dtype, device, and any
 optimizer state, hooks or tied weights keep pointing at them), and ``state_dict`` keys do not move.
@@ -35,9 +36,10 @@ def convert(
     *,
     layer_norm: bool = True,
     attention: bool = True,
+    rms_norm: bool = True,
     backend: str = "pyformer",
 ) -> List[Replacement]:
-    r"""Replace ``torch.nn.LayerNorm`` / ``torch.nn.MultiheadAttention`` inside ``model`` in place.
+    r"""Replace ``torch.nn.LayerNorm`` / ``RMSNorm`` / ``MultiheadAttention`` inside ``model`` in place.
 
     Only modules whose type is exactly the PyTorch class are converted (a user subclass with its
     own ``forward`` is left alone); ``model`` itself is converted too if it is one.
@@ -46,6 +48,7 @@ def convert(
         model (torch.nn.Module): the model, changed in place.
         layer_norm (bool): convert ``torch.nn.LayerNorm``. Default: ``True``
         attention (bool): convert ``torch.nn.MultiheadAttention``. Default: ``True``
+        rms_norm (bool): convert ``torch.nn.RMSNorm``. Default: ``True``
         backend (str): ``"pyformer"`` (the kernels) or ``"reference"`` (pure PyTorch).
 
     Returns:
@@ -60,7 +63,7 @@ def convert(
         50
         >>> out = model(src, tgt, src_key_padding_mask=pad)  # same result, pyformer kernels
     """
-    from .nn import LayerNorm, MultiheadAttention
+    from .nn import LayerNorm, MultiheadAttention, RMSNorm
     from .nn._backend import check_backend
 
     check_backend(backend)
@@ -69,6 +72,8 @@ def convert(
         table[torch.nn.LayerNorm] = LayerNorm
     if attention:
         table[torch.nn.MultiheadAttention] = MultiheadAttention
+    if rms_norm:
+        table[torch.nn.RMSNorm] = RMSNorm
 
     replaced: List[Replacement] = []
     for name, module in model.named_modules():

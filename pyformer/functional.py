@@ -24,7 +24,17 @@ from torch import Tensor
 from . import _C
 from . import ops as _ops  # noqa: F401  (registers the ops)
 
-__all__ = ["scaled_qk", "masked_softmax", "layer_norm", "add_layer_norm", "attention"]
+__all__ = [
+    "scaled_qk",
+    "masked_softmax",
+    "layer_norm",
+    "add_layer_norm",
+    "rms_norm",
+    "add_rms_norm",
+    "apply_rotary",
+    "swiglu",
+    "attention",
+]
 
 _P = torch.ops.pyformer
 _is_compiling = torch.compiler.is_compiling
@@ -195,6 +205,119 @@ def add_layer_norm(
         return _C.add_layer_norm(x, residual, normalized_shape, weight, bias, eps)
     y, s, _, _ = _P.add_layer_norm(x, residual, _shape(normalized_shape), weight, bias, float(eps))
     return y, s
+
+
+def _eps(eps: Optional[float]) -> Optional[float]:
+    # None reaches the op, which takes the machine epsilon of the computation type
+    return None if eps is None else float(eps)
+
+
+def rms_norm(
+    x: Tensor,
+    normalized_shape: Union[int, Sequence[int], torch.Size],
+    weight: Optional[Tensor] = None,
+    eps: Optional[float] = None,
+) -> Tensor:
+    r"""RMS normalization, the function and signature of :func:`torch.nn.functional.rms_norm`.
+
+    .. math:: y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} \cdot w
+
+    over the trailing ``normalized_shape`` dims (flattened to one row), in float32 (float64 for
+    float64 input), rounded once to ``x``'s dtype.
+
+    Args:
+        x: input ``(*, *normalized_shape)``.
+        normalized_shape: the trailing dims to normalize over (an int or a sequence).
+        weight: optional, of shape ``normalized_shape`` and ``x``'s dtype.
+        eps: added to the mean square; None is the machine epsilon of the computation type
+            (``torch.finfo(torch.float32).eps`` for float32, float16 and bfloat16 input, that of
+            float64 for float64), what :func:`torch.nn.functional.rms_norm` uses.
+
+    Example::
+
+        >>> x = torch.randn(4, 10, 4096)
+        >>> pyformer.functional.rms_norm(x, (4096,), torch.ones(4096)).shape
+        torch.Size([4, 10, 4096])
+    """
+    if not _is_compiling() and not _has_torch_function(x, weight):
+        return _C.rms_norm(x, normalized_shape, weight, eps)
+    y, _ = _P.rms_norm(x, _shape(normalized_shape), weight, _eps(eps))
+    return y
+
+
+def add_rms_norm(
+    x: Tensor,
+    residual: Tensor,
+    normalized_shape: Union[int, Sequence[int], torch.Size],
+    weight: Optional[Tensor] = None,
+    eps: Optional[float] = None,
+) -> Tuple[Tensor, Tensor]:
+    r"""The pre-norm residual step of a Llama-style block in one pass: ``s = x + residual``,
+    ``y = rms_norm(s)``.
+
+    Args:
+        x, residual: tensors of the same shape ``(*, *normalized_shape)``, dtype and device.
+        normalized_shape, weight, eps: as for :func:`rms_norm`.
+
+    Returns:
+        ``(y, s)``: the normalized sum and the sum itself (rounded to the dtype, the next
+        residual). Both are differentiable.
+    """
+    if not _is_compiling() and not _has_torch_function(x, residual, weight):
+        return _C.add_rms_norm(x, residual, normalized_shape, weight, eps)
+    y, s, _ = _P.add_rms_norm(x, residual, _shape(normalized_shape), weight, _eps(eps))
+    return y, s
+
+
+def apply_rotary(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = False
+) -> Tuple[Tensor, Tensor]:
+    r"""Rotary position embedding of queries and keys, in one kernel.
+
+    ``x * cos + rotate(x) * sin`` on the first ``Dr = cos.shape[-1]`` dims of every head of ``q``
+    and ``k``; the remaining ``D - Dr`` dims pass through. ``rotate`` is rotate-half
+    (``(-x2, x1)`` with ``x1, x2`` the two halves: GPT-NeoX, Llama and Hugging Face's
+    ``apply_rotary_pos_emb``) or, with ``interleaved=True``, the same on adjacent pairs
+    ``(x[2i], x[2i+1])`` (GPT-J). Computed in float32 (float64 for float64), rounded once.
+
+    Args:
+        q: ``(B, H, L, D)``, any strides (the transposed view of a ``(B, L, H, D)`` projection is
+            read and written in place of a copy).
+        k: ``(B, H_kv, L, D)``, ``H_kv`` independent of ``H`` (grouped-query attention).
+        cos, sin: ``(B or 1, L, Dr)`` or ``(L, Dr)``, ``Dr`` even and at most ``D``: what Hugging
+            Face's rotary embedding modules return, broadcast over heads. Any floating dtype;
+            they are differentiable too.
+        interleaved: the GPT-J pair layout instead of rotate-half.
+
+    Returns:
+        ``(q_rot, k_rot)``: the shapes and dtypes of ``q`` and ``k``, with their strides (or
+        contiguous where ``D`` is not unit-stride).
+
+    Example::
+
+        >>> q, k = torch.randn(2, 8, 16, 64), torch.randn(2, 2, 16, 64)
+        >>> pos = torch.arange(16.0)[:, None] / 10000 ** (torch.arange(0, 64, 2) / 64)
+        >>> cos, sin = torch.cat((pos, pos), -1).cos()[None], torch.cat((pos, pos), -1).sin()[None]
+        >>> q_rot, k_rot = pyformer.functional.apply_rotary(q, k, cos, sin)
+    """
+    if not _is_compiling() and not _has_torch_function(q, k, cos, sin):
+        return _C.apply_rotary(q, k, cos, sin, interleaved)
+    return _P.apply_rotary(q, k, cos, sin, bool(interleaved))
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    r"""``silu(gate) * up`` in one pass (the activation of a SwiGLU MLP: Llama, Mistral, Qwen).
+
+    Args:
+        gate, up: tensors of one shape, dtype and device (``gate_proj(x)`` and ``up_proj(x)``).
+
+    Returns:
+        ``silu(gate) * up``, contiguous, computed in float32 (float64 for float64) and rounded
+        once. Differentiable in both inputs.
+    """
+    if not _is_compiling() and not _has_torch_function(gate, up):
+        return _C.swiglu(gate, up)
+    return _P.swiglu(gate, up)
 
 
 def attention(

@@ -23,6 +23,11 @@ __all__ = [
     "masked_softmax",
     "layer_norm",
     "add_layer_norm",
+    "rms_norm",
+    "add_rms_norm",
+    "apply_rotary",
+    "rotate_half",
+    "swiglu",
     "attention",
     "upcast",
 ]
@@ -151,6 +156,80 @@ def add_layer_norm(
     """(layer_norm(x + residual), x + residual): a Transformer's Add & Norm."""
     s = x + residual
     return layer_norm(s, normalized_shape, weight, bias, eps), s
+
+
+def default_rms_eps(dtype: torch.dtype) -> float:
+    """The ``eps`` of ``rms_norm(..., eps=None)``: the machine epsilon of the computation type,
+    float32 for float32, float16 and bfloat16 (what ``torch.nn.functional.rms_norm`` uses),
+    float64 for float64."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
+def rms_norm(
+    x: Tensor,
+    normalized_shape: Union[int, Sequence[int]],
+    weight: Optional[Tensor] = None,
+    eps: Optional[float] = None,
+) -> Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the trailing dims, in float32 (float64)."""
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    dims = tuple(range(-len(normalized_shape), 0))
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    eps = default_rms_eps(x.dtype) if eps is None else eps
+    xf = x.to(acc)
+    y = xf * torch.rsqrt(xf.pow(2).mean(dim=dims, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(acc)
+    return y.to(x.dtype)
+
+
+def add_rms_norm(
+    x: Tensor,
+    residual: Tensor,
+    normalized_shape: Union[int, Sequence[int]],
+    weight: Optional[Tensor] = None,
+    eps: Optional[float] = None,
+) -> Tuple[Tensor, Tensor]:
+    """(rms_norm(x + residual), x + residual): the pre-norm residual stream of a Llama block."""
+    s = x + residual
+    return rms_norm(s, normalized_shape, weight, eps), s
+
+
+def rotate_half(x: Tensor, interleaved: bool = False) -> Tensor:
+    """(-x2, x1) on the pairs of the last dim: halves (x1, x2) = (x[:D/2], x[D/2:]), or with
+    ``interleaved`` the adjacent pairs (x[2i], x[2i+1])."""
+    if interleaved:
+        p = x.unflatten(-1, (-1, 2))
+        return torch.stack((-p[..., 1], p[..., 0]), -1).flatten(-2)
+    x1, x2 = x.chunk(2, -1)
+    return torch.cat((-x2, x1), -1)
+
+
+def apply_rotary(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = False
+) -> Tuple[Tensor, Tensor]:
+    """(x * cos + rotate_half(x) * sin) on the first ``Dr = cos.shape[-1]`` dims of each head of
+    q (B, H, L, D) and k (B, H_kv, L, D), the rest passed through; cos, sin (B or 1, L, Dr) or
+    (L, Dr), broadcast over heads; computed in float32 (float64)."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    c = (cos.unsqueeze(0) if cos.dim() == 2 else cos).unsqueeze(1).to(acc)
+    s = (sin.unsqueeze(0) if sin.dim() == 2 else sin).unsqueeze(1).to(acc)
+    dr = cos.shape[-1]
+
+    def one(x):
+        xf = x.to(acc)
+        xr = xf[..., :dr]
+        out = torch.cat((xr * c + rotate_half(xr, interleaved) * s, xf[..., dr:]), -1)
+        return out.to(x.dtype)
+
+    return one(q), one(k)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up: the activation of a SwiGLU MLP (Llama's), in float32 (float64)."""
+    acc = torch.float64 if gate.dtype == torch.float64 else torch.float32
+    return (torch.nn.functional.silu(gate.to(acc)) * up.to(acc)).to(gate.dtype)
 
 
 def attention(

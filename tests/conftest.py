@@ -40,7 +40,7 @@ def calls(monkeypatch):
     import pyformer.functional as PF
 
     counts = {}
-    for name in ("attention", "layer_norm", "add_layer_norm"):
+    for name in ("attention", "layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm"):
         orig = getattr(PF, name)
 
         def wrap(*a, __orig=orig, __name=name, **k):

@@ -70,6 +70,15 @@ def _samples(device):
         (P.layer_norm, (t(4, 7, 16), [7, 16], None, None, 1e-5)),
         (P.layer_norm_backward, (t(4, 16), t(4, 16), t(4), t(4).abs() + 0.5, t(16), [16])),
         (P.add_layer_norm, (t(4, 16), t(4, 16), [16], t(16), t(16), 1e-5)),
+        (P.rms_norm, (t(4, 7, 16), [16], t(16), None)),
+        (P.rms_norm, (t(4, 7, 16), [7, 16], None, 1e-6)),
+        (P.rms_norm_backward, (t(4, 16), t(4, 16), t(4).abs() + 0.5, t(16), [16])),
+        (P.add_rms_norm, (t(4, 16), t(4, 16), [16], t(16), None)),
+        (P.apply_rotary, (t(2, 4, 5, 8), t(2, 2, 5, 8), t(1, 5, 8), t(1, 5, 8), False)),
+        (P.apply_rotary, (t(2, 5, 4, 8).transpose(1, 2), t(2, 2, 5, 8), t(5, 4), t(5, 4), True)),
+        (P.apply_rotary_backward, (t(2, 4, 5, 8), t(2, 2, 5, 8), t(2, 5, 6), t(2, 5, 6), False)),
+        (P.swiglu, (t(3, 7), t(3, 7))),
+        (P.swiglu_backward, (t(3, 7), t(3, 7), t(3, 7))),
         (P.attention, (q, k, v, pad, 0.35, False, kl, 0.0)),
         (P.attention, (q, k, v, t(2, 1, 4, 5), 0.35, True, None, 0.0)),
         (
@@ -145,7 +154,17 @@ def test_gradient_penalty_matches_torch():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
-    forward = (P.scaled_qk, P.masked_softmax, P.layer_norm, P.add_layer_norm, P.attention)
+    forward = (
+        P.scaled_qk,
+        P.masked_softmax,
+        P.layer_norm,
+        P.add_layer_norm,
+        P.rms_norm,
+        P.add_rms_norm,
+        P.apply_rotary,
+        P.swiglu,
+        P.attention,
+    )
     for op, args in _samples(device):
         # forward ops with differentiable inputs (their autograd is checked); backward ops plain
         grad = op in forward

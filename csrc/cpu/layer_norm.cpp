@@ -1,8 +1,11 @@
-// layer_norm and add_layer_norm on the CPU: the row kernels behind kernels::layer_norm_fwd / _bwd.
+// layer_norm, add_layer_norm, rms_norm and add_rms_norm on the CPU: the row kernels behind
+// kernels::layer_norm_fwd / _bwd.
 //
 //   x (..., *normalized_shape) viewed as (R, N) rows; weight, bias (*normalized_shape) optional
 //   y = (x - mean) * rstd * weight + bias, mean and rstd (float32; float64 for float64 x) per row
 //   add_layer_norm: s = x + residual (written out, rounded to x's dtype) and y = layer_norm(s)
+//   RMS norm (no mean tensor): mean = 0 and rstd = 1 / sqrt(mean(x^2) + eps), no bias; one pass
+//   fewer over the cached row in the forward, and no mean(g) term and no dbias in the backward
 //
 // Algorithm (forward): rows are split across threads; each row is read once from memory into a
 // float buffer (for float32/float64 the row itself, or the just-written s, serves), then the mean
@@ -173,15 +176,20 @@ void layer_norm_forward_rows(const scalar_t* x, const scalar_t* res, scalar_t* s
         for (int64_t j = 0; j < N; ++j) buf[j] = static_cast<acc_t>(xr[j]);
         row = buf.data();
       }
-      // corrected two-pass: the centred sum refines the mean (a constant row gets its value as
-      // mean exactly, so y == bias exactly) and the variance
-      const acc_t mu0 = vsum(row, N) / N;
-      const auto [c1, c2] = vsum_dev(row, N, mu0);
-      const acc_t dm = c1 / N;
-      const acc_t mu = mu0 + dm;
-      const acc_t var = std::max(acc_t(0), c2 / N - dm * dm);
-      const acc_t rs = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
-      mean[r] = mu;
+      acc_t mu = 0, rs;
+      if (mean == nullptr) {  // RMS: the mean square, blocked and compensated like the variance
+        rs = acc_t(1) / std::sqrt(vsum_dev(row, N, acc_t(0)).second / N + static_cast<acc_t>(eps));
+      } else {
+        // corrected two-pass: the centred sum refines the mean (a constant row gets its value as
+        // mean exactly, so y == bias exactly) and the variance
+        const acc_t mu0 = vsum(row, N) / N;
+        const auto [c1, c2] = vsum_dev(row, N, mu0);
+        const acc_t dm = c1 / N;
+        mu = mu0 + dm;
+        const acc_t var = std::max(acc_t(0), c2 / N - dm * dm);
+        rs = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
+        mean[r] = mu;
+      }
       rstd[r] = rs;
       scalar_t* yr = y + r * N;
       auto scalar = [&](int64_t j) {
@@ -209,8 +217,8 @@ void layer_norm_forward_rows(const scalar_t* x, const scalar_t* res, scalar_t* s
 void layer_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& s,
                         const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& y,
                         const at::Tensor& mean, const at::Tensor& rstd, double eps) {
-  const int64_t R = mean.numel(), N = x.numel() / R;  // R, N > 0 (the host's contract)
-  const at::ScalarType acc = mean.scalar_type();
+  const int64_t R = rstd.numel(), N = x.numel() / R;  // R, N > 0 (the host's contract)
+  const at::ScalarType acc = rstd.scalar_type();
   const at::Tensor w = as_acc(weight, acc), b = as_acc(bias, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -219,16 +227,17 @@ void layer_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& residual, const a
         residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr,
         s.defined() ? s.mutable_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(),
         w.defined() ? w.const_data_ptr<acc_t>() : nullptr,
-        b.defined() ? b.const_data_ptr<acc_t>() : nullptr, mean.mutable_data_ptr<acc_t>(),
-        rstd.mutable_data_ptr<acc_t>(), R, N, eps);
+        b.defined() ? b.const_data_ptr<acc_t>() : nullptr,
+        mean.defined() ? mean.mutable_data_ptr<acc_t>() : nullptr, rstd.mutable_data_ptr<acc_t>(),
+        R, N, eps);
   });
 }
 
 void layer_norm_bwd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
                         const at::Tensor& rstd, const at::Tensor& weight, const at::Tensor& dx,
                         const at::Tensor& dweight, const at::Tensor& dbias) {
-  const int64_t R = mean.numel(), N = x.numel() / R;
-  const at::ScalarType acc = mean.scalar_type();
+  const int64_t R = rstd.numel(), N = x.numel() / R;
+  const at::ScalarType acc = rstd.scalar_type();
   // Fixed block count (independent of the thread count), capped so the partials stay <= 256 MB.
   const int64_t nblk = std::max<int64_t>(1, std::min<int64_t>({R, 32, (int64_t(32) << 20) / N}));
   const at::Tensor w = as_acc(weight, acc);
@@ -237,7 +246,9 @@ void layer_norm_bwd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::T
         using acc_t = acc_type<scalar_t>;
         const scalar_t* X = x.const_data_ptr<scalar_t>();
         const scalar_t* G = grad.const_data_ptr<scalar_t>();
-        const acc_t* MU = mean.const_data_ptr<acc_t>();
+        // no mean: the RMS norm (mean 0, no mean(g) term, no dbias)
+        const acc_t* MU = mean.defined() ? mean.const_data_ptr<acc_t>() : nullptr;
+        const bool center = MU != nullptr;
         const acc_t* RS = rstd.const_data_ptr<acc_t>();
         const acc_t* W = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
         scalar_t* DX = dx.mutable_data_ptr<scalar_t>();
@@ -258,7 +269,7 @@ void layer_norm_bwd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::T
               const scalar_t* xr = X + r * N;
               const scalar_t* gr = G + r * N;
               scalar_t* dxr = DX + r * N;
-              const acc_t mu = MU[r], rs = RS[r];
+              const acc_t mu = center ? MU[r] : acc_t(0), rs = RS[r];
               if constexpr (std::is_same_v<scalar_t, acc_t>) {
                 // float32 / float64: two vectorized passes over the cached row; xhat and g are
                 // recomputed in the second rather than stored
@@ -274,22 +285,26 @@ void layer_norm_bwd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::T
                     const Vec dy = Vec::loadu(gr + j), xhv = (Vec::loadu(xr + j) - vmu) * vrs;
                     const Vec gv = W ? dy * Vec::loadu(W + j) : dy;
                     at::vec::fmadd(dy, xhv, Vec::loadu(dw + j)).store(dw + j);
-                    (Vec::loadu(db + j) + dy).store(db + j);
-                    vsg = vsg + gv;
+                    if (center) {
+                      (Vec::loadu(db + j) + dy).store(db + j);
+                      vsg = vsg + gv;
+                    }
                     vsgx = at::vec::fmadd(gv, xhv, vsgx);
                   }
                   acc_t sg = hsum(vsg), sgx = hsum(vsgx);
                   for (; j < j1; ++j) {
                     const acc_t dy = gr[j], xhv = (xr[j] - mu) * rs, gv = W ? dy * W[j] : dy;
                     dw[j] += dy * xhv;
-                    db[j] += dy;
-                    sg += gv;
+                    if (center) {
+                      db[j] += dy;
+                      sg += gv;
+                    }
                     sgx += gv * xhv;
                   }
                   tsg.add(sg);
                   tsgx.add(sgx);
                 }
-                const acc_t a = tsg.value() / N, c = tsgx.value() / N;
+                const acc_t a = center ? tsg.value() / N : acc_t(0), c = tsgx.value() / N;
                 const Vec va(a), vc(c);
                 int64_t j = 0;
                 for (; j + Vec::size() <= N; j += Vec::size()) {
@@ -307,9 +322,10 @@ void layer_norm_bwd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::T
                   xh[j] = (static_cast<acc_t>(xr[j]) - mu) * rs;
                   g[j] = W ? dy * W[j] : dy;
                   dw[j] += dy * xh[j];
-                  db[j] += dy;
+                  if (center) db[j] += dy;
                 }
-                const acc_t sg = vsum(g.data(), N), sgx = vdot(g.data(), xh.data(), N);
+                const acc_t sg = center ? vsum(g.data(), N) : acc_t(0);
+                const acc_t sgx = vdot(g.data(), xh.data(), N);
                 const acc_t a = sg / N, c = sgx / N;
                 for (int64_t j = 0; j < N; ++j)
                   dxr[j] = static_cast<scalar_t>(rs * (g[j] - a - xh[j] * c));
@@ -320,7 +336,7 @@ void layer_norm_bwd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::T
         // a fixed-order reduction over the blocks (block 0 first), columns in chunks so the
         // inner loop runs along contiguous partials
         scalar_t* GW = dweight.mutable_data_ptr<scalar_t>();
-        scalar_t* GB = dbias.mutable_data_ptr<scalar_t>();
+        scalar_t* GB = dbias.defined() ? dbias.mutable_data_ptr<scalar_t>() : nullptr;
         constexpr int64_t kChunk = 256;
         at::parallel_for(0, (N + kChunk - 1) / kChunk, 16, [&](int64_t c0, int64_t c1) {
           acc_t sw[kChunk], sb[kChunk];
@@ -336,10 +352,9 @@ void layer_norm_bwd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::T
                 sb[j] += db[j];
               }
             }
-            for (int64_t j = 0; j < n; ++j) {
-              GW[j0 + j] = static_cast<scalar_t>(sw[j]);
-              GB[j0 + j] = static_cast<scalar_t>(sb[j]);
-            }
+            for (int64_t j = 0; j < n; ++j) GW[j0 + j] = static_cast<scalar_t>(sw[j]);
+            if (GB)
+              for (int64_t j = 0; j < n; ++j) GB[j0 + j] = static_cast<scalar_t>(sb[j]);
           }
         });
       });

@@ -1,9 +1,11 @@
-// pyformer CUDA: layer_norm and add_layer_norm, forward and backward.
+// pyformer CUDA: layer_norm, add_layer_norm, rms_norm and add_rms_norm, forward and backward.
 //
 // What it computes (docs/ops.md; torch.nn.functional.layer_norm's function):
 //   layer_norm:      y = (x - mean) * rstd * weight + bias, per row of N = prod(normalized_shape)
 //                    mean, rstd = 1 / sqrt(biased var + eps) saved in float32 (float64 for double)
 //   add_layer_norm:  s = x + residual (rounded to x's dtype), y = layer_norm(s); returns y and s
+//   rms_norm:        no mean pointer: mean = 0, rstd = 1 / sqrt(mean(x^2) + eps), no bias; the
+//                    backward drops the mean(g) term and dbias (csrc/kernels.h)
 //   backward:        xhat = (x - mean) * rstd, g = dy * weight
 //                    dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
 //                    dweight = sum_rows(dy * xhat), dbias = sum_rows(dy)  (shape normalized_shape,
@@ -105,7 +107,8 @@ __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads
         }
       }
     }
-    const A mean0 = RowMap<WARP>::sum(sum, smem) * inv_n;
+    const bool rms = mean_out == nullptr;  // uniform over the row's threads
+    const A mean0 = rms ? A(0) : RowMap<WARP>::sum(sum, smem) * inv_n;
     A c1 = A(0), sq = A(0);
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {
@@ -121,13 +124,13 @@ __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads
     }
     // corrected two-pass: the centred sum refines the mean (a constant row gets mean == its
     // value exactly, so y == 0 exactly)
-    const A dm = RowMap<WARP>::sum(c1, smem) * inv_n;
-    A var = RowMap<WARP>::sum(sq, smem) * inv_n - dm * dm;
+    const A dm = rms ? A(0) : RowMap<WARP>::sum(c1, smem) * inv_n;
+    A var = RowMap<WARP>::sum(sq, smem) * inv_n - dm * dm;  // rms: the mean square
     if (var < A(0)) var = A(0);
     const A mean = mean0 + dm;
     const A rstd = acc_rsqrt(var + eps);
     if (tid == 0) {
-      mean_out[row] = mean;
+      if (!rms) mean_out[row] = mean;
       rstd_out[row] = rstd;
     }
 #pragma unroll
@@ -184,7 +187,8 @@ __global__ void __launch_bounds__(kLongThreads, 1)
       for (int e = 0; e < VEC; ++e) part += static_cast<A>(in.v[e]) - shift;
       s1.add(part);
     }
-    const A mean0 = shift + block_allreduce_sum(s1.value(), smem) * inv_n;
+    const bool rms = mean_out == nullptr;
+    const A mean0 = rms ? A(0) : shift + block_allreduce_sum(s1.value(), smem) * inv_n;
     // pass 2 (an L2 re-read): sums centred on mean0 -- the exact two-pass variance, and the
     // mean refined by the centred sum
     CompensatedSum<A> c1, c2;
@@ -200,13 +204,13 @@ __global__ void __launch_bounds__(kLongThreads, 1)
       c1.add(p1);
       c2.add(p2);
     }
-    const A dm = block_allreduce_sum(c1.value(), smem) * inv_n;
-    A var = block_allreduce_sum(c2.value(), smem) * inv_n - dm * dm;
+    const A dm = rms ? A(0) : block_allreduce_sum(c1.value(), smem) * inv_n;
+    A var = block_allreduce_sum(c2.value(), smem) * inv_n - dm * dm;  // rms: the mean square
     if (var < A(0)) var = A(0);
     const A mean = mean0 + dm;
     const A rstd = acc_rsqrt(var + eps);
     if (threadIdx.x == 0) {
-      mean_out[row] = mean;
+      if (!rms) mean_out[row] = mean;
       rstd_out[row] = rstd;
     }
     // pass 3: normalize and write
@@ -244,7 +248,7 @@ __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads
   const A inv_n = A(1) / static_cast<A>(N);
   for (int64_t row = RowMap<WARP>::first_row(); row < rows; row += RowMap<WARP>::row_step()) {
     const int64_t base = row * N;
-    const A mu = mean[row], rs = rstd[row];
+    const A mu = mean ? mean[row] : A(0), rs = rstd[row];  // no mean: the RMS norm
     A xh[CHUNKS * VEC], g[CHUNKS * VEC];
     A sg = A(0), sgx = A(0);
 #pragma unroll
@@ -266,7 +270,7 @@ __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads
         }
       }
     }
-    const A mg = RowMap<WARP>::sum(sg, smem) * inv_n;
+    const A mg = mean ? RowMap<WARP>::sum(sg, smem) * inv_n : A(0);
     const A mgx = RowMap<WARP>::sum(sgx, smem) * inv_n;
     store_row<T, VEC, CHUNKS, WARP>(dx + base, N,
                                     [&](int i) { return rs * (g[i] - mg - xh[i] * mgx); });
@@ -286,7 +290,7 @@ __global__ void __launch_bounds__(kLongThreads, 1)
   const A inv_n = A(1) / static_cast<A>(N);
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t base = row * N;
-    const A mu = mean[row], rs = rstd[row];
+    const A mu = mean ? mean[row] : A(0), rs = rstd[row];  // no mean: the RMS norm
     CompensatedSum<A> sg, sgx;
     for (int64_t j0 = int64_t(threadIdx.x) * VEC; j0 < N; j0 += step) {
       const V xv = load_vec<T, VEC>(x + base, j0);
@@ -304,7 +308,7 @@ __global__ void __launch_bounds__(kLongThreads, 1)
       sg.add(pg);
       sgx.add(pgx);
     }
-    const A mg = block_allreduce_sum(sg.value(), smem) * inv_n;
+    const A mg = mean ? block_allreduce_sum(sg.value(), smem) * inv_n : A(0);
     const A mgx = block_allreduce_sum(sgx.value(), smem) * inv_n;
     for (int64_t j0 = int64_t(threadIdx.x) * VEC; j0 < N; j0 += step) {
       const V xv = load_vec<T, VEC>(x + base, j0);
@@ -341,7 +345,7 @@ __global__ void __launch_bounds__(kTileCols* kTileRows, 2)
   if (col < N) {
     for (int64_t r = r_begin + threadIdx.y; r < r_end; r += kTileRows) {
       const A g = static_cast<A>(dy[r * N + col]);
-      const A xh = (static_cast<A>(x[r * N + col]) - mean[r]) * rstd[r];
+      const A xh = (static_cast<A>(x[r * N + col]) - (mean ? mean[r] : A(0))) * rstd[r];
       dw += g * xh;
       db += g;
     }
@@ -374,7 +378,7 @@ __global__ void ln_bwd_gb_final_kernel(const acc_t<T>* __restrict__ part_dw,
       sb += part_db[p * N + col];
     }
     dw[col] = static_cast<T>(sw);
-    db[col] = static_cast<T>(sb);
+    if (db) db[col] = static_cast<T>(sb);
   }
 }
 
@@ -424,7 +428,7 @@ void launch_ln_bwd_dx(const T* dy, const T* x, const acc_t<T>* mean, const acc_t
 void layer_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& res, const at::Tensor& s,
                          const at::Tensor& w, const at::Tensor& b, const at::Tensor& y,
                          const at::Tensor& mean, const at::Tensor& rstd, double eps) {
-  const int64_t rows = mean.numel(), N = x.numel() / rows;  // rows, N > 0 (the host's contract)
+  const int64_t rows = rstd.numel(), N = x.numel() / rows;  // rows, N > 0 (the host's contract)
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_cuda", [&] {
         using A = acc_t<scalar_t>;
@@ -435,7 +439,7 @@ void layer_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& res, const at::T
         const scalar_t* wp = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
         const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
         scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-        A* mp = mean.mutable_data_ptr<A>();
+        A* mp = mean.defined() ? mean.mutable_data_ptr<A>() : nullptr;  // null: RMS norm
         A* rsp = rstd.mutable_data_ptr<A>();
         if (can_vectorize(N, V, {xp, rp, sp, wp, bp, yp})) {
           launch_ln_fwd<scalar_t, V>(xp, rp, sp, wp, bp, yp, mp, rsp, rows, N, eps);
@@ -448,7 +452,7 @@ void layer_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& res, const at::T
 void layer_norm_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
                          const at::Tensor& rstd, const at::Tensor& w, const at::Tensor& dx,
                          const at::Tensor& dw, const at::Tensor& db) {
-  const int64_t rows = mean.numel(), N = x.numel() / rows;  // rows, N > 0 (the host's contract)
+  const int64_t rows = rstd.numel(), N = x.numel() / rows;  // rows, N > 0 (the host's contract)
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // Row slices for the dweight/dbias partials: enough blocks to fill the GPU ~4 times over, each
   // slice at least 32 rows, so the partial buffer stays small next to x.
@@ -457,8 +461,8 @@ void layer_norm_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Te
   parts = std::max<int64_t>(1, std::min<int64_t>({parts, ceil_div(rows, 32), 65535}));
   const int64_t rows_per_part = ceil_div(rows, parts);
   parts = ceil_div(rows, rows_per_part);
-  at::Tensor part_dw = at::empty({parts, N}, mean.options());
-  at::Tensor part_db = at::empty({parts, N}, mean.options());
+  at::Tensor part_dw = at::empty({parts, N}, rstd.options());
+  at::Tensor part_db = at::empty({parts, N}, rstd.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_backward_cuda", [&] {
@@ -467,7 +471,7 @@ void layer_norm_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Te
         const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
         const scalar_t* xp = x.const_data_ptr<scalar_t>();
         const scalar_t* wp = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
-        const A* mp = mean.const_data_ptr<A>();
+        const A* mp = mean.defined() ? mean.const_data_ptr<A>() : nullptr;  // null: RMS norm
         const A* rsp = rstd.const_data_ptr<A>();
         scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
         if (can_vectorize(N, V, {dyp, xp, wp, dxp})) {
@@ -484,7 +488,8 @@ void layer_norm_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Te
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         ln_bwd_gb_final_kernel<scalar_t><<<grid_for(N, 256), 256, 0, stream>>>(
             part_dw.const_data_ptr<A>(), part_db.const_data_ptr<A>(), parts, N,
-            dw.mutable_data_ptr<scalar_t>(), db.mutable_data_ptr<scalar_t>());
+            dw.mutable_data_ptr<scalar_t>(),
+            db.defined() ? db.mutable_data_ptr<scalar_t>() : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
 }

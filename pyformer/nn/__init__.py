@@ -1,6 +1,6 @@
 """pyformer's drop-in PyTorch modules, on pyformer's kernels.
 
-- :class:`LayerNorm`, :class:`MultiheadAttention`: drop-in replacements for the PyTorch modules
+- :class:`LayerNorm`, :class:`RMSNorm`, :class:`MultiheadAttention`: drop-in replacements for the PyTorch modules
   of the same names (subclasses, state_dict-compatible); :func:`pyformer.convert` swaps them into
   an existing model.
 - :func:`set_backend` switches a model between pyformer's kernels (``"pyformer"``) and the
@@ -18,12 +18,13 @@ Importing this package costs little beyond ``import pyformer`` (which loads the 
 
 from ._backend import BACKENDS, set_backend
 from .errors import AttentionShapeError, MaskDtypeError, ShapeError
-from .layers import LayerNorm, MultiheadAttention
+from .layers import LayerNorm, MultiheadAttention, RMSNorm
 
 __all__ = [
     "BACKENDS",
     "set_backend",
     "LayerNorm",
+    "RMSNorm",
     "MultiheadAttention",
     "ShapeError",
     "AttentionShapeError",

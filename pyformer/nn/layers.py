@@ -1,6 +1,7 @@
-"""Drop-in replacements for ``torch.nn.LayerNorm`` and ``torch.nn.MultiheadAttention``.
+"""Drop-in replacements for ``torch.nn.LayerNorm``, ``torch.nn.RMSNorm`` and
+``torch.nn.MultiheadAttention``.
 
-Both subclass the PyTorch module they replace: same constructor arguments, same parameters and
+Each subclasses the PyTorch module they replace: same constructor arguments, same parameters and
 buffers, same ``state_dict`` keys and the same attributes that PyTorch's own Transformer layers
 read (``batch_first``, ``_qkv_same_embed_dim``, ``in_proj_bias``, ...). Only ``forward`` differs:
 it runs pyformer's kernels. An input the kernels do not take (a dtype or device they were not
@@ -23,7 +24,7 @@ import torch.nn.functional as TF
 from ._backend import BackendMixin, kernels_support, uniform
 from .errors import AttentionShapeError, MaskDtypeError, ShapeError
 
-__all__ = ["LayerNorm", "MultiheadAttention"]
+__all__ = ["LayerNorm", "RMSNorm", "MultiheadAttention"]
 
 
 class LayerNorm(BackendMixin, torch.nn.LayerNorm):
@@ -104,6 +105,73 @@ class LayerNorm(BackendMixin, torch.nn.LayerNorm):
         runs on any)."""
         x = tensors[0]
         if not (x.is_floating_point() and uniform(x, tensors) and 0.0 <= self.eps < math.inf):
+            return False
+        return self.backend == "reference" or kernels_support(tensors)
+
+
+class RMSNorm(BackendMixin, torch.nn.RMSNorm):
+    r"""RMS normalization over the trailing dims, on :func:`pyformer.functional.rms_norm`.
+
+    .. math::
+        y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} * \gamma
+
+    A drop-in for :class:`torch.nn.RMSNorm` (it subclasses it): the same arguments, parameter
+    (``weight``) and ``state_dict`` keys. Like :class:`LayerNorm` it adds the fused residual add
+    of a pre-norm block: ``norm(x, residual=r)`` returns ``rms_norm(x + r)``, and
+    :meth:`add_norm` returns the sum too, both from :func:`pyformer.functional.add_rms_norm`.
+
+    An input the kernels do not take runs :func:`torch.nn.functional.rms_norm`, with PyTorch's
+    answer or error (a dtype other than the weight's, an integer input, another device, a
+    negative or non-finite ``eps``). Trailing dims that are not ``normalized_shape`` raise
+    :class:`pyformer.nn.ShapeError` (a ``RuntimeError``, as PyTorch's module raises).
+
+    Args:
+        normalized_shape (int or list or torch.Size): the trailing shape normalized over.
+        eps (float, optional): added to the mean square; None is the machine epsilon of the
+            computation type, as in PyTorch. Default: ``None``
+        elementwise_affine (bool): a learnable per-element ``weight`` (init 1). Default: ``True``
+        device, dtype: factory arguments of the parameter.
+
+    Examples::
+
+        >>> norm = pyformer.nn.RMSNorm(4096)
+        >>> y = norm(torch.randn(8, 20, 4096))
+        >>> y, s = norm.add_norm(attn_out, residual=x)   # rms_norm(attn_out + x), attn_out + x
+    """
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if torch.jit.is_scripting():
+            if residual is not None:
+                x = x + residual
+            return TF.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        return self._forward(x, residual)
+
+    @torch.jit.unused
+    def _forward(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+        if residual is not None:
+            return self.add_norm(x, residual)[0]
+        if not self._kernels_take((x, self.weight)):
+            return super().forward(x)
+        try:
+            return self.F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        except ValueError as e:  # a shape: raised as the RuntimeError torch.nn.RMSNorm raises
+            raise ShapeError(str(e)) from e
+
+    def add_norm(self, x: Tensor, residual: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(rms_norm(x + residual), x + residual)`` in one pass."""
+        if not self._kernels_take((x, residual, self.weight)):
+            s = x + residual
+            return super().forward(s), s
+        try:
+            return self.F.add_rms_norm(x, residual, self.normalized_shape, self.weight, self.eps)
+        except ValueError as e:
+            raise ShapeError(str(e)) from e
+
+    def _kernels_take(self, tensors: Sequence[Optional[Tensor]]) -> bool:
+        """As :meth:`LayerNorm._kernels_take`, with ``eps`` None allowed."""
+        x = tensors[0]
+        eps_ok = self.eps is None or 0.0 <= self.eps < math.inf
+        if not (x.is_floating_point() and uniform(x, tensors) and eps_ok):
             return False
         return self.backend == "reference" or kernels_support(tensors)
 

@@ -8,6 +8,6 @@ Importing this package loads the compiled library and registers the fake kernels
 import torch
 
 from .. import _C  # noqa: F401  (loads the library: the schemas, kernels and autograd)
-from . import attention, layer_norm, masked_softmax, scaled_qk  # noqa: F401
+from . import attention, layer_norm, masked_softmax, rotary, scaled_qk, swiglu  # noqa: F401
 
 ops = torch.ops.pyformer

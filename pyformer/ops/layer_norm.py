@@ -1,7 +1,8 @@
-"""layer_norm and add_layer_norm: fake kernels.
+"""layer_norm, add_layer_norm, rms_norm and add_rms_norm: fake kernels.
 
-Forward returns float32 mean and rstd per row (float64 for float64 input); backward is the op
-layer_norm_backward, returning dx, dweight and dbias. Autograd: csrc/host/layer_norm.cpp.
+Forward returns float32 mean and rstd per row (float64 for float64 input; rms_norm has no mean);
+backward is the op layer_norm_backward, returning dx, dweight and dbias (rms_norm_backward: dx and
+dweight). Autograd: csrc/host/layer_norm.cpp.
 """
 
 import torch
@@ -54,3 +55,25 @@ def _add_layer_norm_fake(x, residual, normalized_shape, weight, bias, eps):
     same_device("add_layer_norm", "x", x, residual=residual)
     y, mean, rstd = _outputs("add_layer_norm", x, normalized_shape, weight, bias)
     return y, torch.empty_like(x, memory_format=torch.contiguous_format), mean, rstd
+
+
+@torch.library.register_fake("pyformer::rms_norm")
+def _rms_norm_fake(x, normalized_shape, weight, eps):
+    y, _, rstd = _outputs("rms_norm", x, normalized_shape, weight, None)
+    return y, rstd
+
+
+@torch.library.register_fake("pyformer::rms_norm_backward")
+def _rms_norm_backward_fake(grad, x, rstd, weight, normalized_shape):
+    same_device("rms_norm_backward", "x", x, grad=grad, rstd=rstd, weight=weight)
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        x.new_empty(tuple(normalized_shape)),
+    )
+
+
+@torch.library.register_fake("pyformer::add_rms_norm")
+def _add_rms_norm_fake(x, residual, normalized_shape, weight, eps):
+    same_device("add_rms_norm", "x", x, residual=residual)
+    y, _, rstd = _outputs("add_rms_norm", x, normalized_shape, weight, None)
+    return y, torch.empty_like(x, memory_format=torch.contiguous_format), rstd
