@@ -233,8 +233,9 @@ __global__ void __launch_bounds__(kLongThreads, 1)
 
 // ---- backward kernels ---------------------------------------------------------------------------
 
-// dx for register-resident rows.
-template <typename T, int VEC, int CHUNKS, bool WARP>
+// dx for register-resident rows; CENTER = false: the RMS norm (no mean, no mean(g) term), an
+// instantiation of its own so that the layer norm's kernels keep their registers.
+template <typename T, int VEC, int CHUNKS, bool WARP, bool CENTER>
 __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads,
                                   row_min_blocks<T, WARP, VEC>())
     ln_bwd_dx_regs_kernel(const T* __restrict__ dy, const T* __restrict__ x,
@@ -248,7 +249,7 @@ __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads
   const A inv_n = A(1) / static_cast<A>(N);
   for (int64_t row = RowMap<WARP>::first_row(); row < rows; row += RowMap<WARP>::row_step()) {
     const int64_t base = row * N;
-    const A mu = mean ? mean[row] : A(0), rs = rstd[row];  // no mean: the RMS norm
+    const A mu = CENTER ? mean[row] : A(0), rs = rstd[row];
     A xh[CHUNKS * VEC], g[CHUNKS * VEC];
     A sg = A(0), sgx = A(0);
 #pragma unroll
@@ -270,7 +271,7 @@ __global__ void __launch_bounds__(WARP ? 32 * kWarpRowsPerBlock : kMaxRowThreads
         }
       }
     }
-    const A mg = mean ? RowMap<WARP>::sum(sg, smem) * inv_n : A(0);
+    const A mg = CENTER ? RowMap<WARP>::sum(sg, smem) * inv_n : A(0);
     const A mgx = RowMap<WARP>::sum(sgx, smem) * inv_n;
     store_row<T, VEC, CHUNKS, WARP>(dx + base, N,
                                     [&](int i) { return rs * (g[i] - mg - xh[i] * mgx); });
@@ -413,8 +414,15 @@ void launch_ln_bwd_dx(const T* dy, const T* x, const acc_t<T>* mean, const acc_t
   launch_rows<VEC, kDxBlockPath>(
       rows, N,
       [&](auto chunks, auto warp, unsigned grid, int threads) {
-        ln_bwd_dx_regs_kernel<T, VEC, decltype(chunks)::value, decltype(warp)::value>
-            <<<grid, threads, 0, stream>>>(dy, x, mean, rstd, w, dx, rows, N);
+        constexpr int C = decltype(chunks)::value;
+        constexpr bool W = decltype(warp)::value;
+        if (mean != nullptr) {
+          ln_bwd_dx_regs_kernel<T, VEC, C, W, true>
+              <<<grid, threads, 0, stream>>>(dy, x, mean, rstd, w, dx, rows, N);
+        } else {
+          ln_bwd_dx_regs_kernel<T, VEC, C, W, false>
+              <<<grid, threads, 0, stream>>>(dy, x, mean, rstd, w, dx, rows, N);
+        }
       },
       [&](unsigned grid, int threads) {
         ln_bwd_dx_long_kernel<T, VEC>
