@@ -636,6 +636,10 @@ def _per_call_configs() -> List[BenchConfig]:
     return [
         layer_norm_config(4, 128),
         add_layer_norm_config(4, 128),
+        rms_norm_config(4, 128),
+        add_rms_norm_config(4, 128),
+        rotary_config(4, 4, 2, 1, 32),
+        swiglu_config(4, 128),
         masked_softmax_config(4, 4, 16),
         scaled_qk_config(4, 4, 16, 32),
         attention_decode_config(4, 4, 1, 16, 32),
@@ -673,7 +677,16 @@ SWEEPS = {
         dtypes=("float32",),
         targets=tuple(
             Target(op, mode, "torch", 1 / 1.5)
-            for op in ("layer_norm", "add_layer_norm", "masked_softmax", "attention")
+            for op in (
+                "layer_norm",
+                "add_layer_norm",
+                "rms_norm",
+                "add_rms_norm",
+                "apply_rotary",
+                "swiglu",
+                "masked_softmax",
+                "attention",
+            )
             for mode in ("forward", "both")
         ),
     ),

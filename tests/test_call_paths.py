@@ -65,12 +65,37 @@ def _calls():
         q, k = (torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
         return (F.scaled_qk(q, k, 0.3),), (q, k)
 
+    def rms_norm():
+        x = torch.randn(3, 4, 16, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(16, dtype=torch.float64, requires_grad=True)
+        return (F.rms_norm(x, 16, w),), (x, w)
+
+    def add_rms_norm():
+        x, r = (torch.randn(3, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        w = torch.randn(16, dtype=torch.float64, requires_grad=True)
+        return F.add_rms_norm(x, r, [16], w, 1e-6), (x, r, w)
+
+    def apply_rotary():
+        q = torch.randn(2, 4, 3, 8, dtype=torch.float64, requires_grad=True)
+        k = torch.randn(2, 2, 3, 8, dtype=torch.float64, requires_grad=True)
+        cos = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+        sin = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+        return F.apply_rotary(q, k, cos, sin, interleaved=True), (q, k, cos, sin)
+
+    def swiglu():
+        g, u = (torch.randn(3, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        return (F.swiglu(g, u),), (g, u)
+
     return [
         ("attention", attention),
         ("masked_softmax", masked_softmax),
         ("layer_norm", layer_norm),
         ("add_layer_norm", add_layer_norm),
         ("scaled_qk", scaled_qk),
+        ("rms_norm", rms_norm),
+        ("add_rms_norm", add_rms_norm),
+        ("apply_rotary", apply_rotary),
+        ("swiglu", swiglu),
     ]
 
 
@@ -107,6 +132,10 @@ def test_direct_entry_used_outside_modes(monkeypatch):
     F.masked_softmax(x, causal=True)
     F.scaled_qk(q, q)
     F.attention(q, q, q, causal=True)
+    F.rms_norm(x, 8).sum().backward()
+    F.add_rms_norm(x, x, [8])
+    F.apply_rotary(q, q, torch.ones(3, 8), torch.zeros(3, 8))
+    F.swiglu(x, x)
 
 
 @pytest.mark.parametrize("mode", [False, True], ids=["direct", "torch_ops"])
