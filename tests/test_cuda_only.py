@@ -233,6 +233,113 @@ def test_add_layer_norm(N, dtype):
     assert torch.equal(s.cpu(), s_cpu)
 
 
+# ---- rms_norm / add_rms_norm, apply_rotary, swiglu ---------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("N", [3, 7, 97, 512, 1025, 4096, 8193, 20000])
+@pytest.mark.parametrize("weight", [True, False])
+def test_rms_norm_rows(N, dtype, weight):
+    """Every row path of the shared norm kernels (warp, block, long; vector and scalar loads),
+    with the mean left out; dweight deterministic; CUDA against the CPU kernels."""
+    gen = torch.Generator().manual_seed(N + 3)
+    x = randn(gen, 6, N) * 2 + 1
+    w = randn(gen, N) if weight else None
+    stat = 8 if dtype == torch.float64 else 4
+    v = verify(
+        lambda x, w: F.rms_norm(x, (N,), w),
+        lambda x, w: ref.rms_norm(x, (N,), w),
+        [x, w],
+        dtype=dtype,
+        device=CUDA,
+        ref_device=CUDA,
+        grad=[0, 1] if weight else [0],
+        generator=gen,
+        poison_bytes=([nbytes(x.shape, dtype), 6 * stat], [nbytes(x.shape, dtype)]),
+    )
+    v.assert_ok(f"rms_norm N={N}")
+    xd = v.inputs["arg0"].detach()
+    wd = v.inputs["arg1"]
+    y_cpu = F.rms_norm(xd.cpu(), (N,), to_cpu(wd))
+    assert rel_err(v.outputs["out0"], y_cpu) <= 2 * BOUND[dtype]
+    dy = torch.randn(xd.shape, generator=torch.Generator().manual_seed(1)).to(CUDA, dtype)
+    _, rstd = torch.ops.pyformer.rms_norm(xd, [N], wd, None)
+    outs = [torch.ops.pyformer.rms_norm_backward(dy, xd, rstd, wd, [N]) for _ in range(3)]
+    for o in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], o)), "not deterministic"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N", [64, 1000, 4096, 12000])
+def test_add_rms_norm(N, dtype):
+    gen = torch.Generator(device=CUDA).manual_seed(N + 5)
+    x = torch.randn((5, N), generator=gen, device=CUDA).to(dtype)
+    r = torch.randn((5, N), generator=gen, device=CUDA).to(dtype)
+    w = torch.randn(N, generator=gen, device=CUDA).to(dtype)
+    poison(CUDA, nbytes(x.shape, dtype), nbytes(x.shape, dtype), 5 * 4)
+    y, s = F.add_rms_norm(x, r, (N,), w)
+    s_ref = x + r
+    assert torch.equal(s, s_ref)
+    y64 = ref.rms_norm(s_ref.double(), (N,), w.double(), ref.default_rms_eps(dtype))
+    expect_close(y, y64, ref.add_rms_norm(x, r, (N,), w)[0], what=f"add_rms_norm N={N}")
+    y_cpu, s_cpu = F.add_rms_norm(x.cpu(), r.cpu(), (N,), w.cpu())
+    assert rel_err(y, y_cpu) <= 2 * BOUND[dtype]
+    assert torch.equal(s.cpu(), s_cpu)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize(
+    "shape", [(2, 8, 2, 33, 128, 128), (1, 3, 1, 5, 80, 32), (3, 4, 4, 1, 64, 64)]
+)
+def test_apply_rotary(dtype, interleaved, shape):
+    """The projection layout read and written in place, partial rotary, GQA, decoding; CUDA
+    against the CPU kernel."""
+    b, hq, hk, length, d, dr = shape
+    gen = torch.Generator().manual_seed(length * d + interleaved)
+    q = randn(gen, b, length, hq, d).transpose(1, 2)
+    k = randn(gen, b, length, hk, d).transpose(1, 2)
+    inv = 1.0 / 10000.0 ** (torch.arange(0, dr, 2, dtype=torch.float64) / dr)
+    f = torch.randint(0, 4096, (b, length), generator=gen).double()[..., None] * inv
+    emb = f.repeat_interleave(2, -1) if interleaved else torch.cat((f, f), -1)
+    cos, sin = emb.cos(), emb.sin()
+    v = verify(
+        lambda q, k, cos, sin: F.apply_rotary(q, k, cos, sin, interleaved=interleaved),
+        lambda q, k, cos, sin: ref.apply_rotary(q, k, cos, sin, interleaved=interleaved),
+        {"q": q, "k": k, "cos": cos, "sin": sin},
+        dtype=dtype,
+        device=CUDA,
+        grad=["q", "k"],
+        generator=gen,
+    )
+    v.assert_ok(f"apply_rotary {shape}")
+    qd, kd, cd, sd = (v.inputs[n].detach() for n in ("q", "k", "cos", "sin"))
+    q_cpu, k_cpu = F.apply_rotary(qd.cpu(), kd.cpu(), cd.cpu(), sd.cpu(), interleaved=interleaved)
+    assert rel_err(v.outputs["out0"], q_cpu) <= 2 * BOUND[dtype]
+    assert rel_err(v.outputs["out1"], k_cpu) <= 2 * BOUND[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("n", [1, 7, 4096, 100003])
+def test_swiglu(dtype, n):
+    """Vector and scalar paths (n not a multiple of the vector, a misaligned view); CUDA against
+    the CPU kernel."""
+    gen = torch.Generator().manual_seed(n)
+    gate, up = randn(gen, n + 1) * 4, randn(gen, n + 1)
+    v = verify(
+        lambda g, u: F.swiglu(g[1:], u[1:]),  # offset by one element: misaligned for vectors
+        lambda g, u: ref.swiglu(g[1:], u[1:]),
+        [gate, up],
+        dtype=dtype,
+        device=CUDA,
+        grad=[0, 1],
+        generator=gen,
+    )
+    v.assert_ok(f"swiglu n={n}")
+    g, u = (v.inputs[k].detach()[1:].cpu() for k in ("arg0", "arg1"))
+    assert rel_err(v.outputs["out0"], F.swiglu(g, u)) <= 2 * BOUND[dtype]
+
+
 # ---- scaled_qk ----------------------------------------------------------------------------------
 
 
