@@ -757,9 +757,9 @@ def patch(
 
     Example::
 
-        >>> model = AutoModelForCausalLM.from_pretrained("meta-llama/Llama-3.2-1B")
-        >>> pyformer.integrations.transformers.patch(model)   # 16 layers
-        {'rms_norm': 33, 'layer_norm': 0, 'rotary': 16, 'swiglu': 16, 'attention': 16, 'left': []}
+        >>> model = AutoModelForCausalLM.from_pretrained(path)  # or from a config
+        >>> pyformer.integrations.transformers.patch(model)      # a 2-layer Llama:
+        {'rms_norm': 5, 'layer_norm': 0, 'rotary': 2, 'swiglu': 2, 'attention': 2, 'left': []}
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(
