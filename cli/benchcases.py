@@ -296,8 +296,9 @@ def add_rms_norm_config(m: int, n: int) -> BenchConfig:
     return BenchConfig("add_rms_norm", "weight", shape_str((m, n)), n, "add+F.rms_norm", make)
 
 
-def _hf_rotary(q, k, cos, sin):
-    """Hugging Face's ``apply_rotary_pos_emb`` (Llama's), the composition users run."""
+def hf_apply_rotary_pos_emb(q, k, cos, sin):
+    """Hugging Face's ``apply_rotary_pos_emb`` (Llama's), the composition users run: the bench's
+    baseline and the tests' comparison."""
 
     def rotate_half(x):
         x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
@@ -326,7 +327,7 @@ def rotary_config(b: int, hq: int, hk: int, l: int, d: int) -> BenchConfig:
             {
                 "pyformer": Provider(lambda: pf.apply_rotary(q, k, cos, sin), [q, k]),
                 "textbook": Provider(lambda: ref.apply_rotary(q, k, cos, sin), [q, k]),
-                "torch": Provider(lambda: _hf_rotary(q, k, cos, sin), [q, k]),
+                "torch": Provider(lambda: hf_apply_rotary_pos_emb(q, k, cos, sin), [q, k]),
             },
             _f64(ref.apply_rotary, q, k, cos, sin),
             bytes=_modes(2 * nbytes(q, k) + nbytes(cos, sin), 2 * nbytes(q, k) + nbytes(cos, sin)),

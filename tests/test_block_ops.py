@@ -11,6 +11,7 @@ import torch
 import pyformer.functional as F
 import pyformer.reference as ref
 from conftest import DEVICES, compare, verify
+from pyformer.cli.benchcases import hf_apply_rotary_pos_emb
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
@@ -126,17 +127,6 @@ def _cos_sin(b, L, dr, *, interleaved=False, base=10000.0, offset=0):
     return emb.cos(), emb.sin()
 
 
-def _hf_rotary(q, k, cos, sin, unsqueeze_dim=1):
-    """Hugging Face's apply_rotary_pos_emb (Llama), run in the dtype: the composition users run."""
-
-    def rotate_half(x):
-        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-        return torch.cat((-x2, x1), dim=-1)
-
-    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
-
-
 ROT_SHAPES = [  # (B, Hq, Hk, L, D, Dr, cos batch)
     (2, 4, 4, 7, 64, 64, 1),
     (2, 8, 2, 5, 32, 32, 2),  # GQA, per-sequence positions
@@ -207,7 +197,7 @@ def test_apply_rotary_matches_hugging_face(device, dtype):
     k = torch.randn(2, 2, 11, 64, dtype=dtype, device=device)
     cos, sin = (t.to(device, dtype) for t in _cos_sin(2, 11, 64))
     got = F.apply_rotary(q, k, cos, sin)
-    want = _hf_rotary(q.double(), k.double(), cos.double(), sin.double())
+    want = hf_apply_rotary_pos_emb(q.double(), k.double(), cos.double(), sin.double())
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w.to(dtype), rtol=tol, atol=tol)
