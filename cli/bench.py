@@ -525,7 +525,9 @@ def _free(device: str) -> None:
     "attention too), 'quick' (tiny), 'cpu-targets' (the three CPU speed targets, "
     "float32), 'gpu-targets' (the GPU speed targets, bf16 and fp16), 'per-call' "
     "(tiny shapes: each op's per-call cost against torch's, float32), 'cpu-flash' "
-    "(attention at growing lengths and decode against torch's SDPA, float32), or sizes "
+    "(attention at growing lengths and decode against torch's SDPA, float32), "
+    "'flash-targets' (the CPU flash attention speed targets against SDPA), 'block-targets' "
+    "(the CPU targets of rms_norm, apply_rotary and swiglu, float32), or sizes "
     "such as 256,1024 used as both sequence lengths and hidden sizes. The target "
     "sweeps end with their targets, met or not.",
 )
@@ -625,9 +627,15 @@ def run_device(
     configs = sweep.configs(dev, ops)
     if not configs:
         raise click.UsageError(f"sweep '{sweep.name}' has nothing for --op {', '.join(ops)}")
-    rates = _rates(dev, dts, any(c.op in COMPUTE_OPS for c in configs), budget)
+    # a config's own dtypes, unless --dtype names them
+    work = [
+        (c, dt)
+        for c in configs
+        for dt in ([DTYPES[d] for d in c.dtypes] if c.dtypes and not dtypes else dts)
+    ]
+    used = list(dict.fromkeys(dt for _, dt in work))
+    rates = _rates(dev, used, any(c.op in COMPUTE_OPS for c in configs), budget)
     rows: List[BenchRow] = []
-    work = [(c, dt) for c in configs for dt in dts]
     with click.progressbar(
         work,
         label=f"bench {dev}",

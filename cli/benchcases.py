@@ -87,6 +87,7 @@ class BenchConfig:
     torch_label: str
     make: Callable[[torch.dtype, str, torch.Generator], Problem] = field(compare=False)
     modes: Optional[Tuple[str, ...]] = None  # this config's modes when --mode is not given
+    dtypes: Optional[Tuple[str, ...]] = None  # this config's dtypes when --dtype is not given
 
     @property
     def key(self) -> str:
@@ -410,9 +411,13 @@ def attention_config(
     return BenchConfig("attention", variant, f"q,k,v{shape_str((b, h, l, d))}", l, "F.sdpa", make)
 
 
-def attention_decode_config(b: int, h: int, lq: int, lk: int, d: int) -> BenchConfig:
+def attention_decode_config(
+    b: int, h: int, lq: int, lk: int, d: int, padded: bool = False
+) -> BenchConfig:
     """``attention`` of a few queries against a longer cache: q (B,H,Lq,D), k, v (B,H,Lk,D),
-    no mask (decode-sized calls, where the per-call cost is most of the time)."""
+    no mask (decode-sized calls, where the per-call cost is most of the time), or with
+    ``padded``, cache lengths drawn in [Lk/2, Lk] as ``key_lengths`` (the baselines get the
+    equivalent (B,1,1,Lk) bool mask)."""
 
     def make(dtype, device, g):
         import pyformer.functional as pf
@@ -420,21 +425,22 @@ def attention_decode_config(b: int, h: int, lq: int, lk: int, d: int) -> BenchCo
 
         q = _rand(g, (b, h, lq, d), dtype, device)
         k, v = (_rand(g, (b, h, lk, d), dtype, device) for _ in range(2))
+        lens, mask = _padding(g, b, lk, device) if padded else (None, None)
         flops = 4 * b * h * lq * lk * d
         providers = {
-            "pyformer": lambda: pf.attention(q, k, v),
-            "textbook": lambda: ref.attention(q, k, v, zero_masked_rows=False),
-            "torch": lambda: F.scaled_dot_product_attention(q, k, v),
+            "pyformer": lambda: pf.attention(q, k, v, key_lengths=lens),
+            "textbook": lambda: ref.attention(q, k, v, mask, zero_masked_rows=False),
+            "torch": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
         }
         return Problem(
             {name: Provider(fn, [q, k, v]) for name, fn in providers.items()},
-            _f64(ref.attention, q, k, v),
+            _f64(ref.attention, q, k, v, mask),
             flops=_modes(flops, 2 * flops),
+            bytes=_modes(nbytes(k, v), 2 * nbytes(k, v)),
         )
 
-    return BenchConfig(
-        "attention", f"decode, {lk} keys", f"q{shape_str((b, h, lq, d))}", lk, "F.sdpa", make
-    )
+    variant = f"decode, {lk} keys" + (", key_lengths in [L/2,L]" if padded else "")
+    return BenchConfig("attention", variant, f"q{shape_str((b, h, lq, d))}", lk, "F.sdpa", make)
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -532,6 +538,7 @@ class Target:
     metric: str
     at_least: float
     variant: str = ""
+    dtype: str = ""  # every dtype when empty
 
     def label(self) -> str:
         what = {"textbook": "x textbook", "torch": "x torch op", "copy": "% copy"}[self.metric]
@@ -539,7 +546,12 @@ class Target:
         return f"{self.op}{var} {self.mode}: >= {self.at_least:g}{what}"
 
     def matches(self, row) -> bool:
-        return row.op == self.op and row.mode == self.mode and self.variant in row.variant
+        return (
+            row.op == self.op
+            and row.mode == self.mode
+            and self.variant in row.variant
+            and self.dtype in ("", row.dtype)
+        )
 
     def measure(self, row) -> Optional[float]:
         """The row's value of the metric (None when it was not measured)."""
@@ -604,6 +616,22 @@ def _cpu_flash_configs() -> List[BenchConfig]:
     for lk in (4096, 16384):
         out.append(_with_modes(attention_decode_config(1, 8, 1, lk, 64), "forward"))
     return out
+
+
+def _flash_target_configs() -> List[BenchConfig]:
+    """The speed targets of flash attention on the CPU against torch's SDPA, exactly: causal
+    (1,8,4096,64) forward and forward+backward in float32 and forward in bfloat16; (8,12,512,64)
+    with key_lengths in [L/2, L] forward and forward+backward; decode, q (8,32,1,128) against a
+    (8,32,4096,128) cache with key_lengths."""
+    return [
+        dataclasses.replace(
+            attention_config(1, 8, 4096, 64, causal=True),
+            modes=("forward", "both"),
+            dtypes=("float32", "bfloat16"),
+        ),
+        _with_modes(attention_config(8, 12, 512, 64), "forward", "both"),
+        _with_modes(attention_decode_config(8, 32, 1, 4096, 128, padded=True), "forward"),
+    ]
 
 
 def _block_target_configs() -> List[BenchConfig]:
@@ -701,6 +729,20 @@ SWEEPS = {
         targets=(
             Target("attention", "forward", "torch", 1.0),
             Target("attention", "both", "torch", 1.0),
+        ),
+    ),
+    "flash-targets": FixedSweep(
+        "flash-targets",
+        (),
+        (),
+        make_configs=_flash_target_configs,
+        dtypes=("float32",),
+        targets=(
+            Target("attention", "forward", "torch", 1.1, "causal", "float32"),
+            Target("attention", "both", "torch", 1.0, "causal", "float32"),
+            Target("attention", "forward", "torch", 1.0, "causal", "bfloat16"),
+            Target("attention", "forward", "torch", 1.2, "key_lengths in [L/2,L]", "float32"),
+            Target("attention", "both", "torch", 1.2, "key_lengths in [L/2,L]", "float32"),
         ),
     ),
     "block-targets": FixedSweep(

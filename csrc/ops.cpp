@@ -71,8 +71,8 @@ TORCH_LIBRARY(pyformer, m) {
   // need_probs=False (no need_weights) returns an empty probs; outside autograd the device's flash
   // kernel then runs where it has one (the CPU), and the fused CPU kernel otherwise never writes
   // the (B,H,Lq,Lk) probs. When autograd records the call, its kernel either takes the flash
-  // algorithm (flash_attention below: no need_probs, no dropout, no mask gradient, a device with
-  // flash kernels) or asks for the probs itself, which the backward needs.
+  // algorithm (flash_attention below: no need_probs, no dropout, a device with flash kernels) or
+  // asks for the probs itself, which the backward needs.
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float? scale, int causal,"
       " Tensor? key_lengths, float dropout_p, bool need_probs=True) -> (Tensor, Tensor, Tensor)");
@@ -85,7 +85,9 @@ TORCH_LIBRARY(pyformer, m) {
       "Tensor)");
   // The flash algorithm of attention (no probabilities, no dropout): out and the log-sum-exp of
   // each query row, lse (B, H, Lq) in the statistics dtype (float32; float64 for float64), -inf
-  // for a fully masked row; the backward recomputes the probabilities from lse. k and v may have
+  // for a fully masked row; the backward recomputes the probabilities from lse and returns
+  // (dq, dk, dv, dlogits), dlogits (B, H, Lq, Lk) the gradient w.r.t. the logits when
+  // logits_grad (for a mask that requires grad; an empty tensor otherwise). k and v may have
   // fewer heads than q (grouped-query attention). The CPU has the kernels; pyformer.attention
   // takes this path itself where it applies (csrc/host/attention.cpp).
   m.def(
@@ -93,6 +95,6 @@ TORCH_LIBRARY(pyformer, m) {
       " Tensor? key_lengths) -> (Tensor, Tensor)");
   m.def(
       "flash_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out,"
-      " Tensor lse, Tensor? mask, float? scale, int causal, Tensor? key_lengths)"
-      " -> (Tensor, Tensor, Tensor)");
+      " Tensor lse, Tensor? mask, float? scale, int causal, Tensor? key_lengths,"
+      " bool logits_grad=False) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -343,12 +343,13 @@ def attention(
     Two algorithms, picked per call: on the CPU, without ``need_weights`` and without dropout,
     the flash algorithm (query and key blocks, an online softmax, never an ``Lq x Lk`` buffer:
     memory O(L) in inference and training, where the backward recomputes the probabilities from
-    the saved log-sum-exp) unless a floating mask requires grad; otherwise the bmm algorithm,
+    the saved log-sum-exp; a floating mask that requires grad gets its gradient from a
+    ``(B, H, Lq, Lk)`` buffer that lives only during the backward); otherwise the bmm algorithm,
     which forms the probabilities (what ``need_weights`` returns and its backward reads). Both
     agree within ``docs/ops.md``'s bounds. On CUDA the bmm algorithm runs. ``algorithm`` picks
     one: ``"auto"`` (the above), ``"flash"`` (an error where it cannot run: ``need_weights``,
-    dropout, a mask that requires grad, a device without a flash kernel; the edges its kernel
-    does not take, ``D = 0``, no keys or ``scale = 0``, run the bmm algorithm) or ``"bmm"``.
+    dropout, a device without a flash kernel; the edges its kernel does not take, ``D = 0``, no
+    keys or ``scale = 0``, run the bmm algorithm) or ``"bmm"``.
 
     Args:
         q: ``(B, H, Lq, D)``; k: ``(B, H_kv, Lk, D)``; v: ``(B, H_kv, Lk, Dv)``, where
@@ -404,16 +405,7 @@ def _attention_algorithm(algorithm, q, k, v, mask, scale, causal, key_lengths, d
         out, probs = attention(q, k, v, mask, need_weights=True, **kw)
         return out, (probs if weights else None)
     if algorithm == "flash":
-        grad_mask = mask is not None and mask.requires_grad and torch.is_grad_enabled()
-        why = (
-            "need_weights=True"
-            if weights
-            else "dropout_p > 0"
-            if dropout_p > 0
-            else "a mask that requires grad"
-            if grad_mask
-            else None
-        )
+        why = "need_weights=True" if weights else "dropout_p > 0" if dropout_p > 0 else None
         if why is not None:
             raise ValueError(
                 f"pyformer.attention: algorithm='flash' forms no probabilities, so it cannot take "

@@ -69,9 +69,10 @@ def test_flash_matches_reference(device, dtype, kind, shape):
 @pytest.mark.parametrize("kind", MASK_KINDS)
 @pytest.mark.parametrize("shape", SHAPES[:3] + SHAPES[4:], ids=lambda s: "x".join(map(str, s)))
 def test_flash_gradients_match_reference(device, dtype, kind, shape):
-    """Training without need_weights (no dropout, a mask that does not require grad): the flash
-    node, whose backward recomputes the probabilities from the saved lse; dq, dk (summed over
-    each group of query heads) and dv against the reference's."""
+    """Training without need_weights (no dropout): the flash node, whose backward recomputes the
+    probabilities from the saved lse; dq, dk (summed over each group of query heads), dv and, for
+    an additive mask (which then requires grad), dmask summed to the mask's own shape, against
+    the reference's."""
     B, H, Hkv, Lq, Lk, D, Dv = shape
     q, k, v, g = _inputs(*shape, seed=zlib.crc32(f"grad{kind}{shape}".encode()) % 1000)
     mask, causal, kl = make_mask(kind, B, H, Lq, Lk, generator=g)
@@ -90,7 +91,7 @@ def test_flash_gradients_match_reference(device, dtype, kind, shape):
         dict(q=q, k=k, v=v, mask=mask),
         dtype=dtype,
         device=device,
-        grad=["q", "k", "v"],
+        grad=["q", "k", "v"] + (["mask"] if kind.startswith("float") else []),
         generator=g,
     ).assert_ok(f"{kind} {shape}")
 
@@ -114,6 +115,32 @@ def test_flash_node_saves_no_probabilities():
     flash = saved_shapes()
     assert (1, 2, 300) in flash and not any(s[-2:] == (300, 300) for s in flash), flash
     assert any(s[-2:] == (300, 300) for s in saved_shapes(need_weights=True))
+    # a learned additive bias: still the flash node (the mask itself is an input, not saved)
+    bias = torch.randn(1, 2, 1, 300, requires_grad=True)
+    flash = saved_shapes(mask=bias)
+    assert (1, 2, 300) in flash and not any(s[-2:] == (300, 300) for s in flash), flash
+
+
+def test_flash_mask_gradient_matches_bmm_and_is_reproducible():
+    """A learned bias that requires grad, broadcast over the batch (summed over it and the
+    heads' groups): the flash backward's dmask equals the bmm algorithm's within float64
+    rounding, and is bitwise the same run to run."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 4, 130, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(3, 2, 260, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    bias = torch.randn(1, 4, 130, 260, generator=g, dtype=torch.float64, requires_grad=True)
+    kl = torch.tensor([260, 100, 1])
+    go = torch.randn(3, 4, 130, 16, generator=g, dtype=torch.float64)
+    grads = {}
+    for alg in ("flash", "bmm", "flash"):
+        out, _ = F.attention(q, k, v, bias, key_lengths=kl, causal="bottom_right", algorithm=alg)
+        got = torch.autograd.grad(out, (q, bias), go)
+        if alg in grads:
+            assert all(torch.equal(a, b) for a, b in zip(got, grads[alg]))
+        grads[alg] = got
+    for a, b in zip(grads["flash"], grads["bmm"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert grads["flash"][1][..., 100:].abs().sum() > 0  # rows of batch 0 reach those keys
 
 
 @pytest.mark.parametrize("Lk", [8192, 16384])
@@ -238,9 +265,6 @@ def test_algorithm_argument():
         F.attention(q, k, v, need_weights=True, algorithm="flash")
     with pytest.raises(ValueError, match="dropout"):
         F.attention(q, k, v, dropout_p=0.1, algorithm="flash")
-    m = torch.zeros(70, 300, requires_grad=True)
-    with pytest.raises(ValueError, match="requires grad"):
-        F.attention(q, k, v, m, algorithm="flash")
     with pytest.raises(ValueError, match="algorithm"):
         F.attention(q, k, v, algorithm="fast")
     # need_weights with bmm returns them

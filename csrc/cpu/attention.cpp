@@ -78,7 +78,7 @@ void attention_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       // value rows: a NaN or inf there gives NaN (0 * inf), as in the reference (docs/ops.md). So
       // the product skips them only when their value rows are finite, which one read of those
       // rows settles; otherwise it runs over all Lk keys with the zeros spelled out.
-      const int64_t n = tail_finite(vh + len * Dv, (Lk - len) * Dv) ? len : Lk;
+      const int64_t n = all_finite(vh + len * Dv, (Lk - len) * Dv) ? len : Lk;
       if (n == 0) {
         std::fill(oh, oh + Lq * Dv, scalar_t(0));
         continue;

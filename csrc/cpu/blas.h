@@ -9,7 +9,6 @@
 
 #include <dlfcn.h>
 
-#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -70,14 +69,6 @@ void gemm_rm(bool trans_a, bool trans_b, int m, int n, int k, T alpha, const T* 
   } else {
     blas().dgemm(&tb, &ta, &n, &m, &k, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
   }
-}
-
-// Whether every one of the n values at p is finite.
-template <typename scalar_t>
-bool tail_finite(const scalar_t* p, int64_t n) {
-  bool ok = true;
-  for (int64_t e = 0; e < n; ++e) ok &= std::isfinite(static_cast<double>(p[e]));
-  return ok;
 }
 
 }  // namespace

@@ -187,8 +187,8 @@ struct Flash {
   int64_t key_end(int64_t bh, int64_t r0, int64_t nr) const {
     int64_t kend = 0;
     for (int64_t i = 0; i < nr; ++i) kend = std::max(kend, m.limit(bh * R + r0 + i, Lk));
-    if (kend < Lk && (!tail_finite(V + (bh * Lk + kend) * Dv, (Lk - kend) * Dv) ||
-                      !tail_finite(K + (bh * Lk + kend) * D, (Lk - kend) * D)))
+    if (kend < Lk && (!all_finite(V + (bh * Lk + kend) * Dv, (Lk - kend) * Dv) ||
+                      !all_finite(K + (bh * Lk + kend) * D, (Lk - kend) * D)))
       kend = Lk;
     return kend;
   }
@@ -228,11 +228,13 @@ struct Flash {
     std::vector<int64_t> kend;
   };
 
+  // DL (rows x Lk), when not null, receives dS, the gradient w.r.t. the logits (for a mask that
+  // requires grad), at the keys each row reaches; the host has zeroed the rest.
   // Returns false, leaving the gradients unwritten, when a row's delta is not finite: an output
   // (or its gradient) holding NaN/inf, whose rule the probabilities carry (docs/ops.md); the host
   // then runs the bmm backward.
   bool backward(int64_t bh, const scalar_t* GO, const acc_t* lse, scalar_t* DQ, scalar_t* DK,
-                scalar_t* DV, BwdWork& w) const {
+                scalar_t* DV, scalar_t* DL, BwdWork& w) const {
     using Vec = Vectorized<acc_t>;
     constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
     const scalar_t* qh = Q + bh * R * D;
@@ -316,6 +318,10 @@ struct Flash {
           }
           for (; j < nq; ++j)
             drow[j] = prow[j] == 0 || prow[j] == 1 ? acc_t(0) : prow[j] * (drow[j] - delta);
+          if (DL) {
+            scalar_t* dl = DL + (bh * R + r0 + i) * Lk + kb;
+            for (j = 0; j < nq; ++j) dl[j] = static_cast<scalar_t>(drow[j]);
+          }
         }
         // dQ += scale dS K;  dK += scale dS^T Q
         gemm_rm<acc_t>(false, false, nr, D, nq, scale, dP, nq, kp, D, w.dq.data() + r0 * D, D,
@@ -411,7 +417,7 @@ template <typename scalar_t>
 bool flash_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                     const MaskLayout& mask, double scale, const at::Tensor& dq,
-                    const at::Tensor& dk, const at::Tensor& dv) {
+                    const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& dlogits) {
   using acc_t = acc_type<scalar_t>;
   // out is read only here (delta = rowsum(dO * out))
   const Flash<scalar_t> f = Flash<scalar_t>::of(
@@ -420,11 +426,12 @@ bool flash_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::T
   const acc_t* L = lse.const_data_ptr<acc_t>();
   scalar_t *DQ = dq.mutable_data_ptr<scalar_t>(), *DK = dk.mutable_data_ptr<scalar_t>(),
            *DV = dv.mutable_data_ptr<scalar_t>();
+  scalar_t* DL = dlogits.defined() ? dlogits.mutable_data_ptr<scalar_t>() : nullptr;
   std::atomic<bool> ok{true};
   at::parallel_for(0, f.BH, 1, [&](int64_t begin, int64_t end) {
     typename Flash<scalar_t>::BwdWork w;
     for (int64_t bh = begin; bh < end && ok.load(std::memory_order_relaxed); ++bh)
-      if (!f.backward(bh, GO, L, DQ, DK, DV, w)) ok = false;
+      if (!f.backward(bh, GO, L, DQ, DK, DV, DL, w)) ok = false;
   });
   return ok;
 }
@@ -438,11 +445,12 @@ bool flash_takes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) 
 bool attention_flash_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                              const MaskLayout& mask, double scale, const at::Tensor& dq,
-                             const at::Tensor& dk, const at::Tensor& dv) {
+                             const at::Tensor& dk, const at::Tensor& dv,
+                             const at::Tensor& dlogits) {
   if (!flash_takes(q, k, v)) return false;
   bool done = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "flash_bwd_cpu", [&] {
-    done = flash_backward<scalar_t>(grad_out, q, k, v, out, lse, mask, scale, dq, dk, dv);
+    done = flash_backward<scalar_t>(grad_out, q, k, v, out, lse, mask, scale, dq, dk, dv, dlogits);
   });
   return done;
 }

@@ -13,7 +13,9 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -30,6 +32,28 @@ using at::vec::Vectorized;
 // Accumulation type: float for float32/float16/bfloat16, double for float64.
 template <typename T>
 using acc_type = at::opmath_type<T>;
+
+// Whether every one of the n values at p is finite: a value is inf or NaN exactly when its
+// exponent field is all ones, that is when (~bits & exponent) == 0, so the scan is a min over
+// integers, which the compiler vectorizes: it reads a KV cache's padding (attention's rule for a
+// masked key's non-finite value row) at memory speed.
+template <typename scalar_t>
+bool all_finite(const scalar_t* p, int64_t n) {
+  using bits_t = std::conditional_t<sizeof(scalar_t) == 2, uint16_t,
+                                    std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint64_t>>;
+  static_assert(sizeof(bits_t) == sizeof(scalar_t));
+  constexpr bits_t exponent = std::is_same_v<scalar_t, at::Half>       ? bits_t(0x7C00)
+                              : std::is_same_v<scalar_t, at::BFloat16> ? bits_t(0x7F80)
+                              : std::is_same_v<scalar_t, float> ? bits_t(0x7F800000u)
+                                                                : bits_t(0x7FF0000000000000ull);
+  bits_t least = exponent;
+  for (int64_t e = 0; e < n; ++e) {
+    bits_t b;
+    std::memcpy(&b, p + e, sizeof(b));
+    least = std::min<bits_t>(least, static_cast<bits_t>(~b & exponent));
+  }
+  return least != 0;
+}
 
 // The mask of one row: none, bool (a nonzero byte = may attend: a bool tensor viewed from uint8
 // may hold any byte) or additive in the accumulation type (-inf = masked), with a stride along the

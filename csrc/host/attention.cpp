@@ -264,10 +264,11 @@ std::tuple<at::Tensor, at::Tensor> flash_attention(const at::Tensor& q_, const a
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
-    std::optional<double> scale_, int64_t causal, const std::optional<at::Tensor>& key_lengths) {
+    std::optional<double> scale_, int64_t causal, const std::optional<at::Tensor>& key_lengths,
+    bool logits_grad) {
   check_flash_attention_backward(grad_out, q_, k_, v_, out, lse, mask, scale_.value_or(1.0), causal,
                                  key_lengths);
   const double scale = resolve_scale(q_, scale_);
@@ -276,17 +277,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
   const at::Tensor k = k_.contiguous(), v = v_.contiguous();
   at::Tensor dq = empty_output_like(q_), dk = empty_output_like(k), dv = empty_output_like(v);
   const int64_t B = q_.size(0), H = q_.size(1), Lq = q_.size(2), Hkv = k.size(1);
+  // the kernel writes the keys each row reaches; every other logit's gradient is 0
+  at::Tensor dlogits =
+      logits_grad ? at::zeros({B, H, Lq, k.size(2)}, q_.options()) : at::empty({0}, q_.options());
   if (B * H * Lq == 0 || k.size(2) == 0) {
     dq.zero_(), dk.zero_(), dv.zero_();
-    return {dq, dk, dv};
+    return {dq, dk, dv, dlogits};
   }
   const MaskArgs m =
       make_mask_args({B, H, Lq, k.size(2)}, q_.scalar_type(), mask, causal, key_lengths);
   const bool done = kernels::attention_flash_bwd.require(q_.device())(
       grouped(grad_out.contiguous(), Hkv), grouped(q_.contiguous(), Hkv), k, v,
       grouped(out.contiguous(), Hkv), lse.contiguous().view({B, Hkv, -1}), m.layout, scale,
-      grouped(dq, Hkv), dk, dv);
-  if (done) return {dq, dk, dv};
+      grouped(dq, Hkv), dk, dv, logits_grad ? dlogits : at::Tensor());
+  if (done) return {dq, dk, dv, dlogits};
   // Declined: an output holding NaN/inf, whose rule the probabilities carry (a masked key's NaN
   // value row, a NaN score; docs/ops.md), or sizes past the kernel's. The probabilities are
   // formed again and the bmm backward runs.
@@ -294,7 +298,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
       attention(q_, k_, v_, mask, scale_, causal, key_lengths, 0.0, /*need_probs=*/true);
   const auto [gq, gk, gv, gs] =
       attention_backward(grad_out, std::nullopt, q_, k_, v_, probs, keep, scale, 0.0);
-  return {gq, gk, gv};
+  return {gq, gk, gv, logits_grad ? gs : dlogits};
 }
 
 using FlashSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
@@ -302,10 +306,10 @@ using FlashSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at:
                                                     const std::optional<at::Tensor>&,
                                                     std::optional<double>, int64_t,
                                                     const std::optional<at::Tensor>&);
-using FlashBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+using FlashBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const std::optional<at::Tensor>&, std::optional<double>, int64_t,
-    const std::optional<at::Tensor>&);
+    const std::optional<at::Tensor>&, bool);
 PYFORMER_OP_HANDLE(flash_attention, FlashSig)
 PYFORMER_OP_HANDLE(flash_attention_backward, FlashBwdSig)
 
@@ -314,7 +318,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_autograd(
     const std::optional<at::Tensor>& mask, std::optional<double> scale, int64_t causal,
     const std::optional<at::Tensor>& key_lengths, double dropout_p, bool need_probs);
 
-// attention's autograd node on the flash algorithm: saves q, k, v, out and lse (O(L) memory).
+// attention's autograd node on the flash algorithm: saves q, k, v, out and lse (O(L) memory). A
+// floating mask that requires grad gets the logits' gradient summed to its shape, from a
+// (B, H, Lq, Lk) buffer that lives only during the backward.
 struct FlashAttentionFunction : torch::autograd::Function<FlashAttentionFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, const std::optional<at::Tensor>& mask,
@@ -329,6 +335,7 @@ struct FlashAttentionFunction : torch::autograd::Function<FlashAttentionFunction
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["mask"] = mask ? c10::IValue(*mask) : c10::IValue();
     ctx->saved_data["key_lengths"] = key_lengths ? c10::IValue(*key_lengths) : c10::IValue();
+    ctx->saved_data["mask_grad"] = requires_grad(mask);
     ctx->save_for_backward({q, k, v, out, lse});
     return {out};
   }
@@ -346,28 +353,31 @@ struct FlashAttentionFunction : torch::autograd::Function<FlashAttentionFunction
     const std::optional<double> scale =
         sv.isNone() ? std::nullopt : std::optional<double>(sv.toDouble());
     const int64_t causal = ctx->saved_data["causal"].toInt();
-    at::Tensor dq, dk, dv;
+    const bool grad_mask = ctx->saved_data["mask_grad"].toBool();
+    at::Tensor dq, dk, dv, dlogits;
     if (creating_graph()) {  // a gradient of a gradient: the attention node that forms probs
       const at::Tensor probs =
           std::get<1>(attention_autograd(q, k, v, mask, scale, causal, key_lengths, 0.0, true));
-      std::tie(dq, dk, dv, std::ignore) = differentiable_attention_backward(
+      std::tie(dq, dk, dv, dlogits) = differentiable_attention_backward(
           grads[0], std::nullopt, q, k, v, probs, at::Tensor(), saved_scale(sv, q), 0.0);
     } else {
-      std::tie(dq, dk, dv) = flash_attention_backward_op().call(grads[0], q, k, v, out, lse, mask,
-                                                                scale, causal, key_lengths);
+      std::tie(dq, dk, dv, dlogits) = flash_attention_backward_op().call(
+          grads[0], q, k, v, out, lse, mask, scale, causal, key_lengths, grad_mask);
     }
-    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const at::Tensor dmask =
+        grad_mask ? mask_grad(dlogits, mask->sizes(), mask->scalar_type()) : at::Tensor();
+    return {dq, dk, dv, dmask, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
-// Whether a recorded call takes the flash algorithm: no probs asked for, no dropout, no mask
-// gradient (the flash backward never forms dlogits), a device with both flash kernels; the edges
-// (no keys, D = 0, scale 0) run the bmm node. Sizes are read as SymInts, so that a traced call
-// (torch.export, torch.compile with dynamic shapes) keeps them symbolic.
+// Whether a recorded call takes the flash algorithm: no probs asked for, no dropout, a device with
+// both flash kernels; the edges (no keys, D = 0, scale 0) run the bmm node. Sizes are read as
+// SymInts, so that a traced call (torch.export, torch.compile with dynamic shapes) keeps them
+// symbolic.
 bool takes_flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const std::optional<at::Tensor>& mask, std::optional<double> scale,
                  double dropout_p, bool need_probs) {
-  if (need_probs || dropout_p > 0 || requires_grad(mask) || (scale && *scale == 0)) return false;
+  if (need_probs || dropout_p > 0 || (scale && *scale == 0)) return false;
   if (!kernels::attention_flash_fwd(q.device()) || !kernels::attention_flash_bwd(q.device()))
     return false;
   if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4) return false;  // the op's checks say why

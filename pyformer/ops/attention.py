@@ -64,7 +64,9 @@ def _flash_attention_fake(q, k, v, mask, scale, causal, key_lengths):
 
 
 @torch.library.register_fake("pyformer::flash_attention_backward")
-def _flash_attention_backward_fake(grad_out, q, k, v, out, lse, mask, scale, causal, key_lengths):
+def _flash_attention_backward_fake(
+    grad_out, q, k, v, out, lse, mask, scale, causal, key_lengths, logits_grad=False
+):
     same_device(
         "flash_attention_backward",
         "q",
@@ -78,8 +80,10 @@ def _flash_attention_backward_fake(grad_out, q, k, v, out, lse, mask, scale, cau
         key_lengths=key_lengths,
     )
     c = torch.contiguous_format
+    B, H, Lq, _ = q.shape
     return (
         torch.empty_like(q, memory_format=c),
         torch.empty_like(k, memory_format=c),
         torch.empty_like(v, memory_format=c),
+        q.new_empty((B, H, Lq, k.shape[2]) if logits_grad else (0,)),
     )
