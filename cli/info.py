@@ -54,6 +54,7 @@ def _lines(d: Dict[str, object]) -> List[Tuple[str, str]]:
         ("python", str(d["python"])),
         ("backends compiled in", ", ".join(k for k in ("cpu", "cuda") if b.get(k)) or "none"),
         ("CPU kernels", _cpu_kernels(b)),
+        ("CPU half-type GEMM", str(b.get("cpu_half_gemm") or "none (blocks converted to float)")),
         ("CUDA archs compiled for", str(b.get("cuda_archs") or "-")),
         ("torch CUDA arch list", " ".join(d["torch_arch_list"]) or "-"),
         ("CPU", f"{d['cpu']} ({d['cpu_threads']} threads)"),

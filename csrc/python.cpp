@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/blas.h"
 #include "kernels.h"
 #include "pyformer.h"
 
@@ -354,9 +355,14 @@ PyObject* build_info(PyObject*, PyObject*) {
 #else
   PyObject* cuda = Py_False;
 #endif
-  return Py_BuildValue("{s:O,s:O,s:s,s:s,s:s}", "cpu", Py_True, "cuda", cuda, "cuda_archs",
+  // the BLAS's mixed-precision GEMMs that the CPU flash kernel uses for float16/bfloat16
+  const bool bf16 = pyformer::cpu::half_gemm<c10::BFloat16>() != nullptr;
+  const bool f16 = pyformer::cpu::half_gemm<c10::Half>() != nullptr;
+  const char* half_gemm = bf16 && f16 ? "bf16, fp16" : bf16 ? "bf16" : f16 ? "fp16" : "";
+  return Py_BuildValue("{s:O,s:O,s:s,s:s,s:s,s:s}", "cpu", Py_True, "cuda", cuda, "cuda_archs",
                        PYFORMER_CUDA_ARCHS, "cpu_capability", cpu_capability.c_str(),
-                       "cpu_capability_note", cpu_capability_note.c_str());
+                       "cpu_capability_note", cpu_capability_note.c_str(), "cpu_half_gemm",
+                       half_gemm);
 }
 
 // The AVX2 kernel library's path: this file's own, with "_C" replaced by "_cpu_avx2" (the two
@@ -378,7 +384,7 @@ std::string avx2_library_path() {
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS,
      "What this build of pyformer._C holds: {'cpu', 'cuda', 'cuda_archs', 'cpu_capability', "
-     "'cpu_capability_note'}."},
+     "'cpu_capability_note', 'cpu_half_gemm'}."},
     FAST(scaled_qk, "scaled_qk(q, k, scale) -> scores"),
     FAST(masked_softmax, "masked_softmax(scores, mask, scale, causal, key_lengths) -> probs"),
     FAST(layer_norm, "layer_norm(x, normalized_shape, weight, bias, eps) -> y"),

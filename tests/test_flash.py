@@ -270,3 +270,39 @@ def test_algorithm_argument():
     # need_weights with bmm returns them
     out, w = F.attention(q, k, v, need_weights=True, algorithm="bmm")
     assert w.shape == (2, 4, 70, 300)
+
+
+_HALF_RUN = r"""
+import json, sys, torch, pyformer, pyformer.functional as F
+g = torch.Generator().manual_seed(3)
+q, k, v = (torch.randn(2, 4, 300, 64, generator=g).bfloat16() for _ in range(3))
+with torch.no_grad():
+    out = F.attention(q, k, v, causal=True)[0]
+print(json.dumps({"half_gemm": pyformer.backends()["cpu_half_gemm"], "out": out.float().tolist()}))
+"""
+
+
+def test_half_types_with_and_without_the_mixed_precision_gemm():
+    """bfloat16 flash attention through the BLAS's mixed-precision GEMM (where torch's BLAS has
+    it) and, with PYFORMER_CPU_HALF_GEMM=0, on blocks converted to float: both within the
+    bfloat16 bound of the float64 reference, and different from each other where both paths
+    exist (so both really ran)."""
+    runs = {}
+    for switch in ("1", "0"):
+        env = dict(os.environ, PYFORMER_CPU_HALF_GEMM=switch)
+        run = subprocess.run(
+            [sys.executable, "-c", _HALF_RUN], capture_output=True, text=True, env=env, timeout=300
+        )
+        assert run.returncode == 0, run.stderr
+        runs[switch] = json.loads(run.stdout.strip().splitlines()[-1])
+    assert runs["0"]["half_gemm"] == ""
+    assert runs["1"]["half_gemm"] in ("", "bf16", "fp16", "bf16, fp16")
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 300, 64, generator=g).bfloat16().double() for _ in range(3))
+    want = ref.attention(q, k, v, causal=True)[0]
+    outs = {s: torch.tensor(r["out"], dtype=torch.float64) for s, r in runs.items()}
+    for s, out in outs.items():
+        err = ((out - want).norm() / want.norm()).item()
+        assert err < 1.6e-2, (s, err)
+    if "bf16" in runs["1"]["half_gemm"]:
+        assert not torch.equal(outs["0"], outs["1"])

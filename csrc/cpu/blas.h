@@ -1,5 +1,6 @@
 // The BLAS that torch links, for the CPU attention kernels (attention.cpp, flash_attention.cpp):
-// sgemm/dgemm found by name in the process, called on raw row-major pointers.
+// sgemm/dgemm (and MKL's mixed-precision GEMMs) found by name in the process, called on raw
+// row-major pointers.
 //
 // ATen's own CPU BLAS entry point for float/double (at::native::cpublas::gemm) is not exported
 // from libtorch_cpu in the released wheels (only its non-BLAS fallback stub is), and at::mm_out
@@ -7,9 +8,13 @@
 // the kernels decline and the host composes ATen ops.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <dlfcn.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 namespace pyformer::cpu {
@@ -31,7 +36,7 @@ struct Blas {
     dgemm = reinterpret_cast<dgemm_t>(dlsym(RTLD_DEFAULT, "dgemm_"));
   }
 };
-const Blas& blas() {
+inline const Blas& blas() {
   static const Blas b;
   return b;
 }
@@ -44,6 +49,47 @@ bool have_blas() {
     return blas().dgemm != nullptr;
   else
     return false;
+}
+
+// ---- mixed precision: float16/bfloat16 inputs, float accumulation and output ------------------
+// MKL's cblas_gemm_bf16bf16f32 and cblas_gemm_f16f16f32 (torch's x86-64 wheels link MKL), row-major
+// CBLAS interface. Where the CPU has AMX or AVX512-BF16/FP16 they run at several times the float
+// GEMM's rate, and they read the half-type operands in place, with no conversion pass. Without the
+// symbols (another BLAS), or with PYFORMER_CPU_HALF_GEMM=0 in the environment, the kernels convert
+// the blocks to float and call sgemm.
+using gemm_half_t = void (*)(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha,
+                             const void* A, int lda, const void* B, int ldb, float beta, float* C,
+                             int ldc);
+struct HalfBlas {
+  gemm_half_t bf16 = nullptr, f16 = nullptr;
+  HalfBlas() {
+    const char* env = std::getenv("PYFORMER_CPU_HALF_GEMM");
+    if (env && std::strcmp(env, "0") == 0) return;
+    bf16 = reinterpret_cast<gemm_half_t>(dlsym(RTLD_DEFAULT, "cblas_gemm_bf16bf16f32"));
+    f16 = reinterpret_cast<gemm_half_t>(dlsym(RTLD_DEFAULT, "cblas_gemm_f16f16f32"));
+  }
+};
+
+// The mixed-precision GEMM for T (c10::BFloat16 or c10::Half), or null.
+template <typename T>
+gemm_half_t half_gemm() {
+  static const HalfBlas b;
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    return b.bf16;
+  else if constexpr (std::is_same_v<T, c10::Half>)
+    return b.f16;
+  else
+    return nullptr;
+}
+
+// Row-major float C (m x n, ldc) = alpha * op(A) @ op(B) + beta * C on T operands, as gemm_rm
+// below; half_gemm<T>() must not be null.
+template <typename T>
+void gemm_rm_half(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const T* A, int lda,
+                  const T* B, int ldb, float* C, int ldc, float beta = 0) {
+  constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // the CBLAS enums
+  half_gemm<T>()(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans, m, n, k,
+                 alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 // Row-major C (m x n, ldc) = alpha * op(A) @ op(B) + beta * C, op(X) = X^T when trans_x. A is

@@ -14,7 +14,10 @@
 // rescale O *= exp(m - m'), l = l * exp(m - m') + sum exp(S - m'), then O += exp(S - m') @ V_blk
 // (GEMM, beta = 1). Key blocks at or past the largest limit of the block's rows (causal, key
 // lengths) are skipped. The scores never leave a kBlockQ x kBlockK buffer: memory is O(L), not
-// O(Lq * Lk). float16/bfloat16 blocks are converted to float on the way in (float accumulation).
+// O(Lq * Lk). float16/bfloat16 go through the BLAS's mixed-precision GEMMs where torch's BLAS has
+// them (MKL: AMX / AVX512-BF16 on recent Xeons), reading q, k, v in place, with the probabilities
+// rounded to the dtype for P @ V as in the composition (float accumulation; the running max, sum,
+// O and lse stay float); elsewhere their blocks are converted to float on the way in.
 //
 // Parallelism: tasks over (batch, kv head, query block); when there are fewer tasks than twice the
 // threads (decode: one query row against a long cache), each task's keys are split into chunks
@@ -39,6 +42,7 @@
 #include <utility>
 #include <climits>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "../kernels.h"
@@ -96,22 +100,28 @@ struct Flash {
   const MaskLayout& m;
   int64_t BH, R, Lk, D, Dv;  // R = G * Lq rows per kv head
   acc_t scale;
+  // float16/bfloat16 through the BLAS's mixed-precision GEMM (blas.h, half_gemm): q, k and v are
+  // read in place, and the forward rounds the probabilities to the dtype for P @ V (float
+  // accumulation). Otherwise half types are converted to float block by block.
+  bool half = false;
 
   // The kernel over q (B, H_kv, R, D), k, v of the op, writing out (and lse when not null).
   static Flash of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, scalar_t* out,
                   acc_t* lse, const MaskLayout& mask, double scale) {
-    return Flash{q.const_data_ptr<scalar_t>(),
-                 k.const_data_ptr<scalar_t>(),
-                 v.const_data_ptr<scalar_t>(),
-                 out,
-                 lse,
-                 mask,
-                 q.size(0) * q.size(1),
-                 q.size(2),
-                 k.size(2),
-                 q.size(3),
-                 v.size(3),
-                 static_cast<acc_t>(scale)};
+    Flash f{q.const_data_ptr<scalar_t>(),
+            k.const_data_ptr<scalar_t>(),
+            v.const_data_ptr<scalar_t>(),
+            out,
+            lse,
+            mask,
+            q.size(0) * q.size(1),
+            q.size(2),
+            k.size(2),
+            q.size(3),
+            v.size(3),
+            static_cast<acc_t>(scale)};
+    f.half = half_gemm<scalar_t>() != nullptr;
+    return f;
   }
 
   // Keys [kb, kb + n) of one head's k and v (rows kh, vh) as acc_t: in place, or converted into
@@ -129,9 +139,22 @@ struct Flash {
     }
   }
 
+  // S (nr x n) = scale * Q_rows @ K[kb, kb + n)^T, from the rows in the dtype (qh, kh: the query
+  // block's and the head's) or as acc_t (qa, kp). The forward and the backward compute S here
+  // alike, so that the backward's S is the forward's, bit for bit.
+  void scores(const scalar_t* qh, const acc_t* qa, const scalar_t* kh, const acc_t* kp, int64_t kb,
+              int64_t nr, int64_t n, acc_t* S) const {
+    if constexpr (kConvert) {
+      if (half)
+        return gemm_rm_half<scalar_t>(false, true, nr, n, D, scale, qh, D, kh + kb * D, D, S, n);
+    }
+    gemm_rm<acc_t>(false, true, nr, n, D, scale, qa, D, kp, D, S, n);
+  }
+
   // Per-thread buffers.
   struct Work {
     std::vector<acc_t> s, q, k, v;
+    std::vector<scalar_t> p;  // the probabilities in the dtype (half)
   };
 
   // Rows [r0, r0 + nr) of head bh, keys [k0, k1): the running state, from `st` as it is.
@@ -139,22 +162,26 @@ struct Flash {
            Work& w) const {
     const scalar_t* kh = K + bh * Lk * D;
     const scalar_t* vh = V + bh * Lk * Dv;
-    const acc_t* qb;
+    const scalar_t* qh = Q + (bh * R + r0) * D;
+    const acc_t* qb = nullptr;
     if constexpr (kConvert) {
-      w.q.resize(nr * D);
-      const scalar_t* src = Q + (bh * R + r0) * D;
-      for (int64_t e = 0; e < nr * D; ++e) w.q[e] = static_cast<acc_t>(src[e]);
-      qb = w.q.data();
+      if (!half) {
+        w.q.resize(nr * D);
+        for (int64_t e = 0; e < nr * D; ++e) w.q[e] = static_cast<acc_t>(qh[e]);
+        qb = w.q.data();
+      }
     } else {
-      qb = Q + (bh * R + r0) * D;
+      qb = qh;
     }
     w.s.resize(nr * std::min(kBlockK, Lk));  // no larger than the call needs: tiny calls stay cheap
+    if (half) w.p.resize(w.s.size());
     constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
     for (int64_t kb = k0; kb < k1; kb += kBlockK) {
       const int64_t n = std::min(kBlockK, k1 - kb);
-      const auto [kp, vp] = kv_block(kh, vh, kb, n, w.k, w.v);
+      const acc_t *kp = nullptr, *vp = nullptr;
+      if (!half) std::tie(kp, vp) = kv_block(kh, vh, kb, n, w.k, w.v);
       acc_t* S = w.s.data();
-      gemm_rm<acc_t>(false, true, nr, n, D, scale, qb, D, kp, D, S, n);
+      scores(qh, qb, kh, kp, kb, nr, n, S);
       for (int64_t i = 0; i < nr; ++i) {
         const int64_t row = bh * R + r0 + i;
         acc_t* srow = S + i * n;
@@ -176,6 +203,15 @@ struct Flash {
         st.m[i] = mn;
         if (alpha != acc_t(1))
           for (int64_t d = 0; d < Dv; ++d) orow[d] *= alpha;
+      }
+      if constexpr (kConvert) {
+        if (half) {
+          scalar_t* P = w.p.data();
+          for (int64_t e = 0; e < nr * n; ++e) P[e] = static_cast<scalar_t>(S[e]);
+          gemm_rm_half<scalar_t>(false, false, nr, Dv, n, 1.f, P, n, vh + kb * Dv, Dv, st.o.data(),
+                                 Dv, 1.f);
+          continue;
+        }
       }
       gemm_rm<acc_t>(false, false, nr, Dv, n, acc_t(1), S, n, vp, Dv, st.o.data(), Dv, acc_t(1));
     }
@@ -280,7 +316,7 @@ struct Flash {
         const int64_t nq = std::min(kBlockK, kend - kb);
         acc_t* S = w.s.data();
         acc_t* dP = w.dp.data();
-        gemm_rm<acc_t>(false, true, nr, nq, D, scale, qa + r0 * D, D, kp, D, S, nq);
+        scores(qh + r0 * D, qa + r0 * D, kh, kp, kb, nr, nq, S);
         for (int64_t i = 0; i < nr; ++i) {
           const int64_t row = bh * R + r0 + i;
           acc_t* srow = S + i * nq;
