@@ -259,8 +259,11 @@ struct Flash {
   //   dV += P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dQ += scale dS K,  dK += scale dS^T Q,
   // with delta = rowsum(dO * out). dS is exactly 0 where P is 0 (a masked key) or 1. The task owns
   // every row and key of its kv head, so nothing is shared between threads and no sum races.
+  // With the mixed-precision GEMM (half), P and dS are rounded to the dtype for the GEMMs they
+  // feed, as FlashAttention does on GPUs; dS itself, the accumulators and delta stay float.
   struct BwdWork {
     std::vector<acc_t> s, dp, q, go, k, v, dq, dk, dv, delta;
+    std::vector<scalar_t> ph;  // P, then dS, in the dtype (half)
     std::vector<int64_t> kend;
   };
 
@@ -279,19 +282,24 @@ struct Flash {
     const scalar_t* kh = K + bh * Lk * D;
     const scalar_t* vh = V + bh * Lk * Dv;
     const acc_t* lh = lse + bh * R;
-    const acc_t *qa, *goa;
+    // q and dO as acc_t (converted, for half types without the mixed-precision GEMM); with it
+    // (half) the GEMMs read q, k, v and dO in place and take P and dS rounded to the dtype
+    const acc_t *qa = nullptr, *goa = nullptr;
     if constexpr (kConvert) {
-      w.q.resize(R * D), w.go.resize(R * Dv);
-      for (int64_t e = 0; e < R * D; ++e) w.q[e] = static_cast<acc_t>(qh[e]);
-      for (int64_t e = 0; e < R * Dv; ++e) w.go[e] = static_cast<acc_t>(goh[e]);
-      qa = w.q.data(), goa = w.go.data();
+      if (!half) {
+        w.q.resize(R * D), w.go.resize(R * Dv);
+        for (int64_t e = 0; e < R * D; ++e) w.q[e] = static_cast<acc_t>(qh[e]);
+        for (int64_t e = 0; e < R * Dv; ++e) w.go[e] = static_cast<acc_t>(goh[e]);
+        qa = w.q.data(), goa = w.go.data();
+      }
     } else {
       qa = qh, goa = goh;
     }
     w.delta.assign(R, acc_t(0));
     for (int64_t r = 0; r < R; ++r) {
       acc_t d = 0;
-      for (int64_t c = 0; c < Dv; ++c) d += goa[r * Dv + c] * static_cast<acc_t>(oh[r * Dv + c]);
+      for (int64_t c = 0; c < Dv; ++c)
+        d += static_cast<acc_t>(goh[r * Dv + c]) * static_cast<acc_t>(oh[r * Dv + c]);
       if (!std::isfinite(d)) return false;
       w.delta[r] = d;
     }
@@ -302,9 +310,11 @@ struct Flash {
       kends[r0 / kBlockQ] = key_end(bh, r0, std::min(kBlockQ, R - r0));
     const int64_t bq = std::min(kBlockQ, R), bk = std::min(kBlockK, Lk);
     w.s.resize(bq * bk), w.dp.resize(bq * bk), w.dk.resize(bk * D), w.dv.resize(bk * Dv);
+    if (half) w.ph.resize(bq * bk);
     for (int64_t kb = 0; kb < Lk; kb += kBlockK) {
       const int64_t n = std::min(kBlockK, Lk - kb);
-      const auto [kp, vp] = kv_block(kh, vh, kb, n, w.k, w.v);
+      const acc_t *kp = nullptr, *vp = nullptr;
+      if (!half) std::tie(kp, vp) = kv_block(kh, vh, kb, n, w.k, w.v);
       std::fill(w.dk.begin(), w.dk.begin() + n * D, acc_t(0));
       std::fill(w.dv.begin(), w.dv.begin() + n * Dv, acc_t(0));
       for (int64_t r0 = 0; r0 < R; r0 += kBlockQ) {
@@ -316,7 +326,9 @@ struct Flash {
         const int64_t nq = std::min(kBlockK, kend - kb);
         acc_t* S = w.s.data();
         acc_t* dP = w.dp.data();
-        scores(qh + r0 * D, qa + r0 * D, kh, kp, kb, nr, nq, S);
+        const acc_t* qab = qa ? qa + r0 * D : nullptr;
+        const acc_t* gob = goa ? goa + r0 * Dv : nullptr;
+        scores(qh + r0 * D, qab, kh, kp, kb, nr, nq, S);
         for (int64_t i = 0; i < nr; ++i) {
           const int64_t row = bh * R + r0 + i;
           acc_t* srow = S + i * nq;
@@ -334,11 +346,24 @@ struct Flash {
           }
           for (; j < nq; ++j) srow[j] = srow[j] == ninf ? acc_t(0) : std::exp(srow[j] - l);
         }
-        const acc_t* gob = goa + r0 * Dv;
         // dV += P^T dO;  dP = dO V^T
-        gemm_rm<acc_t>(true, false, nq, Dv, nr, acc_t(1), S, nq, gob, Dv, w.dv.data(), Dv,
-                       acc_t(1));
-        gemm_rm<acc_t>(false, true, nr, nq, Dv, acc_t(1), gob, Dv, vp, Dv, dP, nq);
+        bool done = false;
+        if constexpr (kConvert) {
+          if (half) {
+            scalar_t* ph = w.ph.data();
+            for (int64_t e = 0; e < nr * nq; ++e) ph[e] = static_cast<scalar_t>(S[e]);
+            gemm_rm_half<scalar_t>(true, false, nq, Dv, nr, 1.f, ph, nq, goh + r0 * Dv, Dv,
+                                   w.dv.data(), Dv, 1.f);
+            gemm_rm_half<scalar_t>(false, true, nr, nq, Dv, 1.f, goh + r0 * Dv, Dv, vh + kb * Dv,
+                                   Dv, dP, nq);
+            done = true;
+          }
+        }
+        if (!done) {
+          gemm_rm<acc_t>(true, false, nq, Dv, nr, acc_t(1), S, nq, gob, Dv, w.dv.data(), Dv,
+                         acc_t(1));
+          gemm_rm<acc_t>(false, true, nr, nq, Dv, acc_t(1), gob, Dv, vp, Dv, dP, nq);
+        }
         for (int64_t i = 0; i < nr; ++i) {
           const acc_t* prow = S + i * nq;
           acc_t* drow = dP + i * nq;
@@ -360,10 +385,21 @@ struct Flash {
           }
         }
         // dQ += scale dS K;  dK += scale dS^T Q
-        gemm_rm<acc_t>(false, false, nr, D, nq, scale, dP, nq, kp, D, w.dq.data() + r0 * D, D,
-                       acc_t(1));
-        gemm_rm<acc_t>(true, false, nq, D, nr, scale, dP, nq, qa + r0 * D, D, w.dk.data(), D,
-                       acc_t(1));
+        if constexpr (kConvert) {
+          if (half) {
+            scalar_t* dsh = w.ph.data();
+            for (int64_t e = 0; e < nr * nq; ++e) dsh[e] = static_cast<scalar_t>(dP[e]);
+            gemm_rm_half<scalar_t>(false, false, nr, D, nq, scale, dsh, nq, kh + kb * D, D,
+                                   w.dq.data() + r0 * D, D, 1.f);
+            gemm_rm_half<scalar_t>(true, false, nq, D, nr, scale, dsh, nq, qh + r0 * D, D,
+                                   w.dk.data(), D, 1.f);
+          }
+        }
+        if (!done) {
+          gemm_rm<acc_t>(false, false, nr, D, nq, scale, dP, nq, kp, D, w.dq.data() + r0 * D, D,
+                         acc_t(1));
+          gemm_rm<acc_t>(true, false, nq, D, nr, scale, dP, nq, qab, D, w.dk.data(), D, acc_t(1));
+        }
       }
       scalar_t* dkh = DK + (bh * Lk + kb) * D;
       scalar_t* dvh = DV + (bh * Lk + kb) * Dv;
