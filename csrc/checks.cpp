@@ -326,7 +326,8 @@ void check_flash_attention_backward(const at::Tensor& grad_out, const at::Tensor
                                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                                     const at::Tensor& lse, const std::optional<at::Tensor>& mask,
                                     double scale, int64_t causal,
-                                    const std::optional<at::Tensor>& key_lengths) {
+                                    const std::optional<at::Tensor>& key_lengths,
+                                    const std::optional<at::Tensor>& grad_lse) {
   const char* op = "flash_attention_backward";
   check_attention(q, k, v, mask, scale, causal, key_lengths, 0.0);
   const std::vector<int64_t> os{q.size(0), q.size(1), q.size(2), v.size(3)};
@@ -339,6 +340,11 @@ void check_flash_attention_backward(const at::Tensor& grad_out, const at::Tensor
   check_same(op, "lse", lse, q, "q", /*dtype=*/false);
   PYF_VALUE(lse.sizes() == at::IntArrayRef(ls) && lse.scalar_type() == stat_dtype(q.scalar_type()),
             op, "lse", "the lse flash_attention returned, shape " + str(ls), str(lse.sizes()));
+  if (grad_lse) {
+    check_same(op, "grad_lse", *grad_lse, q, "q", /*dtype=*/false);
+    PYF_VALUE(grad_lse->sizes() == at::IntArrayRef(ls) && grad_lse->is_floating_point(), op,
+              "grad_lse", "a floating tensor of shape " + str(ls), str(grad_lse->sizes()));
+  }
 }
 
 int64_t layer_norm_cols(at::IntArrayRef normalized_shape) {

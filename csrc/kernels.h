@@ -182,13 +182,16 @@ using AttentionFlashFwd = bool (*)(const at::Tensor& q, const at::Tensor& k, con
                                    const MaskLayout& mask, double scale);
 extern Slot<AttentionFlashFwd> attention_flash_fwd;
 // Its backward: dq (grouped like q), dk, dv from grad_out (grouped like out), the forward's out
-// and lse; and, when dlogits (B, H, Lq, Lk), zeroed, is defined, the gradient w.r.t. the logits
-// (for a mask that requires grad). Returns false when it does not take the inputs, or when out or
-// grad_out hold NaN/inf (the host then runs the bmm backward, which carries the NaN rule).
+// and lse, plus grad_lse (grouped like lse, its dtype) when defined: the gradient flowing into
+// lse; and, when dlogits (B, H, Lq, Lk), zeroed, is defined, the gradient w.r.t. the logits (for
+// a mask that requires grad). Returns false when it does not take the inputs, or when out,
+// grad_out or grad_lse hold NaN/inf (the host then runs the bmm backward, which carries the NaN
+// rule).
 using AttentionFlashBwd = bool (*)(const at::Tensor& grad_out, const at::Tensor& q,
                                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                                   const at::Tensor& lse, const MaskLayout& mask, double scale,
-                                   const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                                   const at::Tensor& lse, const at::Tensor& grad_lse,
+                                   const MaskLayout& mask, double scale, const at::Tensor& dq,
+                                   const at::Tensor& dk, const at::Tensor& dv,
                                    const at::Tensor& dlogits);
 extern Slot<AttentionFlashBwd> attention_flash_bwd;
 

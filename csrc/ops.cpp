@@ -87,7 +87,8 @@ TORCH_LIBRARY(pyformer, m) {
   // each query row, lse (B, H, Lq) in the statistics dtype (float32; float64 for float64), -inf
   // for a fully masked row; the backward recomputes the probabilities from lse and returns
   // (dq, dk, dv, dlogits), dlogits (B, H, Lq, Lk) the gradient w.r.t. the logits when
-  // logits_grad (for a mask that requires grad; an empty tensor otherwise). k and v may have
+  // logits_grad (for a mask that requires grad; an empty tensor otherwise); grad_lse, when given,
+  // is the gradient flowing into lse (d lse / d logits = probs). k and v may have
   // fewer heads than q (grouped-query attention). The CPU has the kernels; pyformer.attention
   // takes this path itself where it applies (csrc/host/attention.cpp).
   m.def(
@@ -96,5 +97,5 @@ TORCH_LIBRARY(pyformer, m) {
   m.def(
       "flash_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out,"
       " Tensor lse, Tensor? mask, float? scale, int causal, Tensor? key_lengths,"
-      " bool logits_grad=False) -> (Tensor, Tensor, Tensor, Tensor)");
+      " bool logits_grad=False, Tensor? grad_lse=None) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -85,7 +85,8 @@ void check_flash_attention_backward(const at::Tensor& grad_out, const at::Tensor
                                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                                     const at::Tensor& lse, const std::optional<at::Tensor>& mask,
                                     double scale, int64_t causal,
-                                    const std::optional<at::Tensor>& key_lengths);
+                                    const std::optional<at::Tensor>& key_lengths,
+                                    const std::optional<at::Tensor>& grad_lse);
 
 // Kernels that call ATen ops open with this guard: the ops inside a kernel are implementation,
 // never recorded by autograd (the op's own autograd formula covers them), also when a backward op

@@ -332,7 +332,8 @@ def attention(
     dropout_p: float = 0.0,
     need_weights: bool = False,
     algorithm: str = "auto",
-) -> Tuple[Tensor, Optional[Tensor]]:
+    return_lse: bool = False,
+) -> Union[Tuple[Tensor, Optional[Tensor]], Tuple[Tensor, None, Tensor]]:
     r"""Multi-head scaled dot-product attention.
 
     ``probs = masked_softmax(scaled_qk(q, k, scale), mask, causal=causal, key_lengths=key_lengths)``,
@@ -363,16 +364,27 @@ def attention(
             :func:`torch.nn.functional.dropout`, but not the same elements (``docs/ops.md``).
         need_weights: also return the probabilities (before dropout).
         algorithm: ``"auto"``, ``"flash"`` or ``"bmm"`` (above).
+        return_lse: also return the log-sum-exp of each query row's logits
+            ``scale * q @ k^T + M`` over its unmasked keys, ``(B, H, Lq)`` in float32 (float64
+            for float64 inputs), ``-inf`` for a fully masked row: what merging the attention of
+            key chunks needs. It is differentiable. The flash algorithm computes it, so it
+            does not combine with ``need_weights``, dropout, ``algorithm="bmm"``, ``scale=0`` or
+            ``D = 0``, and needs a device with flash kernels (the CPU).
 
     Returns:
         ``(out, weights)``: ``out`` ``(B, H, Lq, Dv)`` and the probabilities
-        ``(B, H, Lq, Lk)`` when ``need_weights``, else None. Both are differentiable.
+        ``(B, H, Lq, Lk)`` when ``need_weights``, else None. Both are differentiable. With
+        ``return_lse``, ``(out, None, lse)``.
 
     Example::
 
         >>> q = k = v = torch.randn(2, 8, 16, 64)
         >>> out, _ = pyformer.functional.attention(q, k, v, key_lengths=torch.tensor([16, 9]))
     """
+    if return_lse:
+        return _attention_with_lse(
+            algorithm, q, k, v, mask, scale, causal, key_lengths, dropout_p, need_weights
+        )
     if algorithm != "auto":
         return _attention_algorithm(
             algorithm, q, k, v, mask, scale, causal, key_lengths, dropout_p, need_weights
@@ -396,6 +408,37 @@ def attention(
         need_probs,
     )
     return out, (probs if need_weights else None)
+
+
+def _attention_with_lse(algorithm, q, k, v, mask, scale, causal, key_lengths, dropout_p, weights):
+    """attention(..., return_lse=True): the flash op, whose (out, lse) are both differentiable."""
+    if algorithm not in ("auto", "flash", "bmm"):
+        return _attention_algorithm(
+            algorithm, q, k, v, mask, scale, causal, key_lengths, dropout_p, weights
+        )  # raises the error of an unknown algorithm
+    why = (
+        "need_weights=True"
+        if weights
+        else "dropout_p > 0"
+        if dropout_p > 0
+        else "algorithm='bmm'"
+        if algorithm == "bmm"
+        else "scale=0"
+        if scale is not None and float(scale) == 0
+        else None
+    )
+    if why is not None:
+        raise ValueError(
+            f"pyformer.attention: return_lse comes from the flash algorithm, which cannot take "
+            f"{why}"
+        )
+    if torch.is_tensor(q) and q.device.type != "cpu":
+        raise NotImplementedError(
+            f"pyformer.attention: return_lse needs the flash algorithm, which has kernels on the "
+            f"CPU only, not on {q.device.type}"
+        )
+    out, lse = _P.flash_attention(q, k, v, mask, _scale(scale), _causal(causal), key_lengths)
+    return out, None, lse
 
 
 def _attention_algorithm(algorithm, q, k, v, mask, scale, causal, key_lengths, dropout_p, weights):

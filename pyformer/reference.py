@@ -29,6 +29,7 @@ __all__ = [
     "rotate_half",
     "swiglu",
     "attention",
+    "attention_lse",
     "upcast",
 ]
 
@@ -95,6 +96,19 @@ def scaled_qk(q: Tensor, k: Tensor, scale: Optional[float] = None) -> Tensor:
     return s * scale
 
 
+def _masked_logits(scores, mask, scale, causal, key_lengths):
+    """(scale * scores + M with -inf at every masked position, the allowed positions or None)."""
+    x = scores * scale if scale != 1.0 else scores
+    if mask is not None and mask.dtype != torch.bool:
+        x = x + torch.where(
+            mask == float("-inf"), torch.zeros((), dtype=x.dtype, device=x.device), mask.to(x.dtype)
+        )
+    ok = allowed(scores, mask, causal, key_lengths, expand=False)
+    if ok is not None:
+        x = x.masked_fill(~ok, float("-inf"))
+    return x, ok
+
+
 def masked_softmax(
     scores: Tensor,
     mask: Optional[Tensor] = None,
@@ -105,14 +119,7 @@ def masked_softmax(
     zero_masked_rows: bool = True,
 ) -> Tensor:
     """softmax(scale * scores + M, -1): masked_fill(-inf) then softmax; fully masked rows -> 0."""
-    x = scores * scale if scale != 1.0 else scores
-    if mask is not None and mask.dtype != torch.bool:
-        x = x + torch.where(
-            mask == float("-inf"), torch.zeros((), dtype=x.dtype, device=x.device), mask.to(x.dtype)
-        )
-    ok = allowed(scores, mask, causal, key_lengths, expand=False)
-    if ok is not None:
-        x = x.masked_fill(~ok, float("-inf"))
+    x, ok = _masked_logits(scores, mask, scale, causal, key_lengths)
     p = torch.softmax(x, dim=-1)
     if ok is not None and zero_masked_rows:
         # a masked key is exactly 0 (so a fully masked row is zeros), also in a row whose
@@ -260,3 +267,26 @@ def attention(
     pd = torch.nn.functional.dropout(p, dropout_p) if dropout_p > 0 else p
     out = torch.matmul(pd, v)
     return out, (p if need_weights else None)
+
+
+def attention_lse(
+    q: Tensor,
+    k: Tensor,
+    mask: Optional[Tensor] = None,
+    *,
+    scale: Optional[float] = None,
+    causal: Union[bool, str] = False,
+    key_lengths: Optional[Tensor] = None,
+) -> Tensor:
+    """The log-sum-exp of each query row's logits ``scale * q k^T + M`` over its unmasked keys,
+    (B, H, Lq): ``-inf`` for a fully masked row (what ``attention(..., return_lse=True)``
+    returns)."""
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    x, ok = _masked_logits(scaled_qk(q, k, scale), mask, 1.0, causal, key_lengths)
+    if ok is None:
+        return torch.logsumexp(x, dim=-1)
+    # a fully masked row: -inf, with gradient 0 (logsumexp's own would be NaN there)
+    some = ok.expand(x.shape).any(-1)
+    lse = torch.logsumexp(x.masked_fill(~some.unsqueeze(-1), 0.0), dim=-1)
+    return lse.masked_fill(~some, float("-inf"))

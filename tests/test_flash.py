@@ -306,3 +306,121 @@ def test_half_types_with_and_without_the_mixed_precision_gemm():
         assert err < 1.6e-2, (s, err)
     if "bf16" in runs["1"]["half_gemm"]:
         assert not torch.equal(outs["0"], outs["1"])
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=str)
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_return_lse_matches_reference(dtype, kind):
+    """attention(..., return_lse=True): out and the log-sum-exp of each row's logits (-inf for a
+    fully masked row) against the reference's, and the gradients flowing from both (through
+    lse too: d lse / d logits = probs) to q, k, v and an additive mask."""
+    shape = (2, 4, 2, BLOCK_Q + 1, BLOCK_K + 1, 32, 16)
+    B, H, Hkv, Lq, Lk, D, Dv = shape
+    q, k, v, g = _inputs(*shape, seed=zlib.crc32(f"lse{kind}".encode()) % 1000)
+    mask, causal, kl = make_mask(kind, B, H, Lq, Lk, generator=g)
+    kw = dict(causal=causal, key_lengths=kl)
+
+    def impl(q, k, v, mask):
+        out, w, lse = F.attention(q, k, v, mask, return_lse=True, **kw)
+        assert w is None
+        assert lse.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
+        return out, lse.to(q.dtype)  # verify holds every output to the tested dtype
+
+    def reference(q, k, v, mask):
+        return ref.attention(q, k, v, mask, **kw)[0], ref.attention_lse(q, k, mask, **kw)
+
+    verify(
+        impl,
+        reference,
+        dict(q=q, k=k, v=v, mask=mask),
+        dtype=dtype,
+        device="cpu",
+        grad=["q", "k", "v"] + (["mask"] if kind.startswith("float") else []),
+        generator=g,
+    ).assert_ok(kind)
+
+
+def test_return_lse_merges_key_chunks():
+    """What lse is for: attention over two chunks of the keys, merged by their lse, is attention
+    over all of them, forward and backward (the gradient flows through both lse)."""
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (
+        torch.randn(2, 4, 70, 32, generator=g, dtype=torch.float64, requires_grad=True)
+        for _ in range(3)
+    )
+    kl = torch.tensor([70, 41])
+    full, _ = F.attention(q, k, v, key_lengths=kl)
+    o1, _, l1 = F.attention(q, k[:, :, :30], v[:, :, :30], return_lse=True)
+    o2, _, l2 = F.attention(q, k[:, :, 30:], v[:, :, 30:], key_lengths=kl - 30, return_lse=True)
+    lse = torch.logaddexp(l1, l2)
+    merged = o1 * (l1 - lse).exp().unsqueeze(-1) + o2 * (l2 - lse).exp().unsqueeze(-1)
+    torch.testing.assert_close(merged, full, rtol=1e-12, atol=1e-12)
+    go = torch.randn(full.shape, generator=g, dtype=torch.float64)
+    want = torch.autograd.grad(full, (q, k, v), go)
+    got = torch.autograd.grad(merged, (q, k, v), go)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # the lse of a fully masked row is -inf, and only lse carrying a gradient works too
+    _, _, lse0 = F.attention(q, k, v, key_lengths=torch.tensor([0, 5]), return_lse=True)
+    assert torch.isneginf(lse0[0]).all() and torch.isfinite(lse0[1]).all()
+    (gq,) = torch.autograd.grad(lse0[1].sum(), q)
+    assert torch.isfinite(gq).all() and gq[0].abs().sum() == 0 and gq[1].abs().sum() > 0
+
+
+def test_return_lse_errors_and_compile():
+    q = torch.randn(1, 2, 8, 16)
+    for kw, what in (
+        (dict(need_weights=True), "need_weights"),
+        (dict(dropout_p=0.1), "dropout"),
+        (dict(algorithm="bmm"), "bmm"),
+        (dict(scale=0.0), "scale=0"),
+    ):
+        with pytest.raises(ValueError, match=what):
+            F.attention(q, q, q, return_lse=True, **kw)
+    with pytest.raises(ValueError, match="algorithm"):
+        F.attention(q, q, q, return_lse=True, algorithm="fast")
+    with pytest.raises(ValueError, match="D > 0"):
+        F.attention(q[..., :0], q[..., :0], q, return_lse=True)
+    fn = torch.compile(lambda q: F.attention(q, q, q, causal=True, return_lse=True), fullgraph=True)
+    out, w, lse = fn(q)
+    want_out, _, want_lse = F.attention(q, q, q, causal=True, return_lse=True)
+    assert w is None
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(lse, want_lse)
+
+
+def test_return_lse_gradcheck_and_nonfinite_fallback():
+    """gradcheck and gradgradcheck through out and lse (the double backward runs the ATen
+    formulas); and a NaN in a masked key's value row, where the flash backward declines and the
+    bmm backward runs with lse's gradient added: the reference's gradients, NaN pattern too."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    kl = torch.tensor([3])
+
+    def fn(q, k, v):
+        out, _, lse = F.attention(q, k, v, key_lengths=kl, causal="bottom_right", return_lse=True)
+        return out, lse
+
+    args = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(fn, args)
+    assert torch.autograd.gradgradcheck(fn, args)
+    v_nan = v.clone()
+    v_nan[0, 1, 4, 2] = float("nan")  # key 4 is past key_lengths: masked
+    kw = dict(key_lengths=kl)
+
+    def impl(q, k, v):
+        out, _, lse = F.attention(q, k, v, return_lse=True, **kw)
+        return out, lse
+
+    def reference(q, k, v):
+        return ref.attention(q, k, v, **kw)[0], ref.attention_lse(q, k, **kw)
+
+    verify(
+        impl,
+        reference,
+        dict(q=q, k=k, v=v_nan),
+        dtype=torch.float64,
+        device="cpu",
+        grad=["q", "k", "v"],
+        generator=g,
+    ).assert_ok("NaN at a masked value row")

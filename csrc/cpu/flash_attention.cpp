@@ -257,7 +257,8 @@ struct Flash {
   // Head bh's dq, dk, dv from dout and the forward's out and lse (FlashAttention-2): for each key
   // block, over the query blocks whose rows reach it, P = exp(S - lse) is recomputed and
   //   dV += P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dQ += scale dS K,  dK += scale dS^T Q,
-  // with delta = rowsum(dO * out). dS is exactly 0 where P is 0 (a masked key) or 1. The task owns
+  // with delta = rowsum(dO * out) - grad_lse (the gradient flowing into lse, when given: d lse /
+  // d S = P). dS is exactly 0 where P is 0 (a masked key), grad_lse where P is 1. The task owns
   // every row and key of its kv head, so nothing is shared between threads and no sum races.
   // With the mixed-precision GEMM (half), P and dS are rounded to the dtype for the GEMMs they
   // feed, as FlashAttention does on GPUs; dS itself, the accumulators and delta stay float.
@@ -272,8 +273,8 @@ struct Flash {
   // Returns false, leaving the gradients unwritten, when a row's delta is not finite: an output
   // (or its gradient) holding NaN/inf, whose rule the probabilities carry (docs/ops.md); the host
   // then runs the bmm backward.
-  bool backward(int64_t bh, const scalar_t* GO, const acc_t* lse, scalar_t* DQ, scalar_t* DK,
-                scalar_t* DV, scalar_t* DL, BwdWork& w) const {
+  bool backward(int64_t bh, const scalar_t* GO, const acc_t* lse, const acc_t* GL, scalar_t* DQ,
+                scalar_t* DK, scalar_t* DV, scalar_t* DL, BwdWork& w) const {
     using Vec = Vectorized<acc_t>;
     constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
     const scalar_t* qh = Q + bh * R * D;
@@ -300,6 +301,7 @@ struct Flash {
       acc_t d = 0;
       for (int64_t c = 0; c < Dv; ++c)
         d += static_cast<acc_t>(goh[r * Dv + c]) * static_cast<acc_t>(oh[r * Dv + c]);
+      if (GL) d -= GL[bh * R + r];  // d lse / d S = P: dS = P * (dP - delta + grad_lse)
       if (!std::isfinite(d)) return false;
       w.delta[r] = d;
     }
@@ -367,18 +369,18 @@ struct Flash {
         for (int64_t i = 0; i < nr; ++i) {
           const acc_t* prow = S + i * nq;
           acc_t* drow = dP + i * nq;
-          // P == 1: the row's only key (of weight), where dS is exactly 0 (dP - delta cancels;
-          // delta = dO . out rounds otherwise than dP = dO . v and would leave noise)
-          const acc_t delta = w.delta[r0 + i];
-          const Vec vd(delta), zero(0), one(1);
+          // P == 1: the row's only key (of weight), where dS is exactly grad_lse (dP - dO . out
+          // cancels; dO . out rounds otherwise than dP = dO . v and would leave noise)
+          const acc_t delta = w.delta[r0 + i], gl = GL ? GL[bh * R + r0 + i] : acc_t(0);
+          const Vec vd(delta), vgl(gl), zero(0), one(1);
           int64_t j = 0;
           for (; j + Vec::size() <= nq; j += Vec::size()) {
             const Vec pv = Vec::loadu(prow + j);
-            Vec::blendv(pv * (Vec::loadu(drow + j) - vd), zero, (pv == zero) | (pv == one))
-                .store(drow + j);
+            const Vec ds = Vec::blendv(pv * (Vec::loadu(drow + j) - vd), zero, pv == zero);
+            Vec::blendv(ds, vgl, pv == one).store(drow + j);
           }
           for (; j < nq; ++j)
-            drow[j] = prow[j] == 0 || prow[j] == 1 ? acc_t(0) : prow[j] * (drow[j] - delta);
+            drow[j] = prow[j] == 0 ? acc_t(0) : prow[j] == 1 ? gl : prow[j] * (drow[j] - delta);
           if (DL) {
             scalar_t* dl = DL + (bh * R + r0 + i) * Lk + kb;
             for (j = 0; j < nq; ++j) dl[j] = static_cast<scalar_t>(drow[j]);
@@ -488,14 +490,16 @@ void flash_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 template <typename scalar_t>
 bool flash_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                    const MaskLayout& mask, double scale, const at::Tensor& dq,
-                    const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& dlogits) {
+                    const at::Tensor& grad_lse, const MaskLayout& mask, double scale,
+                    const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                    const at::Tensor& dlogits) {
   using acc_t = acc_type<scalar_t>;
   // out is read only here (delta = rowsum(dO * out))
   const Flash<scalar_t> f = Flash<scalar_t>::of(
       q, k, v, const_cast<scalar_t*>(out.const_data_ptr<scalar_t>()), nullptr, mask, scale);
   const scalar_t* GO = grad_out.const_data_ptr<scalar_t>();
   const acc_t* L = lse.const_data_ptr<acc_t>();
+  const acc_t* GL = grad_lse.defined() ? grad_lse.const_data_ptr<acc_t>() : nullptr;
   scalar_t *DQ = dq.mutable_data_ptr<scalar_t>(), *DK = dk.mutable_data_ptr<scalar_t>(),
            *DV = dv.mutable_data_ptr<scalar_t>();
   scalar_t* DL = dlogits.defined() ? dlogits.mutable_data_ptr<scalar_t>() : nullptr;
@@ -503,7 +507,7 @@ bool flash_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::T
   at::parallel_for(0, f.BH, 1, [&](int64_t begin, int64_t end) {
     typename Flash<scalar_t>::BwdWork w;
     for (int64_t bh = begin; bh < end && ok.load(std::memory_order_relaxed); ++bh)
-      if (!f.backward(bh, GO, L, DQ, DK, DV, DL, w)) ok = false;
+      if (!f.backward(bh, GO, L, GL, DQ, DK, DV, DL, w)) ok = false;
   });
   return ok;
 }
@@ -516,13 +520,14 @@ bool flash_takes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) 
 
 bool attention_flash_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                             const MaskLayout& mask, double scale, const at::Tensor& dq,
-                             const at::Tensor& dk, const at::Tensor& dv,
+                             const at::Tensor& grad_lse, const MaskLayout& mask, double scale,
+                             const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
                              const at::Tensor& dlogits) {
   if (!flash_takes(q, k, v)) return false;
   bool done = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "flash_bwd_cpu", [&] {
-    done = flash_backward<scalar_t>(grad_out, q, k, v, out, lse, mask, scale, dq, dk, dv, dlogits);
+    done = flash_backward<scalar_t>(grad_out, q, k, v, out, lse, grad_lse, mask, scale, dq, dk, dv,
+                                    dlogits);
   });
   return done;
 }

@@ -241,6 +241,23 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
 
 // ---- the flash algorithm: out and lse forward, the gradients recomputed from lse ---------------
 
+// The gradient flowing into lse added to (dq, dk, dlogits), in ATen ops (differentiable, for a
+// gradient of a gradient, and for the rare backward the flash kernel declines): d lse / d logits
+// = probs, so dlogits += probs * grad_lse, and through the logits scale * q @ k^T to dq and dk
+// (dk summed over each group of query heads; k repeated here, off the hot path).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_lse_grad(
+    const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dlogits, const at::Tensor& probs,
+    const at::Tensor& grad_lse, const at::Tensor& q, const at::Tensor& k, double scale) {
+  const at::ScalarType dt = q.scalar_type(), acc = stat_dtype(dt);
+  const int64_t G = q.size(1) / k.size(1);
+  const at::Tensor e = probs.to(acc) * grad_lse.to(acc).unsqueeze(-1);
+  const at::Tensor ka = G > 1 ? k.to(acc).repeat_interleave(G, 1) : k.to(acc);
+  at::Tensor ek = at::matmul(e.transpose(-2, -1), q.to(acc));
+  if (G > 1) ek = ek.unflatten(1, {k.size(1), G}).sum(2);
+  return {dq + at::matmul(e, ka).mul(scale).to(dt), dk + ek.mul(scale).to(dt),
+          dlogits.numel() ? dlogits + e.to(dt) : e.to(dt)};
+}
+
 std::tuple<at::Tensor, at::Tensor> flash_attention(const at::Tensor& q_, const at::Tensor& k_,
                                                    const at::Tensor& v_,
                                                    const std::optional<at::Tensor>& mask,
@@ -254,6 +271,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attention(const at::Tensor& q_, const a
   const int64_t B = q_.size(0), H = q_.size(1), Lq = q_.size(2), Hkv = k.size(1);
   at::Tensor out = empty_output({B, H, Lq, v.size(3)}, q_.options());
   at::Tensor lse = empty_output({B, H, Lq}, q_.options().dtype(stat_dtype(q_.scalar_type())));
+  TORCH_CHECK_VALUE(q_.size(3) > 0 && v.size(3) > 0,
+                    "pyformer.flash_attention: the flash algorithm needs head dims D > 0 and Dv "
+                    "> 0, got D = ",
+                    q_.size(3), ", Dv = ", v.size(3), " (the bmm algorithm takes them)");
   if (B * H * Lq == 0) return {out, lse};
   const MaskArgs m =
       make_mask_args({B, H, Lq, k.size(2)}, q_.scalar_type(), mask, causal, key_lengths);
@@ -268,9 +289,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attention_backw
     const at::Tensor& grad_out, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
     std::optional<double> scale_, int64_t causal, const std::optional<at::Tensor>& key_lengths,
-    bool logits_grad) {
+    bool logits_grad, const std::optional<at::Tensor>& grad_lse) {
   check_flash_attention_backward(grad_out, q_, k_, v_, out, lse, mask, scale_.value_or(1.0), causal,
-                                 key_lengths);
+                                 key_lengths, grad_lse);
   const double scale = resolve_scale(q_, scale_);
   const BelowAutograd below_autograd;
   const c10::OptionalDeviceGuard guard(q_.device());
@@ -288,16 +309,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attention_backw
       make_mask_args({B, H, Lq, k.size(2)}, q_.scalar_type(), mask, causal, key_lengths);
   const bool done = kernels::attention_flash_bwd.require(q_.device())(
       grouped(grad_out.contiguous(), Hkv), grouped(q_.contiguous(), Hkv), k, v,
-      grouped(out.contiguous(), Hkv), lse.contiguous().view({B, Hkv, -1}), m.layout, scale,
-      grouped(dq, Hkv), dk, dv, logits_grad ? dlogits : at::Tensor());
+      grouped(out.contiguous(), Hkv), lse.contiguous().view({B, Hkv, -1}),
+      grad_lse ? grad_lse->to(lse.scalar_type()).contiguous().view({B, Hkv, -1}) : at::Tensor(),
+      m.layout, scale, grouped(dq, Hkv), dk, dv, logits_grad ? dlogits : at::Tensor());
   if (done) return {dq, dk, dv, dlogits};
   // Declined: an output holding NaN/inf, whose rule the probabilities carry (a masked key's NaN
   // value row, a NaN score; docs/ops.md), or sizes past the kernel's. The probabilities are
   // formed again and the bmm backward runs.
   const auto [o, probs, keep] =
       attention(q_, k_, v_, mask, scale_, causal, key_lengths, 0.0, /*need_probs=*/true);
-  const auto [gq, gk, gv, gs] =
+  auto [gq, gk, gv, gs] =
       attention_backward(grad_out, std::nullopt, q_, k_, v_, probs, keep, scale, 0.0);
+  if (grad_lse) std::tie(gq, gk, gs) = add_lse_grad(gq, gk, gs, probs, *grad_lse, q_, k_, scale);
   return {gq, gk, gv, logits_grad ? gs : dlogits};
 }
 
@@ -309,7 +332,7 @@ using FlashSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at:
 using FlashBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const std::optional<at::Tensor>&, std::optional<double>, int64_t,
-    const std::optional<at::Tensor>&, bool);
+    const std::optional<at::Tensor>&, bool, const std::optional<at::Tensor>&);
 PYFORMER_OP_HANDLE(flash_attention, FlashSig)
 PYFORMER_OP_HANDLE(flash_attention_backward, FlashBwdSig)
 
@@ -337,7 +360,9 @@ struct FlashAttentionFunction : torch::autograd::Function<FlashAttentionFunction
     ctx->saved_data["key_lengths"] = key_lengths ? c10::IValue(*key_lengths) : c10::IValue();
     ctx->saved_data["mask_grad"] = requires_grad(mask);
     ctx->save_for_backward({q, k, v, out, lse});
-    return {out};
+    // an output that nothing differentiates arrives undefined: no zero-filled grad_lse to read
+    ctx->set_materialize_grads(false);
+    return {out, lse};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -354,15 +379,21 @@ struct FlashAttentionFunction : torch::autograd::Function<FlashAttentionFunction
         sv.isNone() ? std::nullopt : std::optional<double>(sv.toDouble());
     const int64_t causal = ctx->saved_data["causal"].toInt();
     const bool grad_mask = ctx->saved_data["mask_grad"].toBool();
+    const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(out);
+    const std::optional<at::Tensor> grad_lse =
+        grads[1].defined() ? std::optional<at::Tensor>(grads[1]) : std::nullopt;
     at::Tensor dq, dk, dv, dlogits;
     if (creating_graph()) {  // a gradient of a gradient: the attention node that forms probs
       const at::Tensor probs =
           std::get<1>(attention_autograd(q, k, v, mask, scale, causal, key_lengths, 0.0, true));
       std::tie(dq, dk, dv, dlogits) = differentiable_attention_backward(
-          grads[0], std::nullopt, q, k, v, probs, at::Tensor(), saved_scale(sv, q), 0.0);
+          grad_out, std::nullopt, q, k, v, probs, at::Tensor(), saved_scale(sv, q), 0.0);
+      if (grad_lse)
+        std::tie(dq, dk, dlogits) =
+            add_lse_grad(dq, dk, dlogits, probs, *grad_lse, q, k, saved_scale(sv, q));
     } else {
       std::tie(dq, dk, dv, dlogits) = flash_attention_backward_op().call(
-          grads[0], q, k, v, out, lse, mask, scale, causal, key_lengths, grad_mask);
+          grad_out, q, k, v, out, lse, mask, scale, causal, key_lengths, grad_mask, grad_lse);
     }
     const at::Tensor dmask =
         grad_mask ? mask_grad(dlogits, mask->sizes(), mask->scalar_type()) : at::Tensor();
@@ -406,6 +437,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_autograd(
   return {r[0], need_probs ? r[1] : at::empty({0}, q.options()), r[2]};
 }
 
+// flash_attention's autograd kernel: (out, lse), both differentiable (pyformer.attention's
+// return_lse).
+std::tuple<at::Tensor, at::Tensor> flash_attention_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, std::optional<double> scale, int64_t causal,
+    const std::optional<at::Tensor>& key_lengths) {
+  if (!recording(q, k, v, mask)) {
+    const at::AutoDispatchBelowADInplaceOrView below;
+    return flash_attention_op().call(q, k, v, mask, scale, causal, key_lengths);
+  }
+  const variable_list r = FlashAttentionFunction::apply(q, k, v, mask, scale, causal, key_lengths);
+  return {r[0], r[1]};
+}
+
 static void register_host(torch::Library& m) {
   m.impl("attention", &attention);
   m.impl("attention_backward", &attention_backward);
@@ -416,6 +461,7 @@ TORCH_LIBRARY_IMPL(pyformer, CPU, m) { register_host(m); }
 TORCH_LIBRARY_IMPL(pyformer, CUDA, m) { register_host(m); }
 TORCH_LIBRARY_IMPL(pyformer, Autograd, m) {
   m.impl("attention", &attention_autograd);
+  m.impl("flash_attention", &flash_attention_autograd);
   register_no_double_backward(m, "attention_backward");
   register_no_double_backward(m, "flash_attention_backward");
 }

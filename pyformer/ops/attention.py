@@ -65,7 +65,7 @@ def _flash_attention_fake(q, k, v, mask, scale, causal, key_lengths):
 
 @torch.library.register_fake("pyformer::flash_attention_backward")
 def _flash_attention_backward_fake(
-    grad_out, q, k, v, out, lse, mask, scale, causal, key_lengths, logits_grad=False
+    grad_out, q, k, v, out, lse, mask, scale, causal, key_lengths, logits_grad=False, grad_lse=None
 ):
     same_device(
         "flash_attention_backward",
@@ -78,6 +78,7 @@ def _flash_attention_backward_fake(
         lse=lse,
         mask=mask,
         key_lengths=key_lengths,
+        grad_lse=grad_lse,
     )
     c = torch.contiguous_format
     B, H, Lq, _ = q.shape
