@@ -381,12 +381,16 @@ def test_return_lse_errors_and_compile():
         F.attention(q, q, q, return_lse=True, algorithm="fast")
     with pytest.raises(ValueError, match="D > 0"):
         F.attention(q[..., :0], q[..., :0], q, return_lse=True)
+    q.requires_grad_()
     fn = torch.compile(lambda q: F.attention(q, q, q, causal=True, return_lse=True), fullgraph=True)
     out, w, lse = fn(q)
     want_out, _, want_lse = F.attention(q, q, q, causal=True, return_lse=True)
     assert w is None
     torch.testing.assert_close(out, want_out)
     torch.testing.assert_close(lse, want_lse)
+    (got,) = torch.autograd.grad(out.sum() + lse.sum(), q)
+    (want,) = torch.autograd.grad(want_out.sum() + want_lse.sum(), q)
+    torch.testing.assert_close(got, want)
 
 
 def test_return_lse_gradcheck_and_nonfinite_fallback():

@@ -217,16 +217,24 @@ struct Flash {
     }
   }
 
-  // The rows' key range: [0, kend), kend the largest limit among them, or Lk when a key or value
-  // row past it is not finite: its 0 * NaN reaches the output (a value) or dq (a key), as in the
-  // reference.
-  int64_t key_end(int64_t bh, int64_t r0, int64_t nr) const {
-    int64_t kend = 0;
-    for (int64_t i = 0; i < nr; ++i) kend = std::max(kend, m.limit(bh * R + r0 + i, Lk));
-    if (kend < Lk && (!all_finite(V + (bh * Lk + kend) * Dv, (Lk - kend) * Dv) ||
-                      !all_finite(K + (bh * Lk + kend) * D, (Lk - kend) * D)))
-      kend = Lk;
-    return kend;
+  // The key range of each query block of head bh, kends[b] for the block of rows [b * kBlockQ,
+  // ...): [0, kend), kend the largest limit among its rows, or Lk when a key or value row past it
+  // is not finite: its 0 * NaN reaches the output (a value) or dq (a key), as in the reference.
+  // One scan of the head's keys past the smallest of the limits serves every block.
+  void key_ends(int64_t bh, std::vector<int64_t>& kends) const {
+    kends.resize((R + kBlockQ - 1) / kBlockQ);
+    int64_t lo = Lk;
+    for (size_t b = 0; b < kends.size(); ++b) {
+      const int64_t r0 = static_cast<int64_t>(b) * kBlockQ, nr = std::min(kBlockQ, R - r0);
+      int64_t kend = 0;
+      for (int64_t i = 0; i < nr; ++i) kend = std::max(kend, m.limit(bh * R + r0 + i, Lk));
+      kends[b] = kend, lo = std::min(lo, kend);
+    }
+    int64_t bad = -1;  // the last key row at or past lo that is not finite
+    for (int64_t j = Lk - 1; j >= lo && bad < 0; --j)
+      if (!all_finite(K + (bh * Lk + j) * D, D) || !all_finite(V + (bh * Lk + j) * Dv, Dv)) bad = j;
+    for (int64_t& kend : kends)
+      if (bad >= kend) kend = Lk;
   }
 
   // out and lse of the rows from their final state.
@@ -307,9 +315,7 @@ struct Flash {
     }
     w.dq.assign(R * D, acc_t(0));
     std::vector<int64_t>& kends = w.kend;
-    kends.resize((R + kBlockQ - 1) / kBlockQ);
-    for (int64_t r0 = 0; r0 < R; r0 += kBlockQ)
-      kends[r0 / kBlockQ] = key_end(bh, r0, std::min(kBlockQ, R - r0));
+    key_ends(bh, kends);
     const int64_t bq = std::min(kBlockQ, R), bk = std::min(kBlockK, Lk);
     w.s.resize(bq * bk), w.dp.resize(bq * bk), w.dk.resize(bk * D), w.dv.resize(bk * Dv);
     if (half) w.ph.resize(bq * bk);
@@ -448,6 +454,14 @@ void flash_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   // split the keys when the tasks alone cannot keep every thread busy
   const int64_t split =
       tasks >= 2 * threads ? 1 : std::min<int64_t>(nkb, (2 * threads + tasks - 1) / tasks);
+  std::vector<int64_t> kends(tasks);  // each task's key end (Flash::key_ends), head by head
+  at::parallel_for(0, f.BH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> head;
+    for (int64_t bh = begin; bh < end; ++bh) {
+      f.key_ends(bh, head);
+      std::copy(head.begin(), head.end(), kends.begin() + bh * nqb);
+    }
+  });
   if (split == 1) {
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       RowState<acc_t> st;
@@ -455,7 +469,7 @@ void flash_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       for (int64_t t = begin; t < end; ++t) {
         const int64_t bh = t / nqb, r0 = (t % nqb) * kBlockQ, nr = std::min(kBlockQ, f.R - r0);
         st.reset(nr, f.Dv);
-        f.run(bh, r0, nr, 0, f.key_end(bh, r0, nr), st, w);
+        f.run(bh, r0, nr, 0, kends[t], st, w);
         f.finish(bh, r0, nr, st);
       }
     });
@@ -468,7 +482,7 @@ void flash_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     for (int64_t p = begin; p < end; ++p) {
       const int64_t t = p / split, c = p % split;
       const int64_t bh = t / nqb, r0 = (t % nqb) * kBlockQ, nr = std::min(kBlockQ, f.R - r0);
-      const int64_t kend = f.key_end(bh, r0, nr);
+      const int64_t kend = kends[t];
       const int64_t blocks = (kend + kBlockK - 1) / kBlockK;
       const int64_t per = (blocks + split - 1) / split;
       const int64_t k0 = std::min(kend, c * per * kBlockK);
