@@ -231,7 +231,9 @@ struct Flash {
       kends[b] = kend, lo = std::min(lo, kend);
     }
     int64_t bad = -1;  // the last key row at or past lo that is not finite
-    for (int64_t j = Lk - 1; j >= lo && bad < 0; --j)
+    const bool finite = lo >= Lk || (all_finite(K + (bh * Lk + lo) * D, (Lk - lo) * D) &&
+                                     all_finite(V + (bh * Lk + lo) * Dv, (Lk - lo) * Dv));
+    for (int64_t j = Lk - 1; !finite && j >= lo && bad < 0; --j)  // rare: find the row
       if (!all_finite(K + (bh * Lk + j) * D, D) || !all_finite(V + (bh * Lk + j) * Dv, Dv)) bad = j;
     for (int64_t& kend : kends)
       if (bad >= kend) kend = Lk;
