@@ -439,7 +439,7 @@ def attention_decode_config(
             bytes=_modes(nbytes(k, v), 2 * nbytes(k, v)),
         )
 
-    variant = f"decode, {lk} keys" + (", key_lengths in [L/2,L]" if padded else "")
+    variant = f"decode, {lk} keys" + (", cache lengths in [L/2,L]" if padded else "")
     return BenchConfig("attention", variant, f"q{shape_str((b, h, lq, d))}", lk, "F.sdpa", make)
 
 
@@ -620,9 +620,9 @@ def _cpu_flash_configs() -> List[BenchConfig]:
 
 def _flash_target_configs() -> List[BenchConfig]:
     """The speed targets of flash attention on the CPU against torch's SDPA, exactly: causal
-    (1,8,4096,64) forward and forward+backward in float32 and forward in bfloat16; (8,12,512,64)
-    with key_lengths in [L/2, L] forward and forward+backward; decode, q (8,32,1,128) against a
-    (8,32,4096,128) cache with key_lengths."""
+    (1,8,4096,64) forward and forward+backward in float32 and bfloat16 (bfloat16's target is the
+    forward's); (8,12,512,64) with key_lengths in [L/2, L] forward and forward+backward; decode,
+    q (8,32,1,128) against a (8,32,4096,128) cache whose lengths are key_lengths."""
     return [
         dataclasses.replace(
             attention_config(1, 8, 4096, 64, causal=True),
@@ -743,6 +743,7 @@ SWEEPS = {
             Target("attention", "forward", "torch", 1.0, "causal", "bfloat16"),
             Target("attention", "forward", "torch", 1.2, "key_lengths in [L/2,L]", "float32"),
             Target("attention", "both", "torch", 1.2, "key_lengths in [L/2,L]", "float32"),
+            Target("attention", "forward", "torch", 1.2, "decode", "float32"),
         ),
     ),
     "block-targets": FixedSweep(

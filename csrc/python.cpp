@@ -356,9 +356,7 @@ PyObject* build_info(PyObject*, PyObject*) {
   PyObject* cuda = Py_False;
 #endif
   // the BLAS's mixed-precision GEMMs that the CPU flash kernel uses for float16/bfloat16
-  const bool bf16 = pyformer::cpu::half_gemm<c10::BFloat16>() != nullptr;
-  const bool f16 = pyformer::cpu::half_gemm<c10::Half>() != nullptr;
-  const char* half_gemm = bf16 && f16 ? "bf16, fp16" : bf16 ? "bf16" : f16 ? "fp16" : "";
+  const char* half_gemm = pyformer::cpu::half_gemm<c10::BFloat16>() ? "bf16" : "";
   return Py_BuildValue("{s:O,s:O,s:s,s:s,s:s,s:s}", "cpu", Py_True, "cuda", cuda, "cuda_archs",
                        PYFORMER_CUDA_ARCHS, "cpu_capability", cpu_capability.c_str(),
                        "cpu_capability_note", cpu_capability_note.c_str(), "cpu_half_gemm",

@@ -25,10 +25,10 @@ def backends() -> dict:
     ``cpu_capability`` (the instruction set the CPU kernels run with: ``"avx2"`` where the CPU has
     AVX2, FMA and F16C and the build has the AVX2 kernels, else ``"default"``, baseline x86-64;
     ``PYFORMER_CPU_CAPABILITY=default`` in the environment forces the baseline),
-    ``cpu_capability_note`` (why it is ``"default"``, or empty), ``cpu_half_gemm`` (the
-    half types, ``"bf16, fp16"``, whose CPU flash attention runs the BLAS's mixed-precision GEMMs:
-    MKL's, found in the process; empty where the BLAS lacks them or
-    ``PYFORMER_CPU_HALF_GEMM=0`` is set, and the blocks are then converted to float) and
+    ``cpu_capability_note`` (why it is ``"default"``, or empty), ``cpu_half_gemm`` (``"bf16"``
+    where bfloat16 flash attention on the CPU runs the BLAS's mixed-precision GEMM: MKL's, on a
+    CPU with AMX-BF16 or AVX512-BF16; empty elsewhere or with ``PYFORMER_CPU_HALF_GEMM=0``, and
+    the blocks are then converted to float, as for float16) and
     ``cuda_available`` (compiled in and a GPU is visible now).
     """
     import torch

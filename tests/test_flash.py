@@ -274,19 +274,21 @@ def test_algorithm_argument():
 
 _HALF_RUN = r"""
 import json, sys, torch, pyformer, pyformer.functional as F
-g = torch.Generator().manual_seed(3)
-q, k, v = (torch.randn(2, 4, 300, 64, generator=g).bfloat16() for _ in range(3))
-with torch.no_grad():
-    out = F.attention(q, k, v, causal=True)[0]
-print(json.dumps({"half_gemm": pyformer.backends()["cpu_half_gemm"], "out": out.float().tolist()}))
+out = {}
+for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 300, 64, generator=g).to(dtype) for _ in range(3))
+    with torch.no_grad():
+        out[name] = F.attention(q, k, v, causal=True)[0].float().tolist()
+print(json.dumps({"half_gemm": pyformer.backends()["cpu_half_gemm"], "out": out}))
 """
 
 
 def test_half_types_with_and_without_the_mixed_precision_gemm():
-    """bfloat16 flash attention through the BLAS's mixed-precision GEMM (where torch's BLAS has
-    it) and, with PYFORMER_CPU_HALF_GEMM=0, on blocks converted to float: both within the
-    bfloat16 bound of the float64 reference, and different from each other where both paths
-    exist (so both really ran)."""
+    """bfloat16 and float16 flash attention through the BLAS's mixed-precision GEMM (where the
+    BLAS has it and the CPU computes in the type) and, with PYFORMER_CPU_HALF_GEMM=0, on blocks
+    converted to float: both within the dtype's bound of the float64 reference, and different
+    from each other exactly where the mixed-precision path exists (so both really ran)."""
     runs = {}
     for switch in ("1", "0"):
         env = dict(os.environ, PYFORMER_CPU_HALF_GEMM=switch)
@@ -296,16 +298,15 @@ def test_half_types_with_and_without_the_mixed_precision_gemm():
         assert run.returncode == 0, run.stderr
         runs[switch] = json.loads(run.stdout.strip().splitlines()[-1])
     assert runs["0"]["half_gemm"] == ""
-    assert runs["1"]["half_gemm"] in ("", "bf16", "fp16", "bf16, fp16")
-    g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(2, 4, 300, 64, generator=g).bfloat16().double() for _ in range(3))
-    want = ref.attention(q, k, v, causal=True)[0]
-    outs = {s: torch.tensor(r["out"], dtype=torch.float64) for s, r in runs.items()}
-    for s, out in outs.items():
-        err = ((out - want).norm() / want.norm()).item()
-        assert err < 1.6e-2, (s, err)
-    if "bf16" in runs["1"]["half_gemm"]:
-        assert not torch.equal(outs["0"], outs["1"])
+    for name, dtype, bound in (("bf16", torch.bfloat16, 1.6e-2), ("fp16", torch.float16, 2e-3)):
+        g = torch.Generator().manual_seed(3)
+        q, k, v = (torch.randn(2, 4, 300, 64, generator=g).to(dtype).double() for _ in range(3))
+        want = ref.attention(q, k, v, causal=True)[0]
+        outs = {s: torch.tensor(r["out"][name], dtype=torch.float64) for s, r in runs.items()}
+        for s, out in outs.items():
+            err = ((out - want).norm() / want.norm()).item()
+            assert err < bound, (name, s, err)
+        assert torch.equal(outs["0"], outs["1"]) != (name in runs["1"]["half_gemm"]), name
 
 
 @pytest.mark.parametrize("dtype", ALL, ids=str)
@@ -428,3 +429,32 @@ def test_return_lse_gradcheck_and_nonfinite_fallback():
         grad=["q", "k", "v"],
         generator=g,
     ).assert_ok("NaN at a masked value row")
+
+
+def test_return_lse_without_keys():
+    """No keys at all (an empty chunk when merging by lse): zero output, lse -inf, zero
+    gradients, with the keys split across threads (few heads) or not."""
+    for b, h in ((1, 1), (4, 8)):
+        q = torch.randn(b, h, 3, 8, requires_grad=True)
+        kv = torch.randn(b, h, 0, 8, requires_grad=True)
+        out, _, lse = F.attention(q, kv, kv, return_lse=True)
+        assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+        gq, gkv = torch.autograd.grad(out.sum() + lse.exp().sum(), (q, kv))
+        assert torch.equal(gq, torch.zeros_like(q)) and gkv.shape == kv.shape
+
+
+def test_flash_nonfinite_key_past_some_blocks_limits():
+    """A NaN value row and an inf key row past the causal limit of the first query blocks but
+    not the last: every block reads them (0 * NaN reaches every row's output, as in the
+    reference), with one scan per head deciding the key ends of all its blocks."""
+    q, k, v, g = _inputs(1, 2, 1, 2 * BLOCK_Q + 44, 2 * BLOCK_Q + 44, 16, 16, seed=4)
+    v[0, 0, BLOCK_Q + 70, 3] = float("nan")
+    k[0, 0, 2 * BLOCK_Q + 10, 1] = float("inf")
+    verify(
+        lambda q, k, v: F.attention(q, k, v, causal=True)[0],
+        lambda q, k, v: ref.attention(q, k, v, causal=True)[0],
+        dict(q=q, k=k, v=v),
+        dtype=torch.float32,
+        device="cpu",
+        generator=g,
+    ).assert_ok("non-finite rows past the first blocks' limits")

@@ -9,7 +9,6 @@
 #pragma once
 
 #include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <dlfcn.h>
 
 #include <cstdint>
@@ -51,35 +50,37 @@ bool have_blas() {
     return false;
 }
 
-// ---- mixed precision: float16/bfloat16 inputs, float accumulation and output ------------------
-// MKL's cblas_gemm_bf16bf16f32 and cblas_gemm_f16f16f32 (torch's x86-64 wheels link MKL), row-major
-// CBLAS interface. Where the CPU has AMX or AVX512-BF16/FP16 they run at several times the float
-// GEMM's rate, and they read the half-type operands in place, with no conversion pass. Without the
-// symbols (another BLAS), or with PYFORMER_CPU_HALF_GEMM=0 in the environment, the kernels convert
-// the blocks to float and call sgemm.
+// ---- mixed precision: bfloat16 inputs, float accumulation and output ----------------------------
+// MKL's cblas_gemm_bf16bf16f32 (torch's x86-64 wheels link MKL), row-major CBLAS interface. On a
+// CPU with AMX-BF16 or AVX512-BF16 it runs at several times the float GEMM's rate, and it reads
+// the bfloat16 operands in place, with no conversion pass; it is taken only there (elsewhere MKL
+// would emulate it). float16 always takes the float path: MKL's cblas_gemm_f16f16f32 measured no
+// faster than converting to float on an AVX512-FP16 Xeon without AMX-FP16. Without the symbol
+// (another BLAS), on other CPUs, or with PYFORMER_CPU_HALF_GEMM=0 in the environment, the kernels
+// convert the blocks to float and call sgemm.
 using gemm_half_t = void (*)(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha,
                              const void* A, int lda, const void* B, int ldb, float beta, float* C,
                              int ldc);
-struct HalfBlas {
-  gemm_half_t bf16 = nullptr, f16 = nullptr;
-  HalfBlas() {
-    const char* env = std::getenv("PYFORMER_CPU_HALF_GEMM");
-    if (env && std::strcmp(env, "0") == 0) return;
-    bf16 = reinterpret_cast<gemm_half_t>(dlsym(RTLD_DEFAULT, "cblas_gemm_bf16bf16f32"));
-    f16 = reinterpret_cast<gemm_half_t>(dlsym(RTLD_DEFAULT, "cblas_gemm_f16f16f32"));
-  }
-};
+inline gemm_half_t find_bf16_gemm() {
+  const char* env = std::getenv("PYFORMER_CPU_HALF_GEMM");
+  if (env && std::strcmp(env, "0") == 0) return nullptr;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16"))
+    return reinterpret_cast<gemm_half_t>(dlsym(RTLD_DEFAULT, "cblas_gemm_bf16bf16f32"));
+#endif
+  return nullptr;
+}
 
-// The mixed-precision GEMM for T (c10::BFloat16 or c10::Half), or null.
+// The mixed-precision GEMM for T (c10::BFloat16), or null: looked up once.
 template <typename T>
 gemm_half_t half_gemm() {
-  static const HalfBlas b;
-  if constexpr (std::is_same_v<T, c10::BFloat16>)
-    return b.bf16;
-  else if constexpr (std::is_same_v<T, c10::Half>)
-    return b.f16;
-  else
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    static const gemm_half_t bf16 = find_bf16_gemm();
+    return bf16;
+  } else {
     return nullptr;
+  }
 }
 
 // Row-major float C (m x n, ldc) = alpha * op(A) @ op(B) + beta * C on T operands, as gemm_rm

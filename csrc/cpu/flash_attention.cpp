@@ -14,10 +14,11 @@
 // rescale O *= exp(m - m'), l = l * exp(m - m') + sum exp(S - m'), then O += exp(S - m') @ V_blk
 // (GEMM, beta = 1). Key blocks at or past the largest limit of the block's rows (causal, key
 // lengths) are skipped. The scores never leave a kBlockQ x kBlockK buffer: memory is O(L), not
-// O(Lq * Lk). float16/bfloat16 go through the BLAS's mixed-precision GEMMs where torch's BLAS has
-// them (MKL: AMX / AVX512-BF16 on recent Xeons), reading q, k, v in place, with the probabilities
-// rounded to the dtype for P @ V as in the composition (float accumulation; the running max, sum,
-// O and lse stay float); elsewhere their blocks are converted to float on the way in.
+// O(Lq * Lk). bfloat16 goes through the BLAS's mixed-precision GEMM where torch's BLAS has it and
+// the CPU computes in bfloat16 (MKL on AMX / AVX512-BF16: blas.h), reading q, k, v in place, with
+// the probabilities rounded to bfloat16 for P @ V as in the composition (float accumulation; the
+// running max, sum, O and lse stay float); elsewhere, and for float16, the blocks are converted to
+// float on the way in.
 //
 // Parallelism: tasks over (batch, kv head, query block); when there are fewer tasks than twice the
 // threads (decode: one query row against a long cache), each task's keys are split into chunks
@@ -100,9 +101,9 @@ struct Flash {
   const MaskLayout& m;
   int64_t BH, R, Lk, D, Dv;  // R = G * Lq rows per kv head
   acc_t scale;
-  // float16/bfloat16 through the BLAS's mixed-precision GEMM (blas.h, half_gemm): q, k and v are
-  // read in place, and the forward rounds the probabilities to the dtype for P @ V (float
-  // accumulation). Otherwise half types are converted to float block by block.
+  // bfloat16 through the BLAS's mixed-precision GEMM (blas.h, half_gemm): q, k and v are read in
+  // place, and the forward rounds the probabilities to the dtype for P @ V (float accumulation).
+  // Otherwise half types are converted to float block by block.
   bool half = false;
 
   // The kernel over q (B, H_kv, R, D), k, v of the op, writing out (and lse when not null).
@@ -311,7 +312,8 @@ struct Flash {
       acc_t d = 0;
       for (int64_t c = 0; c < Dv; ++c)
         d += static_cast<acc_t>(goh[r * Dv + c]) * static_cast<acc_t>(oh[r * Dv + c]);
-      if (GL) d -= GL[bh * R + r];  // d lse / d S = P: dS = P * (dP - delta + grad_lse)
+      // d lse / d S = P: dS = P * (dP - delta + grad_lse); a fully masked row has none
+      if (GL && lh[r] != ninf) d -= GL[bh * R + r];
       if (!std::isfinite(d)) return false;
       w.delta[r] = d;
     }
@@ -330,7 +332,8 @@ struct Flash {
       for (int64_t r0 = 0; r0 < R; r0 += kBlockQ) {
         const int64_t nr = std::min(kBlockQ, R - r0);
         // the forward's key range of this query block, so that S is recomputed by GEMMs of the
-        // same shapes, bit for bit (a row with one key then has P exactly 1 and dS exactly 0)
+        // same shapes, bit for bit (a row with one key then has P exactly 1, and dS exactly
+        // grad_lse: 0 without it)
         const int64_t kend = kends[r0 / kBlockQ];
         if (kend <= kb) continue;
         const int64_t nq = std::min(kBlockK, kend - kb);
@@ -455,7 +458,9 @@ void flash_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t nkb = (f.Lk + kBlockK - 1) / kBlockK;
   // split the keys when the tasks alone cannot keep every thread busy
   const int64_t split =
-      tasks >= 2 * threads ? 1 : std::min<int64_t>(nkb, (2 * threads + tasks - 1) / tasks);
+      tasks >= 2 * threads
+          ? 1
+          : std::max<int64_t>(1, std::min<int64_t>(nkb, (2 * threads + tasks - 1) / tasks));
   std::vector<int64_t> kends(tasks);  // each task's key end (Flash::key_ends), head by head
   at::parallel_for(0, f.BH, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> head;

@@ -249,8 +249,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_lse_grad(
     const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dlogits, const at::Tensor& probs,
     const at::Tensor& grad_lse, const at::Tensor& q, const at::Tensor& k, double scale) {
   const at::ScalarType dt = q.scalar_type(), acc = stat_dtype(dt);
-  const int64_t G = q.size(1) / k.size(1);
-  const at::Tensor e = probs.to(acc) * grad_lse.to(acc).unsqueeze(-1);
+  const int64_t G = k.size(1) > 0 ? q.size(1) / k.size(1) : 1;
+  // a masked key (probability 0) takes no gradient, whatever grad_lse holds (0 * inf)
+  const at::Tensor p = probs.to(acc);
+  const at::Tensor e =
+      at::where(p == 0, at::zeros({}, p.options()), p * grad_lse.to(acc).unsqueeze(-1));
   const at::Tensor ka = G > 1 ? k.to(acc).repeat_interleave(G, 1) : k.to(acc);
   at::Tensor ek = at::matmul(e.transpose(-2, -1), q.to(acc));
   if (G > 1) ek = ek.unflatten(1, {k.size(1), G}).sum(2);
@@ -276,6 +279,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attention(const at::Tensor& q_, const a
                     "> 0, got D = ",
                     q_.size(3), ", Dv = ", v.size(3), " (the bmm algorithm takes them)");
   if (B * H * Lq == 0) return {out, lse};
+  if (k.size(2) == 0) {  // no keys: every row fully masked
+    out.zero_(), lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
   const MaskArgs m =
       make_mask_args({B, H, Lq, k.size(2)}, q_.scalar_type(), mask, causal, key_lengths);
   const bool done = kernels::attention_flash_fwd.require(q_.device())(
@@ -313,9 +320,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attention_backw
       grad_lse ? grad_lse->to(lse.scalar_type()).contiguous().view({B, Hkv, -1}) : at::Tensor(),
       m.layout, scale, grouped(dq, Hkv), dk, dv, logits_grad ? dlogits : at::Tensor());
   if (done) return {dq, dk, dv, dlogits};
-  // Declined: an output holding NaN/inf, whose rule the probabilities carry (a masked key's NaN
-  // value row, a NaN score; docs/ops.md), or sizes past the kernel's. The probabilities are
-  // formed again and the bmm backward runs.
+  // Declined: an output (or grad_lse) holding NaN/inf, whose rule the probabilities carry (a
+  // masked key's NaN value row, a NaN score; docs/ops.md), or sizes past the kernel's. The
+  // probabilities are formed again and the bmm backward runs.
   const auto [o, probs, keep] =
       attention(q_, k_, v_, mask, scale_, causal, key_lengths, 0.0, /*need_probs=*/true);
   auto [gq, gk, gv, gs] =
@@ -356,10 +363,10 @@ struct FlashAttentionFunction : torch::autograd::Function<FlashAttentionFunction
     }
     ctx->saved_data["scale"] = save_scale(scale);
     ctx->saved_data["causal"] = causal;
-    ctx->saved_data["mask"] = mask ? c10::IValue(*mask) : c10::IValue();
-    ctx->saved_data["key_lengths"] = key_lengths ? c10::IValue(*key_lengths) : c10::IValue();
-    ctx->saved_data["mask_grad"] = requires_grad(mask);
-    ctx->save_for_backward({q, k, v, out, lse});
+    // mask and key_lengths are read again by the backward: saved as variables, so that an
+    // in-place change between forward and backward (a learned bias's optimizer step) raises
+    ctx->save_for_backward({q, k, v, out, lse, mask ? *mask : at::Tensor(),
+                            key_lengths ? *key_lengths : at::Tensor()});
     // an output that nothing differentiates arrives undefined: no zero-filled grad_lse to read
     ctx->set_materialize_grads(false);
     return {out, lse};
@@ -368,17 +375,16 @@ struct FlashAttentionFunction : torch::autograd::Function<FlashAttentionFunction
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
     const at::Tensor &q = s[0], &k = s[1], &v = s[2], &out = s[3], &lse = s[4];
-    const c10::IValue& mv = ctx->saved_data["mask"];
-    const c10::IValue& kv = ctx->saved_data["key_lengths"];
     const std::optional<at::Tensor> mask =
-        mv.isNone() ? std::nullopt : std::optional<at::Tensor>(mv.toTensor());
+        s[5].defined() ? std::optional<at::Tensor>(s[5]) : std::nullopt;
     const std::optional<at::Tensor> key_lengths =
-        kv.isNone() ? std::nullopt : std::optional<at::Tensor>(kv.toTensor());
+        s[6].defined() ? std::optional<at::Tensor>(s[6]) : std::nullopt;
     const c10::IValue& sv = ctx->saved_data["scale"];
     const std::optional<double> scale =
         sv.isNone() ? std::nullopt : std::optional<double>(sv.toDouble());
     const int64_t causal = ctx->saved_data["causal"].toInt();
-    const bool grad_mask = ctx->saved_data["mask_grad"].toBool();
+    // the (B, H, Lq, Lk) logits' gradient only when the mask's gradient is wanted
+    const bool grad_mask = mask && mask->is_floating_point() && ctx->needs_input_grad(3);
     const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(out);
     const std::optional<at::Tensor> grad_lse =
         grads[1].defined() ? std::optional<at::Tensor>(grads[1]) : std::nullopt;
