@@ -140,16 +140,26 @@ struct Flash {
     }
   }
 
-  // S (nr x n) = scale * Q_rows @ K[kb, kb + n)^T, from the rows in the dtype (qh, kh: the query
-  // block's and the head's) or as acc_t (qa, kp). The forward and the backward compute S here
-  // alike, so that the backward's S is the forward's, bit for bit.
-  void scores(const scalar_t* qh, const acc_t* qa, const scalar_t* kh, const acc_t* kp, int64_t kb,
-              int64_t nr, int64_t n, acc_t* S) const {
+  // Every block GEMM of the forward and the backward: row-major C (acc_t) = alpha * op(A) @ op(B)
+  // + beta * C, each operand given in the dtype (ah, bh) and as acc_t (aa, ba; null when half):
+  // the mixed-precision GEMM on the dtype's (half), else the BLAS's on acc_t. The forward and the
+  // backward compute S through here alike, so that the backward's S is the forward's, bit for bit.
+  void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, acc_t alpha, const scalar_t* ah,
+            const acc_t* aa, int64_t lda, const scalar_t* bh, const acc_t* ba, int64_t ldb,
+            acc_t* C, int64_t ldc, acc_t beta) const {
     if constexpr (kConvert) {
       if (half)
-        return gemm_rm_half<scalar_t>(false, true, nr, n, D, scale, qh, D, kh + kb * D, D, S, n);
+        return gemm_rm_half<scalar_t>(ta, tb, m, n, k, alpha, ah, lda, bh, ldb, C, ldc, beta);
     }
-    gemm_rm<acc_t>(false, true, nr, n, D, scale, qa, D, kp, D, S, n);
+    gemm_rm<acc_t>(ta, tb, m, n, k, alpha, aa, lda, ba, ldb, C, ldc, beta);
+  }
+
+  // x[0, n) rounded to the dtype into buf, for the mixed-precision GEMM (half); null otherwise.
+  const scalar_t* in_dtype(const acc_t* x, int64_t n, std::vector<scalar_t>& buf) const {
+    if (!half) return nullptr;
+    buf.resize(n);
+    for (int64_t e = 0; e < n; ++e) buf[e] = static_cast<scalar_t>(x[e]);
+    return buf.data();
   }
 
   // Per-thread buffers.
@@ -175,14 +185,13 @@ struct Flash {
       qb = qh;
     }
     w.s.resize(nr * std::min(kBlockK, Lk));  // no larger than the call needs: tiny calls stay cheap
-    if (half) w.p.resize(w.s.size());
     constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
     for (int64_t kb = k0; kb < k1; kb += kBlockK) {
       const int64_t n = std::min(kBlockK, k1 - kb);
       const acc_t *kp = nullptr, *vp = nullptr;
       if (!half) std::tie(kp, vp) = kv_block(kh, vh, kb, n, w.k, w.v);
       acc_t* S = w.s.data();
-      scores(qh, qb, kh, kp, kb, nr, n, S);
+      gemm(false, true, nr, n, D, scale, qh, qb, D, kh + kb * D, kp, D, S, n, acc_t(0));
       for (int64_t i = 0; i < nr; ++i) {
         const int64_t row = bh * R + r0 + i;
         acc_t* srow = S + i * n;
@@ -205,16 +214,9 @@ struct Flash {
         if (alpha != acc_t(1))
           for (int64_t d = 0; d < Dv; ++d) orow[d] *= alpha;
       }
-      if constexpr (kConvert) {
-        if (half) {
-          scalar_t* P = w.p.data();
-          for (int64_t e = 0; e < nr * n; ++e) P[e] = static_cast<scalar_t>(S[e]);
-          gemm_rm_half<scalar_t>(false, false, nr, Dv, n, 1.f, P, n, vh + kb * Dv, Dv, st.o.data(),
-                                 Dv, 1.f);
-          continue;
-        }
-      }
-      gemm_rm<acc_t>(false, false, nr, Dv, n, acc_t(1), S, n, vp, Dv, st.o.data(), Dv, acc_t(1));
+      const scalar_t* P = in_dtype(S, nr * n, w.p);
+      gemm(false, false, nr, Dv, n, acc_t(1), P, S, n, vh + kb * Dv, vp, Dv, st.o.data(), Dv,
+           acc_t(1));
     }
   }
 
@@ -322,7 +324,6 @@ struct Flash {
     key_ends(bh, kends);
     const int64_t bq = std::min(kBlockQ, R), bk = std::min(kBlockK, Lk);
     w.s.resize(bq * bk), w.dp.resize(bq * bk), w.dk.resize(bk * D), w.dv.resize(bk * Dv);
-    if (half) w.ph.resize(bq * bk);
     for (int64_t kb = 0; kb < Lk; kb += kBlockK) {
       const int64_t n = std::min(kBlockK, Lk - kb);
       const acc_t *kp = nullptr, *vp = nullptr;
@@ -341,7 +342,8 @@ struct Flash {
         acc_t* dP = w.dp.data();
         const acc_t* qab = qa ? qa + r0 * D : nullptr;
         const acc_t* gob = goa ? goa + r0 * Dv : nullptr;
-        scores(qh + r0 * D, qab, kh, kp, kb, nr, nq, S);
+        gemm(false, true, nr, nq, D, scale, qh + r0 * D, qab, D, kh + kb * D, kp, D, S, nq,
+             acc_t(0));
         for (int64_t i = 0; i < nr; ++i) {
           const int64_t row = bh * R + r0 + i;
           acc_t* srow = S + i * nq;
@@ -360,23 +362,11 @@ struct Flash {
           for (; j < nq; ++j) srow[j] = srow[j] == ninf ? acc_t(0) : std::exp(srow[j] - l);
         }
         // dV += P^T dO;  dP = dO V^T
-        bool done = false;
-        if constexpr (kConvert) {
-          if (half) {
-            scalar_t* ph = w.ph.data();
-            for (int64_t e = 0; e < nr * nq; ++e) ph[e] = static_cast<scalar_t>(S[e]);
-            gemm_rm_half<scalar_t>(true, false, nq, Dv, nr, 1.f, ph, nq, goh + r0 * Dv, Dv,
-                                   w.dv.data(), Dv, 1.f);
-            gemm_rm_half<scalar_t>(false, true, nr, nq, Dv, 1.f, goh + r0 * Dv, Dv, vh + kb * Dv,
-                                   Dv, dP, nq);
-            done = true;
-          }
-        }
-        if (!done) {
-          gemm_rm<acc_t>(true, false, nq, Dv, nr, acc_t(1), S, nq, gob, Dv, w.dv.data(), Dv,
-                         acc_t(1));
-          gemm_rm<acc_t>(false, true, nr, nq, Dv, acc_t(1), gob, Dv, vp, Dv, dP, nq);
-        }
+        const scalar_t* goh_b = goh + r0 * Dv;
+        gemm(true, false, nq, Dv, nr, acc_t(1), in_dtype(S, nr * nq, w.ph), S, nq, goh_b, gob, Dv,
+             w.dv.data(), Dv, acc_t(1));
+        gemm(false, true, nr, nq, Dv, acc_t(1), goh_b, gob, Dv, vh + kb * Dv, vp, Dv, dP, nq,
+             acc_t(0));
         for (int64_t i = 0; i < nr; ++i) {
           const acc_t* prow = S + i * nq;
           acc_t* drow = dP + i * nq;
@@ -398,21 +388,11 @@ struct Flash {
           }
         }
         // dQ += scale dS K;  dK += scale dS^T Q
-        if constexpr (kConvert) {
-          if (half) {
-            scalar_t* dsh = w.ph.data();
-            for (int64_t e = 0; e < nr * nq; ++e) dsh[e] = static_cast<scalar_t>(dP[e]);
-            gemm_rm_half<scalar_t>(false, false, nr, D, nq, scale, dsh, nq, kh + kb * D, D,
-                                   w.dq.data() + r0 * D, D, 1.f);
-            gemm_rm_half<scalar_t>(true, false, nq, D, nr, scale, dsh, nq, qh + r0 * D, D,
-                                   w.dk.data(), D, 1.f);
-          }
-        }
-        if (!done) {
-          gemm_rm<acc_t>(false, false, nr, D, nq, scale, dP, nq, kp, D, w.dq.data() + r0 * D, D,
-                         acc_t(1));
-          gemm_rm<acc_t>(true, false, nq, D, nr, scale, dP, nq, qab, D, w.dk.data(), D, acc_t(1));
-        }
+        const scalar_t* dsh = in_dtype(dP, nr * nq, w.ph);
+        gemm(false, false, nr, D, nq, scale, dsh, dP, nq, kh + kb * D, kp, D, w.dq.data() + r0 * D,
+             D, acc_t(1));
+        gemm(true, false, nq, D, nr, scale, dsh, dP, nq, qh + r0 * D, qab, D, w.dk.data(), D,
+             acc_t(1));
       }
       scalar_t* dkh = DK + (bh * Lk + kb) * D;
       scalar_t* dvh = DV + (bh * Lk + kb) * Dv;
