@@ -458,3 +458,16 @@ def test_flash_nonfinite_key_past_some_blocks_limits():
         device="cpu",
         generator=g,
     ).assert_ok("non-finite rows past the first blocks' limits")
+
+
+def test_flash_mask_changed_in_place_before_backward_raises():
+    """The flash node reads the mask again in its backward: a learned bias changed in place in
+    between (an optimizer step too early) raises autograd's error, never a silent wrong
+    gradient."""
+    q = torch.randn(1, 2, 8, 16, requires_grad=True)
+    bias = torch.randn(1, 2, 8, 8, requires_grad=True)
+    out, _ = F.attention(q, q, q, bias)
+    with torch.no_grad():
+        bias.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
