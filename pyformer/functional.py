@@ -410,57 +410,56 @@ def attention(
     return out, (probs if need_weights else None)
 
 
+def _check_algorithm(algorithm) -> None:
+    if algorithm not in ("auto", "flash", "bmm"):
+        raise ValueError(
+            "pyformer.attention: argument 'algorithm': expected 'auto', 'flash' or 'bmm', "
+            f"got {algorithm!r}"
+        )
+
+
+def _refuse_unless_flash(
+    what: str, q, weights, dropout_p, also: Optional[str] = None, hint: str = ""
+) -> None:
+    """Raise where the flash algorithm cannot run: need_weights, dropout, ``also`` (a reason of
+    the caller's), a device without flash kernels. ``what`` begins the message."""
+    why = "need_weights=True" if weights else "dropout_p > 0" if dropout_p > 0 else also
+    if why is not None:
+        raise ValueError(f"pyformer.attention: {what}, so it cannot take {why}{hint}")
+    if torch.is_tensor(q) and q.device.type != "cpu":
+        raise NotImplementedError(
+            f"pyformer.attention: {what}, and the flash algorithm has kernels on the CPU only, "
+            f"not on {q.device.type}{hint}"
+        )
+
+
 def _attention_with_lse(algorithm, q, k, v, mask, scale, causal, key_lengths, dropout_p, weights):
     """attention(..., return_lse=True): the flash op, whose (out, lse) are both differentiable."""
-    if algorithm not in ("auto", "flash", "bmm"):
-        return _attention_algorithm(
-            algorithm, q, k, v, mask, scale, causal, key_lengths, dropout_p, weights
-        )  # raises the error of an unknown algorithm
-    why = (
-        "need_weights=True"
-        if weights
-        else "dropout_p > 0"
-        if dropout_p > 0
-        else "algorithm='bmm'"
+    _check_algorithm(algorithm)
+    also = (
+        "algorithm='bmm'"
         if algorithm == "bmm"
         else "scale=0"
         if scale is not None and float(scale) == 0
         else None
     )
-    if why is not None:
-        raise ValueError(
-            f"pyformer.attention: return_lse comes from the flash algorithm, which cannot take "
-            f"{why}"
-        )
-    if torch.is_tensor(q) and q.device.type != "cpu":
-        raise NotImplementedError(
-            f"pyformer.attention: return_lse needs the flash algorithm, which has kernels on the "
-            f"CPU only, not on {q.device.type}"
-        )
+    _refuse_unless_flash("return_lse comes from the flash algorithm", q, weights, dropout_p, also)
     out, lse = _P.flash_attention(q, k, v, mask, _scale(scale), _causal(causal), key_lengths)
     return out, None, lse
 
 
 def _attention_algorithm(algorithm, q, k, v, mask, scale, causal, key_lengths, dropout_p, weights):
     """attention with ``algorithm`` "flash" or "bmm" asked for by name."""
+    _check_algorithm(algorithm)
     kw = dict(scale=scale, causal=causal, key_lengths=key_lengths, dropout_p=dropout_p)
     if algorithm == "bmm":  # the probabilities formed (asked for), returned only if wanted
         out, probs = attention(q, k, v, mask, need_weights=True, **kw)
         return out, (probs if weights else None)
-    if algorithm == "flash":
-        why = "need_weights=True" if weights else "dropout_p > 0" if dropout_p > 0 else None
-        if why is not None:
-            raise ValueError(
-                f"pyformer.attention: algorithm='flash' forms no probabilities, so it cannot take "
-                f"{why}; use algorithm='auto' or 'bmm'"
-            )
-        if q.device.type != "cpu":
-            raise NotImplementedError(
-                f"pyformer.attention: algorithm='flash' has kernels on the CPU only, not on "
-                f"{q.device.type}; use algorithm='auto' or 'bmm'"
-            )
-        return attention(q, k, v, mask, **kw)
-    raise ValueError(
-        "pyformer.attention: argument 'algorithm': expected 'auto', 'flash' or 'bmm', "
-        f"got {algorithm!r}"
+    _refuse_unless_flash(
+        "algorithm='flash' forms no probabilities",
+        q,
+        weights,
+        dropout_p,
+        hint="; use algorithm='auto' or 'bmm'",
     )
+    return attention(q, k, v, mask, **kw)

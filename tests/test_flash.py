@@ -399,7 +399,10 @@ def test_return_lse_gradcheck_and_nonfinite_fallback():
     formulas); and a NaN in a masked key's value row, where the flash backward declines and the
     bmm backward runs with lse's gradient added: the reference's gradients, NaN pattern too."""
     g = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    q = torch.randn(
+        1, 4, 5, 4, generator=g, dtype=torch.float64
+    )  # grouped: 2 query heads a kv head
+    k, v = (torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64) for _ in range(2))
     kl = torch.tensor([3])
 
     def fn(q, k, v):

@@ -155,6 +155,20 @@ using AttentionBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tenso
 PYFORMER_OP_HANDLE(attention, AttentionSig)
 PYFORMER_OP_HANDLE(attention_backward, AttentionBwdSig)
 
+// Grouped-query attention in ATen ops, off the hot path (a gradient of a gradient, a declined
+// kernel): k or v repeated to the query heads (H / H_kv each), and a key-side gradient (B, H, ...)
+// summed back over each group to (B, H_kv, ...).
+namespace {
+at::Tensor repeat_kv(const at::Tensor& t, int64_t heads) {
+  const int64_t G = t.size(1) > 0 ? heads / t.size(1) : 1;
+  return G > 1 ? t.repeat_interleave(G, 1) : t;
+}
+at::Tensor sum_groups(const at::Tensor& t, int64_t kv_heads) {
+  const int64_t G = kv_heads > 0 ? t.size(1) / kv_heads : 1;
+  return G > 1 ? t.unflatten(1, {kv_heads, G}).sum(2) : t;
+}
+}  // namespace
+
 // The backward in differentiable ATen ops (creating_graph), the formulas of attention_backward in
 // the statistics dtype; probs is the op's own saved output, so differentiating through it runs
 // this node's backward again (with grad_probs).
@@ -163,14 +177,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> differentiable_attent
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& probs, const at::Tensor& keep,
     double scale, double dropout_p) {
   const at::ScalarType dt = q.scalar_type(), acc = stat_dtype(dt);
-  const int64_t G = k.size(1) > 0 ? q.size(1) / k.size(1) : 1;
-  // grouped-query attention: a repeated copy of k and v is fine here (this path is for a
-  // gradient of a gradient), and dk, dv are summed over each group below
-  const auto rep = [&](const at::Tensor& t) { return G > 1 ? t.repeat_interleave(G, 1) : t; };
-  const auto sum_group = [&](const at::Tensor& t) {
-    return G > 1 ? t.unflatten(1, {k.size(1), G}).sum(2) : t;
-  };
-  const at::Tensor g = grad_out.to(acc), qa = q.to(acc), ka = rep(k.to(acc)), va = rep(v.to(acc));
+  const int64_t H = q.size(1), Hkv = k.size(1);
+  const at::Tensor g = grad_out.to(acc), qa = q.to(acc);
+  const at::Tensor ka = repeat_kv(k.to(acc), H), va = repeat_kv(v.to(acc), H);
   const at::Tensor p = probs.to(acc);
   const bool dropped = dropout_p > 0;
   const double keep_scale = dropout_keep_scale(dropout_p);
@@ -180,8 +189,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> differentiable_attent
   if (grad_probs) dP = dP + grad_probs->to(acc);
   const at::Tensor dS = differentiable_softmax_backward(p, dP);
   return {at::matmul(dS, ka).mul(scale).to(dt),
-          sum_group(at::matmul(dS.transpose(-2, -1), qa)).mul(scale).to(dt),
-          sum_group(at::matmul(pd.transpose(-2, -1), g)).to(dt), dS.to(dt)};
+          sum_groups(at::matmul(dS.transpose(-2, -1), qa), Hkv).mul(scale).to(dt),
+          sum_groups(at::matmul(pd.transpose(-2, -1), g), Hkv).to(dt), dS.to(dt)};
 }
 
 struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
@@ -244,21 +253,18 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
 // The gradient flowing into lse added to (dq, dk, dlogits), in ATen ops (differentiable, for a
 // gradient of a gradient, and for the rare backward the flash kernel declines): d lse / d logits
 // = probs, so dlogits += probs * grad_lse, and through the logits scale * q @ k^T to dq and dk
-// (dk summed over each group of query heads; k repeated here, off the hot path).
+// (dk summed over each group of query heads).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_lse_grad(
     const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dlogits, const at::Tensor& probs,
     const at::Tensor& grad_lse, const at::Tensor& q, const at::Tensor& k, double scale) {
   const at::ScalarType dt = q.scalar_type(), acc = stat_dtype(dt);
-  const int64_t G = k.size(1) > 0 ? q.size(1) / k.size(1) : 1;
   // a masked key (probability 0) takes no gradient, whatever grad_lse holds (0 * inf)
   const at::Tensor p = probs.to(acc);
   const at::Tensor e =
       at::where(p == 0, at::zeros({}, p.options()), p * grad_lse.to(acc).unsqueeze(-1));
-  const at::Tensor ka = G > 1 ? k.to(acc).repeat_interleave(G, 1) : k.to(acc);
-  at::Tensor ek = at::matmul(e.transpose(-2, -1), q.to(acc));
-  if (G > 1) ek = ek.unflatten(1, {k.size(1), G}).sum(2);
-  return {dq + at::matmul(e, ka).mul(scale).to(dt), dk + ek.mul(scale).to(dt),
-          dlogits.numel() ? dlogits + e.to(dt) : e.to(dt)};
+  const at::Tensor ek = sum_groups(at::matmul(e.transpose(-2, -1), q.to(acc)), k.size(1));
+  return {dq + at::matmul(e, repeat_kv(k.to(acc), q.size(1))).mul(scale).to(dt),
+          dk + ek.mul(scale).to(dt), dlogits.numel() ? dlogits + e.to(dt) : e.to(dt)};
 }
 
 std::tuple<at::Tensor, at::Tensor> flash_attention(const at::Tensor& q_, const at::Tensor& k_,
