@@ -327,9 +327,10 @@ void check_flash_attention_backward(const at::Tensor& grad_out, const at::Tensor
                                     const at::Tensor& lse, const std::optional<at::Tensor>& mask,
                                     double scale, int64_t causal,
                                     const std::optional<at::Tensor>& key_lengths,
-                                    const std::optional<at::Tensor>& grad_lse) {
+                                    const std::optional<at::Tensor>& grad_lse, double dropout_p,
+                                    const std::optional<at::Tensor>& rng) {
   const char* op = "flash_attention_backward";
-  check_attention(q, k, v, mask, scale, causal, key_lengths, 0.0);
+  check_attention(q, k, v, mask, scale, causal, key_lengths, dropout_p);
   const std::vector<int64_t> os{q.size(0), q.size(1), q.size(2), v.size(3)};
   const std::vector<int64_t> ls{q.size(0), q.size(1), q.size(2)};
   check_same(op, "grad_out", grad_out, q, "q");
@@ -344,6 +345,15 @@ void check_flash_attention_backward(const at::Tensor& grad_out, const at::Tensor
     check_same(op, "grad_lse", *grad_lse, q, "q", /*dtype=*/false);
     PYF_VALUE(grad_lse->sizes() == at::IntArrayRef(ls) && grad_lse->is_floating_point(), op,
               "grad_lse", "a floating tensor of shape " + str(ls), str(grad_lse->sizes()));
+  }
+  if (dropout_p > 0) {
+    const bool given = rng && rng->defined();
+    PYF_VALUE(
+        given && rng->device().is_cpu() && rng->scalar_type() == at::kLong && rng->numel() == 1, op,
+        "rng", "the rng flash_attention returned (a CPU int64 tensor of 1 element)",
+        given ? str(rng->sizes()) + " " + c10::toString(rng->scalar_type()) + " on " +
+                    rng->device().str()
+              : std::string("None"));
   }
 }
 

@@ -17,6 +17,7 @@
 #include <ATen/ATen.h>
 
 #include "mask_layout.h"
+#include "philox.h"
 
 namespace pyformer::kernels {
 
@@ -175,24 +176,29 @@ extern Slot<AttentionFwd> attention_fwd;
 extern Slot<AttentionBwd> attention_bwd;
 // Flash attention forward: never forms the (Lq, Lk) scores. q (B, H_kv, G * Lq, D) and out
 // (B, H_kv, G * Lq, Dv) grouped by kv head (csrc/host/attention.cpp, grouped), k (B, H_kv, Lk, D),
-// v (B, H_kv, Lk, Dv); lse (B, H_kv, G * Lq) float32, or undefined when not wanted. No dropout,
-// no probs. Returns false when it does not take the inputs.
+// v (B, H_kv, Lk, Dv); lse (B, H_kv, G * Lq) float32, or undefined when not wanted. No probs;
+// dropout, when on, drops the elements of csrc/philox.h (the probabilities' (B, H, Lq, Lk)
+// indices). Returns false when it does not take the inputs.
 using AttentionFlashFwd = bool (*)(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const at::Tensor& out, const at::Tensor& lse,
-                                   const MaskLayout& mask, double scale);
+                                   const MaskLayout& mask, double scale, const Dropout& dropout);
 extern Slot<AttentionFlashFwd> attention_flash_fwd;
 // Its backward: dq (grouped like q), dk, dv from grad_out (grouped like out), the forward's out
 // and lse, plus grad_lse (grouped like lse, its dtype) when defined: the gradient flowing into
 // lse; and, when dlogits (B, H, Lq, Lk), zeroed, is defined, the gradient w.r.t. the logits (for
-// a mask that requires grad). Returns false when it does not take the inputs, or when out,
-// grad_out or grad_lse hold NaN/inf (the host then runs the bmm backward, which carries the NaN
-// rule).
+// a mask that requires grad); the forward's dropout regenerated. Returns false when it does not
+// take the inputs, or when out, grad_out or grad_lse hold NaN/inf (the host then runs the bmm
+// backward, which carries the NaN rule).
 using AttentionFlashBwd = bool (*)(const at::Tensor& grad_out, const at::Tensor& q,
                                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                                    const at::Tensor& lse, const at::Tensor& grad_lse,
-                                   const MaskLayout& mask, double scale, const at::Tensor& dq,
-                                   const at::Tensor& dk, const at::Tensor& dv,
+                                   const MaskLayout& mask, double scale, const Dropout& dropout,
+                                   const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
                                    const at::Tensor& dlogits);
 extern Slot<AttentionFlashBwd> attention_flash_bwd;
+// The dropout keep mask of csrc/philox.h: keep, bool, contiguous, numel > 0, in its row-major
+// element order.
+using DropoutKeep = void (*)(const at::Tensor& keep, const Dropout& dropout);
+extern Slot<DropoutKeep> dropout_keep;
 
 }  // namespace pyformer::kernels

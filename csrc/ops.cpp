@@ -67,15 +67,18 @@ TORCH_LIBRARY(pyformer, m) {
   m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)");
 
   // (out, probs, keep): out = dropout(probs) @ v, probs = masked_softmax(scaled_qk(q, k, scale)).
-  // keep is the bool dropout mask (shape of probs), or an empty bool tensor when dropout_p == 0.
-  // need_probs=False (no need_weights) returns an empty probs; outside autograd the device's flash
-  // kernel then runs where it has one (the CPU), and the fused CPU kernel otherwise never writes
-  // the (B,H,Lq,Lk) probs. When autograd records the call, its kernel either takes the flash
-  // algorithm (flash_attention below: no need_probs, no dropout, a device with flash kernels) or
-  // asks for the probs itself, which the backward needs.
+  // keep is the bool dropout mask (shape of probs; csrc/philox.h, from a key drawn per call) with
+  // need_probs and dropout_p > 0, an empty bool tensor otherwise. need_probs=False (no
+  // need_weights) returns an empty probs; outside autograd the device's flash kernel then runs
+  // where it has one (the CPU), and the fused CPU kernel otherwise never writes the (B,H,Lq,Lk)
+  // probs. When autograd records the call, its kernel either takes the flash algorithm
+  // (flash_attention below: no need_probs, a device with flash kernels) or asks for the probs
+  // itself, which the backward needs. Random with dropout: tagged nondeterministic_seeded, so that
+  // a graph never merges two calls.
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float? scale, int causal,"
-      " Tensor? key_lengths, float dropout_p, bool need_probs=True) -> (Tensor, Tensor, Tensor)");
+      " Tensor? key_lengths, float dropout_p, bool need_probs=True) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::nondeterministic_seeded});
   // (dq, dk, dv, dlogits); grad_probs is the gradient flowing into the returned probs
   // (need_weights); dlogits is the gradient w.r.t. the logits scale * q @ k^T + M, which the
   // Python wrapper sums to the shape of a floating mask that requires grad (and otherwise drops).
@@ -83,19 +86,23 @@ TORCH_LIBRARY(pyformer, m) {
       "attention_backward(Tensor grad_out, Tensor? grad_probs, Tensor q, Tensor k, Tensor v,"
       " Tensor probs, Tensor keep, float scale, float dropout_p) -> (Tensor, Tensor, Tensor, "
       "Tensor)");
-  // The flash algorithm of attention (no probabilities, no dropout): out and the log-sum-exp of
-  // each query row, lse (B, H, Lq) in the statistics dtype (float32; float64 for float64), -inf
-  // for a fully masked row; the backward recomputes the probabilities from lse and returns
-  // (dq, dk, dv, dlogits), dlogits (B, H, Lq, Lk) the gradient w.r.t. the logits when
-  // logits_grad (for a mask that requires grad; an empty tensor otherwise); grad_lse, when given,
-  // is the gradient flowing into lse (d lse / d logits = probs). k and v may have
-  // fewer heads than q (grouped-query attention). The CPU has the kernels; pyformer.attention
-  // takes this path itself where it applies (csrc/host/attention.cpp).
+  // The flash algorithm of attention (no probabilities): out, the log-sum-exp of each query
+  // row, lse (B, H, Lq) in the statistics dtype (float32; float64 for float64), -inf for a fully
+  // masked row, and rng, the dropout's Philox key (a CPU int64 tensor of 1 element; empty without
+  // dropout; csrc/philox.h). The backward recomputes the probabilities from lse, regenerates the
+  // dropout from rng, and returns (dq, dk, dv, dlogits), dlogits (B, H, Lq, Lk) the gradient
+  // w.r.t. the logits when logits_grad (for a mask that requires grad; an empty tensor
+  // otherwise); grad_lse, when given, is the gradient flowing into lse (d lse / d logits =
+  // probs). k and v may have fewer heads than q (grouped-query attention). The CPU has the
+  // kernels; pyformer.attention takes this path itself where it applies
+  // (csrc/host/attention.cpp).
   m.def(
       "flash_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float? scale, int causal,"
-      " Tensor? key_lengths) -> (Tensor, Tensor)");
+      " Tensor? key_lengths, float dropout_p=0.0) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::nondeterministic_seeded});
   m.def(
       "flash_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out,"
       " Tensor lse, Tensor? mask, float? scale, int causal, Tensor? key_lengths,"
-      " bool logits_grad=False, Tensor? grad_lse=None) -> (Tensor, Tensor, Tensor, Tensor)");
+      " bool logits_grad=False, Tensor? grad_lse=None, float dropout_p=0.0, Tensor? rng=None)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -22,6 +22,7 @@
 #include <tuple>
 
 #include "mask_layout.h"
+#include "philox.h"
 
 namespace pyformer {
 
@@ -86,7 +87,8 @@ void check_flash_attention_backward(const at::Tensor& grad_out, const at::Tensor
                                     const at::Tensor& lse, const std::optional<at::Tensor>& mask,
                                     double scale, int64_t causal,
                                     const std::optional<at::Tensor>& key_lengths,
-                                    const std::optional<at::Tensor>& grad_lse);
+                                    const std::optional<at::Tensor>& grad_lse, double dropout_p,
+                                    const std::optional<at::Tensor>& rng);
 
 // Kernels that call ATen ops open with this guard: the ops inside a kernel are implementation,
 // never recorded by autograd (the op's own autograd formula covers them), also when a backward op
@@ -104,10 +106,13 @@ inline at::ScalarType stat_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Dropout keeps an element with probability 1 - p and scales it by 1 / (1 - p) (0 when p == 1).
-inline double dropout_keep_scale(double p) { return p < 1.0 ? 1.0 / (1.0 - p) : 0.0; }
-// The bool keep mask of `sizes` for dropout probability p > 0: uniform < 1 - p.
-at::Tensor dropout_keep_mask(at::IntArrayRef sizes, double p, const at::TensorOptions& options);
+// The dropout of one call with probability p > 0: a fresh Philox key from torch's default CPU
+// generator (torch.manual_seed seeds it), whatever the device (csrc/philox.h).
+Dropout draw_dropout(double p);
+// The bool keep mask of `sizes` (the (B, H, Lq, Lk) probabilities) for that dropout, on the
+// device of `options`: the device's dropout_keep kernel.
+at::Tensor dropout_keep_mask(at::IntArrayRef sizes, const Dropout& dropout,
+                             const at::TensorOptions& options);
 
 // A MaskLayout (mask_layout.h) and the tensors it points into, which must outlive the kernel
 // (the float mask converted to the scores' dtype, key_lengths as contiguous int64).

@@ -341,16 +341,17 @@ def attention(
     :func:`torch.nn.functional.scaled_dot_product_attention` with the equivalent bool mask (and
     ``enable_gqa=True``), except that a query row with every key masked gives a zero output row.
 
-    Two algorithms, picked per call: on the CPU, without ``need_weights`` and without dropout,
-    the flash algorithm (query and key blocks, an online softmax, never an ``Lq x Lk`` buffer:
-    memory O(L) in inference and training, where the backward recomputes the probabilities from
-    the saved log-sum-exp; a floating mask that requires grad gets its gradient from a
-    ``(B, H, Lq, Lk)`` buffer that lives only during the backward); otherwise the bmm algorithm,
-    which forms the probabilities (what ``need_weights`` returns and its backward reads). Both
-    agree within ``docs/ops.md``'s bounds. On CUDA the bmm algorithm runs. ``algorithm`` picks
-    one: ``"auto"`` (the above), ``"flash"`` (an error where it cannot run: ``need_weights``,
-    dropout, a device without a flash kernel; the edges its kernel does not take, ``D = 0``, no
-    keys or ``scale = 0``, run the bmm algorithm) or ``"bmm"``.
+    Two algorithms, picked per call: on the CPU, without ``need_weights``, the flash algorithm
+    (query and key blocks, an online softmax, never an ``Lq x Lk`` buffer: memory O(L) in
+    inference and training, where the backward recomputes the probabilities from the saved
+    log-sum-exp and regenerates the dropout mask from its key; a floating mask that requires grad
+    gets its gradient from a ``(B, H, Lq, Lk)`` buffer that lives only during the backward);
+    otherwise the bmm algorithm, which forms the probabilities (what ``need_weights`` returns and
+    its backward reads). Both agree within ``docs/ops.md``'s bounds and drop the same elements.
+    On CUDA the bmm algorithm runs. ``algorithm`` picks one: ``"auto"`` (the above),
+    ``"flash"`` (an error where it cannot run: ``need_weights``, a device without a flash kernel;
+    the edges its kernel does not take, ``D = 0``, no keys or ``scale = 0``, run the bmm
+    algorithm) or ``"bmm"``.
 
     Args:
         q: ``(B, H, Lq, D)``; k: ``(B, H_kv, Lk, D)``; v: ``(B, H_kv, Lk, Dv)``, where
@@ -359,17 +360,19 @@ def attention(
         mask, causal, key_lengths: as for :func:`masked_softmax`, on scores ``(B, H, Lq, Lk)``.
         scale: ``1 / sqrt(D)`` when None.
         dropout_p: dropout probability on the attention probabilities (pass 0 in eval). The
-            keep mask is ``torch.rand(B, H, Lq, Lk) < 1 - dropout_p`` on the default generator
-            of the inputs' device: seeded by ``torch.manual_seed``, the same distribution as
-            :func:`torch.nn.functional.dropout`, but not the same elements (``docs/ops.md``).
+            keep mask comes from a counter-based generator (Philox4x32-10,
+            :func:`pyformer.reference.dropout_keep`) under a key drawn per call from torch's
+            default CPU generator, whatever the device: seeded by ``torch.manual_seed``, the
+            same elements for both algorithms, every dtype and every mask, the distribution of
+            :func:`torch.nn.functional.dropout` but not its elements (``docs/ops.md``).
         need_weights: also return the probabilities (before dropout).
         algorithm: ``"auto"``, ``"flash"`` or ``"bmm"`` (above).
         return_lse: also return the log-sum-exp of each query row's logits
             ``scale * q @ k^T + M`` over its unmasked keys, ``(B, H, Lq)`` in float32 (float64
             for float64 inputs), ``-inf`` for a fully masked row: what merging the attention of
-            key chunks needs. It is differentiable. The flash algorithm computes it, so it
-            does not combine with ``need_weights``, dropout, ``algorithm="bmm"``, ``scale=0`` or
-            ``D = 0``, and needs a device with flash kernels (the CPU).
+            key chunks needs. It is differentiable. The flash op computes it (on a device
+            without flash kernels, CUDA today, through the bmm composition), so it does not
+            combine with ``need_weights``, ``algorithm="bmm"``, ``scale=0`` or ``D = 0``.
 
     Returns:
         ``(out, weights)``: ``out`` ``(B, H, Lq, Dv)`` and the probabilities
@@ -418,19 +421,12 @@ def _check_algorithm(algorithm) -> None:
         )
 
 
-def _refuse_unless_flash(
-    what: str, q, weights, dropout_p, also: Optional[str] = None, hint: str = ""
-) -> None:
-    """Raise where the flash algorithm cannot run: need_weights, dropout, ``also`` (a reason of
-    the caller's), a device without flash kernels. ``what`` begins the message."""
-    why = "need_weights=True" if weights else "dropout_p > 0" if dropout_p > 0 else also
+def _refuse_unless_flash(what: str, q, weights, also: Optional[str] = None, hint: str = "") -> None:
+    """Raise where the flash op cannot run: need_weights, or ``also`` (a reason of the caller's).
+    ``what`` begins the message."""
+    why = "need_weights=True" if weights else also
     if why is not None:
         raise ValueError(f"pyformer.attention: {what}, so it cannot take {why}{hint}")
-    if torch.is_tensor(q) and q.device.type != "cpu":
-        raise NotImplementedError(
-            f"pyformer.attention: {what}, and the flash algorithm has kernels on the CPU only, "
-            f"not on {q.device.type}{hint}"
-        )
 
 
 def _attention_with_lse(algorithm, q, k, v, mask, scale, causal, key_lengths, dropout_p, weights):
@@ -443,8 +439,10 @@ def _attention_with_lse(algorithm, q, k, v, mask, scale, causal, key_lengths, dr
         if scale is not None and float(scale) == 0
         else None
     )
-    _refuse_unless_flash("return_lse comes from the flash algorithm", q, weights, dropout_p, also)
-    out, lse = _P.flash_attention(q, k, v, mask, _scale(scale), _causal(causal), key_lengths)
+    _refuse_unless_flash("return_lse comes from the flash algorithm", q, weights, also)
+    out, lse, _ = _P.flash_attention(
+        q, k, v, mask, _scale(scale), _causal(causal), key_lengths, float(dropout_p)
+    )
     return out, None, lse
 
 
@@ -459,7 +457,11 @@ def _attention_algorithm(algorithm, q, k, v, mask, scale, causal, key_lengths, d
         "algorithm='flash' forms no probabilities",
         q,
         weights,
-        dropout_p,
         hint="; use algorithm='auto' or 'bmm'",
     )
+    if torch.is_tensor(q) and q.device.type != "cpu":
+        raise NotImplementedError(
+            "pyformer.attention: algorithm='flash' has kernels on the CPU only, not on "
+            f"{q.device.type}; use algorithm='auto' or 'bmm'"
+        )
     return attention(q, k, v, mask, **kw)

@@ -30,6 +30,8 @@ __all__ = [
     "swiglu",
     "attention",
     "attention_lse",
+    "dropout_keep",
+    "philox4x32_10",
     "upcast",
 ]
 
@@ -251,11 +253,14 @@ def attention(
     dropout_p: float = 0.0,
     need_weights: bool = False,
     zero_masked_rows: bool = True,
+    dropout_seed: Optional[int] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """softmax(q k^T / sqrt(d) + M) @ v, the textbook way; returns (out, probs or None).
 
     Shapes: q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv) -> out (B, H, Lq, Dv),
-    probs (B, H, Lq, Lk). Dropout (when ``dropout_p > 0``) is torch's, so not bit-comparable.
+    probs (B, H, Lq, Lk). Dropout (when ``dropout_p > 0``): with ``dropout_seed``, pyformer's
+    keep mask :func:`dropout_keep` of that seed (``probs * keep / (1 - p)``, the elements
+    pyformer's attention drops); without it, torch's dropout (same distribution, other elements).
     """
     if k.shape[1] != q.shape[1]:  # grouped-query attention: each kv head serves a group
         g = q.shape[1] // k.shape[1]
@@ -264,7 +269,11 @@ def attention(
     p = masked_softmax(
         s, mask, causal=causal, key_lengths=key_lengths, zero_masked_rows=zero_masked_rows
     )
-    pd = torch.nn.functional.dropout(p, dropout_p) if dropout_p > 0 else p
+    if dropout_p > 0 and dropout_seed is not None:
+        keep = dropout_keep(dropout_seed, p.shape, dropout_p, device=p.device)
+        pd = p * keep / (1 - dropout_p) if dropout_p < 1 else p * 0
+    else:
+        pd = torch.nn.functional.dropout(p, dropout_p) if dropout_p > 0 else p
     out = torch.matmul(pd, v)
     return out, (p if need_weights else None)
 
@@ -290,3 +299,54 @@ def attention_lse(
     some = ok.expand(x.shape).any(-1)
     lse = torch.logsumexp(x.masked_fill(~some.unsqueeze(-1), 0.0), dim=-1)
     return lse.masked_fill(~some, float("-inf"))
+
+
+# Philox4x32-10 (Salmon et al., SC'11), written in int64 torch ops with every product split so
+# that it stays below 2^63: the definition csrc/philox.h implements, checked against the published
+# known-answer vectors in tests/test_dropout_draw.py.
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_U32 = 0xFFFFFFFF
+
+
+def _mulhilo32(a: int, c: Tensor) -> Tuple[Tensor, Tensor]:
+    """(high, low) 32-bit halves of the 64-bit product a * c, for a and c below 2^32."""
+    lo = a * (c & 0xFFFF)  # < 2^48
+    hi = a * (c >> 16)  # < 2^48
+    low = lo + ((hi & 0xFFFF) << 16)  # < 2^49
+    return (hi >> 16) + (low >> 32), low & _U32
+
+
+def philox4x32_10(counter: Tensor, key: Tensor, counter_hi: Optional[Tensor] = None) -> Tensor:
+    """Philox4x32-10 of each 128-bit counter under a 64-bit key: ``counter`` (int64, the low two
+    words as one 64-bit number, ``>= 0``), ``counter_hi`` (the high two, 0 when None) and ``key``
+    (int64 of the same shape or broadcastable; the key's bits as a two's-complement int64) ->
+    int64 ``(..., 4)`` of the four 32-bit output words."""
+    zero = torch.zeros_like(counter)
+    hi = zero if counter_hi is None else counter_hi
+    c = [counter & _U32, (counter >> 32) & _U32, hi & _U32, (hi >> 32) & _U32]
+    k0, k1 = key & _U32, (key >> 32) & _U32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(_PHILOX_M[0], c[0])
+        hi1, lo1 = _mulhilo32(_PHILOX_M[1], c[2])
+        c = [hi1 ^ c[1] ^ k0, lo1, hi0 ^ c[3] ^ k1, lo0]
+        k0, k1 = (k0 + _PHILOX_W[0]) & _U32, (k1 + _PHILOX_W[1]) & _U32
+    return torch.stack(c, -1)
+
+
+def dropout_keep(seed: int, shape: Sequence[int], p: float, device=None) -> Tensor:
+    """pyformer's attention dropout mask (bool, ``shape``, True = kept): element ``n`` (its index
+    in ``shape``'s row-major order) is kept when word ``n % 4`` of Philox4x32-10 of counter
+    ``(n // 4, 0)`` under key ``seed`` is at least ``floor(p * 2^32)``: probability ``1 - p``.
+    ``seed`` is the 64-bit key (a Python int, either sign)."""
+    numel = math.prod(shape)
+    key = torch.tensor(_signed64(seed), dtype=torch.int64)
+    groups = torch.arange((numel + 3) // 4, dtype=torch.int64)
+    words = philox4x32_10(groups, key).reshape(-1)[:numel]
+    keep = words >= (int(p * 2**32) if p < 1 else 2**32)
+    return keep.reshape(tuple(shape)).to(device)
+
+
+def _signed64(x: int) -> int:
+    x &= (1 << 64) - 1
+    return x - (1 << 64) if x >= 1 << 63 else x

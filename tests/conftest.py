@@ -26,6 +26,17 @@ def _seed(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()) ^ base)
 
 
+def next_dropout_seed() -> int:
+    """The Philox key the next attention call with dropout draws (the flash op returns it), the
+    default generator then put back where it was: what pyformer.reference.attention's
+    ``dropout_seed`` takes to drop the same elements."""
+    state = torch.get_rng_state()
+    x = torch.zeros(1, 1, 1, 1)
+    _, _, rng = torch.ops.pyformer.flash_attention(x, x, x, None, None, 0, None, 0.5)
+    torch.set_rng_state(state)
+    return int(rng.item())
+
+
 def compare(fast, slow, args, *, dtype, device, grad=(), what=""):
     """Runs `fast` (pyformer) on `args` in `dtype` on `device` and checks every output and every
     gradient (w.r.t. the args whose indices are in `grad`) against `slow` (the reference), by

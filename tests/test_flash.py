@@ -1,5 +1,5 @@
-"""Flash attention on the CPU (inference: no probabilities, no dropout, so the op takes the fused
-flash kernel, csrc/cpu/flash_attention.cpp): every mask kind, dtype and grouped-query layout
+"""Flash attention on the CPU (no probabilities, so the op takes the fused flash kernel,
+csrc/cpu/flash_attention.cpp): every mask kind, dtype, grouped-query layout and dropout
 against the float64 reference, at the kernel's block boundaries, for decode shapes (one query
 against a long cache: the keys are split across threads) and long rows; its memory does not grow
 as Lq x Lk, and its results are bitwise reproducible."""
@@ -17,7 +17,7 @@ import torch
 
 import pyformer.functional as F
 import pyformer.reference as ref
-from conftest import DEVICES
+from conftest import DEVICES, next_dropout_seed
 from pyformer.testing import MASK_KINDS, make_mask, verify
 
 ALL = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -94,6 +94,143 @@ def test_flash_gradients_match_reference(device, dtype, kind, shape):
         grad=["q", "k", "v"] + (["mask"] if kind.startswith("float") else []),
         generator=g,
     ).assert_ok(f"{kind} {shape}")
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=str)
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("shape", SHAPES[:3] + SHAPES[4:], ids=lambda s: "x".join(map(str, s)))
+def test_flash_dropout_matches_reference(dtype, kind, shape):
+    """Dropout in training: the flash node drops the elements of the Philox key it draws (the
+    reference's dropout_keep of that key) and its backward regenerates them; out, dq, dk, dv and
+    dmask against the reference with the same mask."""
+    B, H, Hkv, Lq, Lk, D, Dv = shape
+    q, k, v, g = _inputs(*shape, seed=zlib.crc32(f"drop{kind}{shape}".encode()) % 1000)
+    mask, causal, kl = make_mask(kind, B, H, Lq, Lk, generator=g)
+    kw = dict(causal=causal, key_lengths=kl, dropout_p=0.25)
+    torch.manual_seed(11)
+    seed = next_dropout_seed()
+
+    def impl(q, k, v, mask):
+        torch.manual_seed(11)
+        return F.attention(q, k, v, mask, algorithm="flash", **kw)[0]
+
+    def reference(q, k, v, mask):
+        return ref.attention(q, k, v, mask, dropout_seed=seed, **kw)[0]
+
+    verify(
+        impl,
+        reference,
+        dict(q=q, k=k, v=v, mask=mask),
+        dtype=dtype,
+        device="cpu",
+        grad=["q", "k", "v"] + (["mask"] if kind.startswith("float") else []),
+        generator=g,
+    ).assert_ok(f"{kind} {shape}")
+
+
+def test_flash_dropout_gradcheck_compile_and_memory():
+    """With the key fixed by torch.manual_seed the call is a function: gradcheck and
+    gradgradcheck pass through the regenerated mask (GQA, bottom-right causal, a learned bias).
+    Under torch.compile each call draws its own mask (the key is not baked into the graph) and a
+    seeded call equals eager. The flash node saves no (Lq, Lk) keep mask; the lse does not
+    depend on dropout."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 4, 9, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 2, 12, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    k.requires_grad_(), v.requires_grad_()
+    bias = torch.randn(1, 1, 9, 12, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def f(q, k, v, bias):
+        torch.manual_seed(4)
+        out, _, lse = F.attention(
+            q, k, v, bias, causal="bottom_right", dropout_p=0.3, return_lse=True
+        )
+        return out, lse
+
+    assert torch.autograd.gradcheck(f, (q, k, v, bias))
+    assert torch.autograd.gradgradcheck(f, (q, k, v, bias))
+    _, _, lse0 = F.attention(q, k, v, bias, causal="bottom_right", return_lse=True)
+    torch.testing.assert_close(f(q, k, v, bias)[1], lse0, rtol=0, atol=0)
+
+    x = torch.randn(1, 2, 64, 16, requires_grad=True)
+    fn = torch.compile(
+        lambda x: F.attention(x, x, x, causal=True, dropout_p=0.5)[0], fullgraph=True
+    )
+    a, b = fn(x), fn(x)
+    assert not torch.equal(a, b)
+    torch.manual_seed(3)
+    a = fn(x)
+    torch.manual_seed(3)
+    want = F.attention(x, x, x, causal=True, dropout_p=0.5)[0]
+    torch.testing.assert_close(a, want)
+    (ga,) = torch.autograd.grad(a.sum(), x)
+    (gw,) = torch.autograd.grad(want.sum(), x)
+    torch.testing.assert_close(ga, gw)
+
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    y = torch.randn(1, 2, 300, 16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        F.attention(y, y, y, dropout_p=0.2)
+    assert (1, 2, 300) in shapes and not any(s[-2:] == (300, 300) for s in shapes), shapes
+
+
+_COMPOSED_RUN = r"""
+import json, torch, pyformer.functional as F, pyformer.reference as ref
+from pyformer.testing import rel_err
+g = torch.Generator().manual_seed(8)
+res = {}
+for dtype in (torch.float64, torch.float32, torch.bfloat16):
+    q = torch.randn(2, 4, 50, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 70, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    bias = torch.randn(2, 1, 50, 70, generator=g, dtype=torch.float64)
+    kl = torch.tensor([70, 0])  # the second batch fully masked
+    args = [t.to(dtype).requires_grad_() for t in (q, k, v, bias)]
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    x = torch.zeros(1, 1, 1, 1)
+    seed = int(torch.ops.pyformer.flash_attention(x, x, x, None, None, 0, None, 0.5)[2].item())
+    torch.set_rng_state(state)
+    out, _, lse = F.attention(*args, key_lengths=kl, causal="bottom_right", dropout_p=0.2,
+                              return_lse=True)
+    up = [t.detach().double().requires_grad_() for t in args]
+    kw = dict(key_lengths=kl, causal="bottom_right")
+    want, _ = ref.attention(*up, dropout_p=0.2, dropout_seed=seed, **kw)
+    want_lse = ref.attention_lse(up[0], up[1], up[3], **kw)
+    go, gl = torch.randn_like(want), torch.randn_like(want_lse).masked_fill(kl.view(2, 1, 1) == 0, 0)
+    got = torch.autograd.grad((out, lse), args, (go.to(dtype), gl))
+    exp = torch.autograd.grad((want, want_lse), up, (go, gl))
+    ok = torch.isfinite(want_lse)
+    res[str(dtype)] = dict(
+        out=rel_err(out, want), lse=rel_err(lse[ok], want_lse[ok]),
+        lse_masked=bool(torch.isneginf(lse[~ok]).all()),
+        grads=[rel_err(a, b) for a, b in zip(got, exp)],
+    )
+print(json.dumps(res))
+"""
+
+
+def test_flash_op_composition_without_kernels():
+    """PYFORMER_CPU_FLASH=0: the CPU declines the flash kernels as a device without them does,
+    and the flash op runs the host's bmm composition, CUDA's path today (its lse from the
+    probabilities in float32): out, lse and every gradient, dropout and a fully masked batch
+    included, against the float64 reference."""
+    env = dict(os.environ, PYFORMER_CPU_FLASH="0")
+    run = subprocess.run(
+        [sys.executable, "-c", _COMPOSED_RUN], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    res = json.loads(run.stdout)
+    for dtype, tol in (("torch.float64", 1e-12), ("torch.float32", 2e-6), ("torch.bfloat16", 2e-2)):
+        r = res[dtype]
+        assert r["lse_masked"], r
+        assert r["out"] < tol and max(r["grads"]) < tol, (dtype, r)
+        # lse comes from float32 probabilities for every dtype but float64
+        assert r["lse"] < (1e-12 if dtype == "torch.float64" else 2e-6), (dtype, r)
 
 
 def test_flash_node_saves_no_probabilities():
@@ -263,8 +400,6 @@ def test_algorithm_argument():
         )
     with pytest.raises(ValueError, match="need_weights"):
         F.attention(q, k, v, need_weights=True, algorithm="flash")
-    with pytest.raises(ValueError, match="dropout"):
-        F.attention(q, k, v, dropout_p=0.1, algorithm="flash")
     with pytest.raises(ValueError, match="algorithm"):
         F.attention(q, k, v, algorithm="fast")
     # need_weights with bmm returns them
@@ -372,7 +507,6 @@ def test_return_lse_errors_and_compile():
     q = torch.randn(1, 2, 8, 16)
     for kw, what in (
         (dict(need_weights=True), "need_weights"),
-        (dict(dropout_p=0.1), "dropout"),
         (dict(algorithm="bmm"), "bmm"),
         (dict(scale=0.0), "scale=0"),
     ):

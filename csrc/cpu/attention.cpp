@@ -22,8 +22,13 @@
 // of the op) written once. Napkin math: 8 * B * H * Lq * Lk * D flops (four GEMMs).
 //
 // The GEMMs are the BLAS's sgemm/dgemm called directly on each head's pointers (blas.h).
+//
+// The dropout keep mask (kernels::dropout_keep) of csrc/philox.h, for the bmm algorithm: chunks of
+// elements in parallel, each element's word from its own index, so the mask does not depend on
+// the thread count. Napkin math: one Philox4x32-10 per 4 elements, 1 byte written per element.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <climits>
 #include <vector>
 
@@ -197,9 +202,22 @@ bool attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& grad_probs,
   return true;
 }
 
+void dropout_keep_cpu(const at::Tensor& keep, const Dropout& drop) {
+  bool* out = keep.mutable_data_ptr<bool>();
+  const uint64_t threshold = dropout_threshold(drop.p);
+  constexpr int64_t kChunk = 1 << 16;  // a multiple of 4: each Philox block in one chunk
+  at::parallel_for(0, (keep.numel() + kChunk - 1) / kChunk, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t e0 = c * kChunk, n = std::min(kChunk, keep.numel() - e0);
+      dropout_factors(static_cast<uint64_t>(e0), n, drop.seed, threshold, true, out + e0);
+    }
+  });
+}
+
 }  // namespace
 
 PYFORMER_REGISTER_KERNEL(attention_fwd, CPU, &attention_fwd_cpu);
+PYFORMER_REGISTER_KERNEL(dropout_keep, CPU, &dropout_keep_cpu);
 PYFORMER_REGISTER_KERNEL(attention_bwd, CPU, &attention_bwd_cpu);
 
 }  // namespace pyformer::cpu

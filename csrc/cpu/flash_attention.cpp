@@ -12,7 +12,9 @@
 // block: S = scale * Q_blk @ K_blk^T (GEMM), the mask applied in place (the row kernels of
 // softmax_row.h: bool, additive, causal and key_lengths limits), the block's row max m', the
 // rescale O *= exp(m - m'), l = l * exp(m - m') + sum exp(S - m'), then O += exp(S - m') @ V_blk
-// (GEMM, beta = 1). Key blocks at or past the largest limit of the block's rows (causal, key
+// (GEMM, beta = 1), with dropout's factors (0 or 1 / (1 - p), csrc/philox.h: the element's
+// (B, H, Lq, Lk) index, so any blocking draws the same) applied to exp(S - m') after the sum and
+// before the product. Key blocks at or past the largest limit of the block's rows (causal, key
 // lengths) are skipped. The scores never leave a kBlockQ x kBlockK buffer: memory is O(L), not
 // O(Lq * Lk). bfloat16 goes through the BLAS's mixed-precision GEMM where torch's BLAS has it and
 // the CPU computes in bfloat16 (MKL on AMX / AVX512-BF16: blas.h), reading q, k, v in place, with
@@ -31,7 +33,8 @@
 // masked key's probability is 0 and multiplies its value row (and, in dq, its key row) in IEEE
 // arithmetic, so the keys past the skipped limit are read when one of their rows is not finite.
 //
-// Backward (Flash::backward): per kv head, P recomputed from lse block by block; see there.
+// Backward (Flash::backward): per kv head, P recomputed from lse block by block and the dropout
+// factors regenerated; see there.
 //
 // Napkin math: 4 * B * H * Lq * Lk_eff * D flops (backward: 10, five GEMMs per block) (Lk_eff: the
 // keys not skipped; about half of Lk with causal masking); memory: q and out once, k and v once per
@@ -42,6 +45,8 @@
 #include <atomic>
 #include <utility>
 #include <climits>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -68,6 +73,16 @@ struct RowState {
     count.assign(rows, 0);
   }
 };
+
+// x[0, n) *= z[0, n) (the dropout factors).
+template <typename acc_t>
+void scale_row(acc_t* x, const acc_t* z, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size())
+    (Vec::loadu(x + j) * Vec::loadu(z + j)).store(x + j);
+  for (; j < n; ++j) x[j] *= z[j];
+}
 
 // Apply row `row`'s mask to the block buf[0:n] (keys kb .. kb + n), in place, -inf where masked;
 // returns the number of unmasked keys.
@@ -101,6 +116,9 @@ struct Flash {
   const MaskLayout& m;
   int64_t BH, R, Lk, D, Dv;  // R = G * Lq rows per kv head
   acc_t scale;
+  Dropout drop;        // dropout, when on: its factors multiply P on the way to V
+  uint64_t threshold;  // dropout_threshold(drop.p)
+  acc_t keep_scale;    // 1 / (1 - p)
   // bfloat16 through the BLAS's mixed-precision GEMM (blas.h, half_gemm): q, k and v are read in
   // place, and the forward rounds the probabilities to the dtype for P @ V (float accumulation).
   // Otherwise half types are converted to float block by block.
@@ -108,7 +126,7 @@ struct Flash {
 
   // The kernel over q (B, H_kv, R, D), k, v of the op, writing out (and lse when not null).
   static Flash of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, scalar_t* out,
-                  acc_t* lse, const MaskLayout& mask, double scale) {
+                  acc_t* lse, const MaskLayout& mask, double scale, const Dropout& drop) {
     Flash f{q.const_data_ptr<scalar_t>(),
             k.const_data_ptr<scalar_t>(),
             v.const_data_ptr<scalar_t>(),
@@ -120,7 +138,10 @@ struct Flash {
             k.size(2),
             q.size(3),
             v.size(3),
-            static_cast<acc_t>(scale)};
+            static_cast<acc_t>(scale),
+            drop,
+            dropout_threshold(drop.p),
+            static_cast<acc_t>(dropout_keep_scale(drop.p))};
     f.half = half_gemm<scalar_t>() != nullptr;
     return f;
   }
@@ -162,9 +183,14 @@ struct Flash {
     return buf.data();
   }
 
+  // Row `row`'s dropout factors for keys [kb, kb + n) into z.
+  void dropout_row(int64_t row, int64_t kb, int64_t n, acc_t* z) const {
+    dropout_factors(static_cast<uint64_t>(row * Lk + kb), n, drop.seed, threshold, keep_scale, z);
+  }
+
   // Per-thread buffers.
   struct Work {
-    std::vector<acc_t> s, q, k, v;
+    std::vector<acc_t> s, q, k, v, z;
     std::vector<scalar_t> p;  // the probabilities in the dtype (half)
   };
 
@@ -213,6 +239,11 @@ struct Flash {
         st.m[i] = mn;
         if (alpha != acc_t(1))
           for (int64_t d = 0; d < Dv; ++d) orow[d] *= alpha;
+        if (drop.on()) {  // l sums the probabilities before dropout; only P @ V is dropped
+          w.z.resize(n);
+          dropout_row(row, kb, n, w.z.data());
+          scale_row(srow, w.z.data(), n);
+        }
       }
       const scalar_t* P = in_dtype(S, nr * n, w.p);
       gemm(false, false, nr, Dv, n, acc_t(1), P, S, n, vh + kb * Dv, vp, Dv, st.o.data(), Dv,
@@ -269,14 +300,16 @@ struct Flash {
   // ---- backward ------------------------------------------------------------------------------
   // Head bh's dq, dk, dv from dout and the forward's out and lse (FlashAttention-2): for each key
   // block, over the query blocks whose rows reach it, P = exp(S - lse) is recomputed and
-  //   dV += P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dQ += scale dS K,  dK += scale dS^T Q,
-  // with delta = rowsum(dO * out) - grad_lse (the gradient flowing into lse, when given: d lse /
+  //   dV += (P Z)^T dO,  dP = Z dO V^T,  dS = P * (dP - delta),  dQ += scale dS K,
+  //   dK += scale dS^T Q,
+  // with Z the forward's dropout factors (regenerated; 1 without dropout), delta = rowsum(dO *
+  // out) - grad_lse (the gradient flowing into lse, when given: d lse /
   // d S = P). dS is exactly 0 where P is 0 (a masked key), grad_lse where P is 1. The task owns
   // every row and key of its kv head, so nothing is shared between threads and no sum races.
   // With the mixed-precision GEMM (half), P and dS are rounded to the dtype for the GEMMs they
   // feed, as FlashAttention does on GPUs; dS itself, the accumulators and delta stay float.
   struct BwdWork {
-    std::vector<acc_t> s, dp, q, go, k, v, dq, dk, dv, delta;
+    std::vector<acc_t> s, dp, q, go, k, v, dq, dk, dv, delta, z, pz;
     std::vector<scalar_t> ph;  // P, then dS, in the dtype (half)
     std::vector<int64_t> kend;
   };
@@ -361,15 +394,26 @@ struct Flash {
           }
           for (; j < nq; ++j) srow[j] = srow[j] == ninf ? acc_t(0) : std::exp(srow[j] - l);
         }
-        // dV += P^T dO;  dP = dO V^T
+        // dV += (P Z)^T dO;  dP = Z dO V^T
+        const acc_t* PZ = S;
+        if (drop.on()) {
+          w.z.resize(nr * nq), w.pz.resize(nr * nq);
+          for (int64_t i = 0; i < nr; ++i) {
+            acc_t* z = w.z.data() + i * nq;
+            dropout_row(bh * R + r0 + i, kb, nq, z);
+            for (int64_t j = 0; j < nq; ++j) w.pz[i * nq + j] = S[i * nq + j] * z[j];
+          }
+          PZ = w.pz.data();
+        }
         const scalar_t* goh_b = goh + r0 * Dv;
-        gemm(true, false, nq, Dv, nr, acc_t(1), in_dtype(S, nr * nq, w.ph), S, nq, goh_b, gob, Dv,
+        gemm(true, false, nq, Dv, nr, acc_t(1), in_dtype(PZ, nr * nq, w.ph), PZ, nq, goh_b, gob, Dv,
              w.dv.data(), Dv, acc_t(1));
         gemm(false, true, nr, nq, Dv, acc_t(1), goh_b, gob, Dv, vh + kb * Dv, vp, Dv, dP, nq,
              acc_t(0));
         for (int64_t i = 0; i < nr; ++i) {
           const acc_t* prow = S + i * nq;
           acc_t* drow = dP + i * nq;
+          if (drop.on()) scale_row(drow, w.z.data() + i * nq, nq);
           // P == 1: the row's only key (of weight), where dS is exactly grad_lse (dP - dO . out
           // cancels; dO . out rounds otherwise than dP = dO . v and would leave noise)
           const acc_t delta = w.delta[r0 + i], gl = GL ? GL[bh * R + r0 + i] : acc_t(0);
@@ -427,11 +471,11 @@ void merge_into(RowState<acc_t>& a, const RowState<acc_t>& b, int64_t nr, int64_
 template <typename scalar_t>
 void flash_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& out, const at::Tensor& lse, const MaskLayout& mask,
-                   double scale) {
+                   double scale, const Dropout& drop) {
   using acc_t = acc_type<scalar_t>;
-  const Flash<scalar_t> f =
-      Flash<scalar_t>::of(q, k, v, out.mutable_data_ptr<scalar_t>(),
-                          lse.defined() ? lse.mutable_data_ptr<acc_t>() : nullptr, mask, scale);
+  const Flash<scalar_t> f = Flash<scalar_t>::of(
+      q, k, v, out.mutable_data_ptr<scalar_t>(),
+      lse.defined() ? lse.mutable_data_ptr<acc_t>() : nullptr, mask, scale, drop);
   const int64_t nqb = (f.R + kBlockQ - 1) / kBlockQ;
   const int64_t tasks = f.BH * nqb;
   const int64_t threads = at::get_num_threads();
@@ -492,12 +536,12 @@ template <typename scalar_t>
 bool flash_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                     const at::Tensor& grad_lse, const MaskLayout& mask, double scale,
-                    const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
-                    const at::Tensor& dlogits) {
+                    const Dropout& drop, const at::Tensor& dq, const at::Tensor& dk,
+                    const at::Tensor& dv, const at::Tensor& dlogits) {
   using acc_t = acc_type<scalar_t>;
   // out is read only here (delta = rowsum(dO * out))
   const Flash<scalar_t> f = Flash<scalar_t>::of(
-      q, k, v, const_cast<scalar_t*>(out.const_data_ptr<scalar_t>()), nullptr, mask, scale);
+      q, k, v, const_cast<scalar_t*>(out.const_data_ptr<scalar_t>()), nullptr, mask, scale, drop);
   const scalar_t* GO = grad_out.const_data_ptr<scalar_t>();
   const acc_t* L = lse.const_data_ptr<acc_t>();
   const acc_t* GL = grad_lse.defined() ? grad_lse.const_data_ptr<acc_t>() : nullptr;
@@ -513,32 +557,39 @@ bool flash_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::T
   return ok;
 }
 
-// The sizes the kernels take (the BLAS's int; without a BLAS, gemm_rm's loops run).
+// The calls the kernels take: sizes within the BLAS's int (without a BLAS, gemm_rm's loops run),
+// and not PYFORMER_CPU_FLASH=0, which has the CPU decline every call as a device without flash
+// kernels does, so that the host's composition for such a device (CUDA's today) is what runs.
 bool flash_takes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  static const bool enabled = [] {
+    const char* env = std::getenv("PYFORMER_CPU_FLASH");
+    return !(env && std::strcmp(env, "0") == 0);
+  }();
   const bool small = std::max({q.size(2), k.size(2), q.size(3), v.size(3)}) < INT_MAX / 2;
-  return small && q.size(3) > 0 && v.size(3) > 0;
+  return enabled && small && q.size(3) > 0 && v.size(3) > 0;
 }
 
 bool attention_flash_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                              const at::Tensor& grad_lse, const MaskLayout& mask, double scale,
-                             const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
-                             const at::Tensor& dlogits) {
+                             const Dropout& drop, const at::Tensor& dq, const at::Tensor& dk,
+                             const at::Tensor& dv, const at::Tensor& dlogits) {
   if (!flash_takes(q, k, v)) return false;
   bool done = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "flash_bwd_cpu", [&] {
-    done = flash_backward<scalar_t>(grad_out, q, k, v, out, lse, grad_lse, mask, scale, dq, dk, dv,
-                                    dlogits);
+    done = flash_backward<scalar_t>(grad_out, q, k, v, out, lse, grad_lse, mask, scale, drop, dq,
+                                    dk, dv, dlogits);
   });
   return done;
 }
 
 bool attention_flash_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const at::Tensor& out, const at::Tensor& lse, const MaskLayout& mask,
-                             double scale) {
+                             double scale, const Dropout& drop) {
   if (!flash_takes(q, k, v)) return false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "flash_cpu",
-                                  [&] { flash_forward<scalar_t>(q, k, v, out, lse, mask, scale); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "flash_cpu", [&] {
+    flash_forward<scalar_t>(q, k, v, out, lse, mask, scale, drop);
+  });
   return true;
 }
 

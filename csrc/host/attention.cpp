@@ -9,21 +9,44 @@
 //   returns (dq, dk, dv, dS); dS is the gradient w.r.t. the logits scale * q @ k^T + M, which
 //   autograd sums to the shape of a floating mask that requires grad.
 //
-// The host draws the dropout mask, builds the mask layout and allocates every output. A device
+// Dropout: keep is the mask of csrc/philox.h for a Philox key drawn per call from torch's default
+// CPU generator (draw_dropout), the same elements the flash algorithm drops and regenerates in its
+// backward. The host draws the key, builds the mask layout and allocates every output. A device
 // with a fused per-head kernel (the CPU, float32/float64: GEMM -> softmax -> GEMM while the
 // scores are in cache, csrc/cpu/attention.cpp) runs it; otherwise, and for the inputs the fused
 // kernel declines, the composition below runs: a batched GEMM with the scale as alpha, the
 // device's masked-softmax row kernel, the dropout, a batched GEMM. need_probs=False (inference
-// without need_weights) returns an empty probs and keeps nothing for a backward; without dropout
-// it runs the device's flash kernel when it has one (the CPU: csrc/cpu/flash_attention.cpp,
+// without need_weights) returns an empty probs and keeps nothing for a backward; it runs the
+// device's flash kernel when it has one (the CPU: csrc/cpu/flash_attention.cpp,
 // every dtype), which never forms the (Lq, Lk) scores, so memory stays O(L) at any length.
 // k and v may have fewer heads than q (grouped-query attention; see grouped below).
 // Napkin math: 4 * B * H * Lq * Lk * D flops forward, 8 * ... backward; memory: q, k, v, out
 // once, probs written once (and, in the composition, the scores written and read once).
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <mutex>
+
 #include "../kernels.h"
 #include "../memory.h"
 #include "autograd.h"
 #include "gemm.h"
+
+namespace pyformer {
+
+Dropout draw_dropout(double p) {
+  at::Generator gen = at::detail::getDefaultCPUGenerator();
+  const std::lock_guard<std::mutex> lock(gen.mutex());
+  return {p, at::check_generator<at::CPUGeneratorImpl>(gen)->random64()};
+}
+
+at::Tensor dropout_keep_mask(at::IntArrayRef sizes, const Dropout& dropout,
+                             const at::TensorOptions& options) {
+  at::Tensor keep = at::empty(sizes, options.dtype(at::kBool));
+  if (keep.numel() > 0) kernels::dropout_keep.require(keep.device())(keep, dropout);
+  return keep;
+}
+
+}  // namespace pyformer
 
 namespace pyformer::host {
 namespace {
@@ -44,11 +67,12 @@ at::Tensor grouped(const at::Tensor& t, int64_t h_kv) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
+// attention for a dropout already drawn (the op draws one; the flash op's composition and its
+// declined backward pass the flash forward's).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_with(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const std::optional<at::Tensor>& mask, std::optional<double> scale_, int64_t causal,
-    const std::optional<at::Tensor>& key_lengths, double dropout_p, bool need_probs) {
-  check_attention(q_, k_, v_, mask, scale_.value_or(1.0), causal, key_lengths, dropout_p);
+    const std::optional<at::Tensor>& key_lengths, const Dropout& drop, bool need_probs) {
   const double scale = resolve_scale(q_, scale_);
   const BelowAutograd below_autograd;
   const c10::OptionalDeviceGuard guard(q_.device());
@@ -56,16 +80,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
   const int64_t B = q_.size(0), H = q_.size(1), Lq = q_.size(2), D = q_.size(3);
   const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3);
   const at::Tensor q = Hkv > 0 ? grouped(q_.contiguous(), Hkv) : q_.contiguous();
-  const bool dropped = dropout_p > 0;
-  const double keep_scale = dropout_keep_scale(dropout_p);
+  const bool dropped = drop.on();
+  const double keep_scale = dropout_keep_scale(drop.p);
   const std::vector<int64_t> ps{B, H, Lq, Lk};
-  at::Tensor keep = dropped ? dropout_keep_mask(ps, dropout_p, q.options())
-                            : at::empty({0}, q.options().dtype(at::kBool));
+  at::Tensor keep;  // the dropout's keep mask, formed where a path reads it (the flash kernel not)
+  const auto keep_mask = [&]() -> const at::Tensor& {
+    if (!keep.defined())
+      keep = dropped ? dropout_keep_mask(ps, drop, q.options())
+                     : at::empty({0}, q.options().dtype(at::kBool));
+    return keep;
+  };
   at::Tensor out = empty_output({B, H, Lq, Dv}, q.options());
   const at::Tensor out_g = Hkv > 0 ? grouped(out, Hkv) : out;  // (B, H_kv, G * Lq, Dv)
   at::Tensor probs = need_probs ? empty_output(ps, q.options()) : at::Tensor();
   auto result = [&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
-    return {out, need_probs ? probs : at::empty({0}, q.options()), keep};
+    if (need_probs) return {out, probs, keep_mask()};
+    return {out, at::empty({0}, q.options()), at::empty({0}, q.options().dtype(at::kBool))};
   };
   if (B * H * Lq == 0) return result();
   if (Lk == 0) {  // no keys: every row fully masked, zero output rows
@@ -74,14 +104,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
   }
   const MaskArgs m = make_mask_args(ps, q.scalar_type(), mask, causal, key_lengths);
   // the fused kernels' GEMMs take the scale as alpha; alpha 0 is the composition's (gemm.h).
-  // Without probs or dropout (inference), flash attention: O(L) memory at any length.
-  if (const auto flash = scale != 0 && !need_probs && !dropped
-                             ? kernels::attention_flash_fwd(q.device())
-                             : nullptr) {
-    if (flash(q, k, v, out_g, at::Tensor(), m.layout, scale)) return result();
+  // Without probs (inference), flash attention: O(L) memory at any length.
+  if (const auto flash =
+          scale != 0 && !need_probs ? kernels::attention_flash_fwd(q.device()) : nullptr) {
+    if (flash(q, k, v, out_g, at::Tensor(), m.layout, scale, drop)) return result();
   }
   if (const auto fused = scale != 0 ? kernels::attention_fwd(q.device()) : nullptr) {
-    if (fused(q, k, v, out_g, probs, dropped ? keep : at::Tensor(), m.layout, scale, keep_scale))
+    if (fused(q, k, v, out_g, probs, dropped ? keep_mask() : at::Tensor(), m.layout, scale,
+              keep_scale))
       return result();
   }
   // the composition: scores = scale * q @ k^T, probs = the masked softmax rows, out = probs @ v
@@ -94,11 +124,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
   kernels::masked_softmax_fwd.require(q.device())(scores, probs, m.layout, 1.0);
   scores.reset();  // let the allocator reuse it for the product below
   if (Dv > 0) {
-    const at::Tensor pd = dropped ? probs * keep * keep_scale : probs;
+    const at::Tensor pd = dropped ? probs * keep_mask() * keep_scale : probs;
     at::Tensor out3 = bh3(out_g);
     at::bmm_out(out3, bh3(grouped(pd, Hkv)), bh3(v));
   }
   return result();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, std::optional<double> scale, int64_t causal,
+    const std::optional<at::Tensor>& key_lengths, double dropout_p, bool need_probs) {
+  check_attention(q, k, v, mask, scale.value_or(1.0), causal, key_lengths, dropout_p);
+  const Dropout drop = dropout_p > 0 ? draw_dropout(dropout_p) : Dropout{};
+  return attention_with(q, k, v, mask, scale, causal, key_lengths, drop, need_probs);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
@@ -267,15 +306,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_lse_grad(
           dk + ek.mul(scale).to(dt), dlogits.numel() ? dlogits + e.to(dt) : e.to(dt)};
 }
 
-std::tuple<at::Tensor, at::Tensor> flash_attention(const at::Tensor& q_, const at::Tensor& k_,
-                                                   const at::Tensor& v_,
-                                                   const std::optional<at::Tensor>& mask,
-                                                   std::optional<double> scale_, int64_t causal,
-                                                   const std::optional<at::Tensor>& key_lengths) {
-  check_attention(q_, k_, v_, mask, scale_.value_or(1.0), causal, key_lengths, 0.0);
+namespace {
+// The flash op where no flash kernel takes the call (a device without flash kernels, CUDA today;
+// sizes past the CPU kernel's; PYFORMER_CPU_FLASH=0): the bmm composition, on the inputs
+// converted to the statistics dtype so that lse is exact to that dtype. lse = x_j - log p_j at
+// each row's most probable key j (x_j = scale * q k_j + M_j; p_j >= 1 / Lk, so the log loses
+// nothing): -inf where every probability is 0 (a fully masked row), NaN where they are NaN (the
+// NaN rule of docs/ops.md, which the probabilities carry).
+void composed_flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const std::optional<at::Tensor>& mask, std::optional<double> scale_,
+                    int64_t causal, const std::optional<at::Tensor>& key_lengths,
+                    const Dropout& drop, const at::Tensor& out, const at::Tensor& lse) {
+  const at::ScalarType acc = stat_dtype(q.scalar_type());
+  const at::Tensor qa = q.to(acc), ka = k.to(acc);
+  std::optional<at::Tensor> m = mask;
+  if (mask && mask->is_floating_point()) m = mask->to(acc);
+  const auto [o, probs, keep] =
+      attention_with(qa, ka, v.to(acc), m, scale_, causal, key_lengths, drop, true);
+  out.copy_(o);
+  const auto [pmax, j] = probs.max(-1, /*keepdim=*/true);  // (B, H, Lq, 1)
+  const at::Tensor kj = repeat_kv(ka, q.size(1)).gather(2, j.expand({-1, -1, -1, q.size(3)}));
+  at::Tensor x = (qa * kj).sum(-1, /*keepdim=*/true).mul_(resolve_scale(q, scale_));
+  if (m && m->is_floating_point()) x = x + m->expand(probs.sizes()).gather(3, j);
+  const at::Tensor ninf = at::full({}, -std::numeric_limits<double>::infinity(), x.options());
+  lse.copy_(at::where(pmax == 0, ninf, x - pmax.log()).squeeze(-1));
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention(
+    const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const std::optional<at::Tensor>& mask, std::optional<double> scale_, int64_t causal,
+    const std::optional<at::Tensor>& key_lengths, double dropout_p) {
+  check_attention(q_, k_, v_, mask, scale_.value_or(1.0), causal, key_lengths, dropout_p);
   const double scale = resolve_scale(q_, scale_);
   const BelowAutograd below_autograd;
   const c10::OptionalDeviceGuard guard(q_.device());
+  const Dropout drop = dropout_p > 0 ? draw_dropout(dropout_p) : Dropout{};
+  const at::Tensor rng = drop.on() ? at::full({1}, static_cast<int64_t>(drop.seed), at::kLong)
+                                   : at::empty({0}, at::kLong);
   const at::Tensor k = k_.contiguous(), v = v_.contiguous();
   const int64_t B = q_.size(0), H = q_.size(1), Lq = q_.size(2), Hkv = k.size(1);
   at::Tensor out = empty_output({B, H, Lq, v.size(3)}, q_.options());
@@ -284,30 +352,35 @@ std::tuple<at::Tensor, at::Tensor> flash_attention(const at::Tensor& q_, const a
                     "pyformer.flash_attention: the flash algorithm needs head dims D > 0 and Dv "
                     "> 0, got D = ",
                     q_.size(3), ", Dv = ", v.size(3), " (the bmm algorithm takes them)");
-  if (B * H * Lq == 0) return {out, lse};
+  if (B * H * Lq == 0) return {out, lse, rng};
   if (k.size(2) == 0) {  // no keys: every row fully masked
     out.zero_(), lse.fill_(-std::numeric_limits<double>::infinity());
-    return {out, lse};
+    return {out, lse, rng};
   }
   const MaskArgs m =
       make_mask_args({B, H, Lq, k.size(2)}, q_.scalar_type(), mask, causal, key_lengths);
-  const bool done = kernels::attention_flash_fwd.require(q_.device())(
-      grouped(q_.contiguous(), Hkv), k, v, grouped(out, Hkv), lse.view({B, Hkv, -1}), m.layout,
-      scale);
-  TORCH_CHECK(done, "pyformer.flash_attention: the flash kernel does not take these inputs");
-  return {out, lse};
+  const auto flash = kernels::attention_flash_fwd(q_.device());
+  if (!flash || !flash(grouped(q_.contiguous(), Hkv), k, v, grouped(out, Hkv),
+                       lse.view({B, Hkv, -1}), m.layout, scale, drop))
+    composed_flash(q_, k, v, mask, scale_, causal, key_lengths, drop, out, lse);
+  return {out, lse, rng};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
     std::optional<double> scale_, int64_t causal, const std::optional<at::Tensor>& key_lengths,
-    bool logits_grad, const std::optional<at::Tensor>& grad_lse) {
+    bool logits_grad, const std::optional<at::Tensor>& grad_lse, double dropout_p,
+    const std::optional<at::Tensor>& rng) {
   check_flash_attention_backward(grad_out, q_, k_, v_, out, lse, mask, scale_.value_or(1.0), causal,
-                                 key_lengths, grad_lse);
+                                 key_lengths, grad_lse, dropout_p, rng);
   const double scale = resolve_scale(q_, scale_);
   const BelowAutograd below_autograd;
   const c10::OptionalDeviceGuard guard(q_.device());
+  // the forward's dropout, regenerated from its key
+  const Dropout drop =
+      dropout_p > 0 ? Dropout{dropout_p, static_cast<uint64_t>(rng->const_data_ptr<int64_t>()[0])}
+                    : Dropout{};
   const at::Tensor k = k_.contiguous(), v = v_.contiguous();
   at::Tensor dq = empty_output_like(q_), dk = empty_output_like(k), dv = empty_output_like(v);
   const int64_t B = q_.size(0), H = q_.size(1), Lq = q_.size(2), Hkv = k.size(1);
@@ -320,32 +393,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attention_backw
   }
   const MaskArgs m =
       make_mask_args({B, H, Lq, k.size(2)}, q_.scalar_type(), mask, causal, key_lengths);
-  const bool done = kernels::attention_flash_bwd.require(q_.device())(
-      grouped(grad_out.contiguous(), Hkv), grouped(q_.contiguous(), Hkv), k, v,
-      grouped(out.contiguous(), Hkv), lse.contiguous().view({B, Hkv, -1}),
-      grad_lse ? grad_lse->to(lse.scalar_type()).contiguous().view({B, Hkv, -1}) : at::Tensor(),
-      m.layout, scale, grouped(dq, Hkv), dk, dv, logits_grad ? dlogits : at::Tensor());
-  if (done) return {dq, dk, dv, dlogits};
-  // Declined: an output (or grad_lse) holding NaN/inf, whose rule the probabilities carry (a
-  // masked key's NaN value row, a NaN score; docs/ops.md), or sizes past the kernel's. The
-  // probabilities are formed again and the bmm backward runs.
+  const auto flash = kernels::attention_flash_bwd(q_.device());
+  if (flash &&
+      flash(
+          grouped(grad_out.contiguous(), Hkv), grouped(q_.contiguous(), Hkv), k, v,
+          grouped(out.contiguous(), Hkv), lse.contiguous().view({B, Hkv, -1}),
+          grad_lse ? grad_lse->to(lse.scalar_type()).contiguous().view({B, Hkv, -1}) : at::Tensor(),
+          m.layout, scale, drop, grouped(dq, Hkv), dk, dv, logits_grad ? dlogits : at::Tensor()))
+    return {dq, dk, dv, dlogits};
+  // No kernel (a device without flash kernels), or declined: an output (or grad_lse) holding
+  // NaN/inf, whose rule the probabilities carry (a masked key's NaN value row, a NaN score;
+  // docs/ops.md), or sizes past the kernel's. The probabilities (and the forward's keep mask) are
+  // formed again and the bmm backward runs.
   const auto [o, probs, keep] =
-      attention(q_, k_, v_, mask, scale_, causal, key_lengths, 0.0, /*need_probs=*/true);
+      attention_with(q_, k_, v_, mask, scale_, causal, key_lengths, drop, /*need_probs=*/true);
   auto [gq, gk, gv, gs] =
-      attention_backward(grad_out, std::nullopt, q_, k_, v_, probs, keep, scale, 0.0);
+      attention_backward(grad_out, std::nullopt, q_, k_, v_, probs, keep, scale, dropout_p);
   if (grad_lse) std::tie(gq, gk, gs) = add_lse_grad(gq, gk, gs, probs, *grad_lse, q_, k_, scale);
   return {gq, gk, gv, logits_grad ? gs : dlogits};
 }
 
-using FlashSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                    const at::Tensor&,
-                                                    const std::optional<at::Tensor>&,
-                                                    std::optional<double>, int64_t,
-                                                    const std::optional<at::Tensor>&);
+using FlashSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    std::optional<double>, int64_t, const std::optional<at::Tensor>&, double);
 using FlashBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const std::optional<at::Tensor>&, std::optional<double>, int64_t,
-    const std::optional<at::Tensor>&, bool, const std::optional<at::Tensor>&);
+    const std::optional<at::Tensor>&, bool, const std::optional<at::Tensor>&, double,
+    const std::optional<at::Tensor>&);
 PYFORMER_OP_HANDLE(flash_attention, FlashSig)
 PYFORMER_OP_HANDLE(flash_attention_backward, FlashBwdSig)
 
@@ -354,73 +429,82 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_autograd(
     const std::optional<at::Tensor>& mask, std::optional<double> scale, int64_t causal,
     const std::optional<at::Tensor>& key_lengths, double dropout_p, bool need_probs);
 
-// attention's autograd node on the flash algorithm: saves q, k, v, out and lse (O(L) memory). A
-// floating mask that requires grad gets the logits' gradient summed to its shape, from a
-// (B, H, Lq, Lk) buffer that lives only during the backward.
+// attention's autograd node on the flash algorithm: saves q, k, v, out, lse and the dropout's key
+// (O(L) memory; the keep mask is regenerated). A floating mask that requires grad gets the
+// logits' gradient summed to its shape, from a (B, H, Lq, Lk) buffer that lives only during the
+// backward.
 struct FlashAttentionFunction : torch::autograd::Function<FlashAttentionFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, const std::optional<at::Tensor>& mask,
                                std::optional<double> scale, int64_t causal,
-                               const std::optional<at::Tensor>& key_lengths) {
-    at::Tensor out, lse;
+                               const std::optional<at::Tensor>& key_lengths, double dropout_p) {
+    at::Tensor out, lse, rng;
     {
       const at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(out, lse) = flash_attention_op().call(q, k, v, mask, scale, causal, key_lengths);
+      std::tie(out, lse, rng) =
+          flash_attention_op().call(q, k, v, mask, scale, causal, key_lengths, dropout_p);
     }
     ctx->saved_data["scale"] = save_scale(scale);
     ctx->saved_data["causal"] = causal;
+    ctx->saved_data["dropout_p"] = dropout_p;
     // mask and key_lengths are read again by the backward: saved as variables, so that an
     // in-place change between forward and backward (a learned bias's optimizer step) raises
     ctx->save_for_backward({q, k, v, out, lse, mask ? *mask : at::Tensor(),
-                            key_lengths ? *key_lengths : at::Tensor()});
+                            key_lengths ? *key_lengths : at::Tensor(), rng});
+    ctx->mark_non_differentiable({rng});
     // an output that nothing differentiates arrives undefined: no zero-filled grad_lse to read
     ctx->set_materialize_grads(false);
-    return {out, lse};
+    return {out, lse, rng};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
-    const at::Tensor &q = s[0], &k = s[1], &v = s[2], &out = s[3], &lse = s[4];
-    const std::optional<at::Tensor> mask =
-        s[5].defined() ? std::optional<at::Tensor>(s[5]) : std::nullopt;
-    const std::optional<at::Tensor> key_lengths =
-        s[6].defined() ? std::optional<at::Tensor>(s[6]) : std::nullopt;
+    const at::Tensor &q = s[0], &k = s[1], &v = s[2], &out = s[3], &lse = s[4], &rng = s[7];
+    const auto opt = [](const at::Tensor& t) {
+      return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+    };
+    const std::optional<at::Tensor> mask = opt(s[5]), key_lengths = opt(s[6]);
     const c10::IValue& sv = ctx->saved_data["scale"];
     const std::optional<double> scale =
         sv.isNone() ? std::nullopt : std::optional<double>(sv.toDouble());
     const int64_t causal = ctx->saved_data["causal"].toInt();
+    const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
     // the (B, H, Lq, Lk) logits' gradient only when the mask's gradient is wanted
     const bool grad_mask = mask && mask->is_floating_point() && ctx->needs_input_grad(3);
     const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(out);
-    const std::optional<at::Tensor> grad_lse =
-        grads[1].defined() ? std::optional<at::Tensor>(grads[1]) : std::nullopt;
+    const std::optional<at::Tensor> grad_lse = opt(grads[1]);
     at::Tensor dq, dk, dv, dlogits;
     if (creating_graph()) {  // a gradient of a gradient: the attention node that forms probs
       const at::Tensor probs =
           std::get<1>(attention_autograd(q, k, v, mask, scale, causal, key_lengths, 0.0, true));
+      const at::Tensor keep =
+          dropout_p > 0 ? dropout_keep_mask(
+                              probs.sizes(),
+                              {dropout_p, static_cast<uint64_t>(rng.const_data_ptr<int64_t>()[0])},
+                              q.options())
+                        : at::Tensor();
       std::tie(dq, dk, dv, dlogits) = differentiable_attention_backward(
-          grad_out, std::nullopt, q, k, v, probs, at::Tensor(), saved_scale(sv, q), 0.0);
+          grad_out, std::nullopt, q, k, v, probs, keep, saved_scale(sv, q), dropout_p);
       if (grad_lse)
         std::tie(dq, dk, dlogits) =
             add_lse_grad(dq, dk, dlogits, probs, *grad_lse, q, k, saved_scale(sv, q));
     } else {
-      std::tie(dq, dk, dv, dlogits) = flash_attention_backward_op().call(
-          grad_out, q, k, v, out, lse, mask, scale, causal, key_lengths, grad_mask, grad_lse);
+      std::tie(dq, dk, dv, dlogits) =
+          flash_attention_backward_op().call(grad_out, q, k, v, out, lse, mask, scale, causal,
+                                             key_lengths, grad_mask, grad_lse, dropout_p, rng);
     }
     const at::Tensor dmask =
         grad_mask ? mask_grad(dlogits, mask->sizes(), mask->scalar_type()) : at::Tensor();
-    return {dq, dk, dv, dmask, at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dq, dk, dv, dmask, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
-// Whether a recorded call takes the flash algorithm: no probs asked for, no dropout, a device with
-// both flash kernels; the edges (no keys, D = 0, scale 0) run the bmm node. Sizes are read as
-// SymInts, so that a traced call (torch.export, torch.compile with dynamic shapes) keeps them
-// symbolic.
+// Whether a recorded call takes the flash algorithm: no probs asked for, a device with both flash
+// kernels; the edges (no keys, D = 0, scale 0) run the bmm node. Sizes are read as SymInts, so
+// that a traced call (torch.export, torch.compile with dynamic shapes) keeps them symbolic.
 bool takes_flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const std::optional<at::Tensor>& mask, std::optional<double> scale,
-                 double dropout_p, bool need_probs) {
-  if (need_probs || dropout_p > 0 || (scale && *scale == 0)) return false;
+                 std::optional<double> scale, bool need_probs) {
+  if (need_probs || (scale && *scale == 0)) return false;
   if (!kernels::attention_flash_fwd(q.device()) || !kernels::attention_flash_bwd(q.device()))
     return false;
   if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4) return false;  // the op's checks say why
@@ -438,29 +522,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_autograd(
     const at::AutoDispatchBelowADInplaceOrView below;
     return attention_op().call(q, k, v, mask, scale, causal, key_lengths, dropout_p, need_probs);
   }
-  if (takes_flash(q, k, v, mask, scale, dropout_p, need_probs)) {
+  const auto empty = [&](at::ScalarType dt) { return at::empty({0}, q.options().dtype(dt)); };
+  if (takes_flash(q, k, v, scale, need_probs)) {
     const variable_list r =
-        FlashAttentionFunction::apply(q, k, v, mask, scale, causal, key_lengths);
-    return {r[0], at::empty({0}, q.options()), at::empty({0}, q.options().dtype(at::kBool))};
+        FlashAttentionFunction::apply(q, k, v, mask, scale, causal, key_lengths, dropout_p);
+    return {r[0], empty(q.scalar_type()), empty(at::kBool)};
   }
   // the bmm node needs the probabilities for its backward, whether or not they are returned
   const variable_list r =
       AttentionFunction::apply(q, k, v, mask, scale, causal, key_lengths, dropout_p, true);
-  return {r[0], need_probs ? r[1] : at::empty({0}, q.options()), r[2]};
+  if (need_probs) return {r[0], r[1], r[2]};
+  return {r[0], empty(q.scalar_type()), empty(at::kBool)};
 }
 
-// flash_attention's autograd kernel: (out, lse), both differentiable (pyformer.attention's
-// return_lse).
-std::tuple<at::Tensor, at::Tensor> flash_attention_autograd(
+// flash_attention's autograd kernel: (out, lse, rng), out and lse differentiable
+// (pyformer.attention's return_lse).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, std::optional<double> scale, int64_t causal,
-    const std::optional<at::Tensor>& key_lengths) {
+    const std::optional<at::Tensor>& key_lengths, double dropout_p) {
   if (!recording(q, k, v, mask)) {
     const at::AutoDispatchBelowADInplaceOrView below;
-    return flash_attention_op().call(q, k, v, mask, scale, causal, key_lengths);
+    return flash_attention_op().call(q, k, v, mask, scale, causal, key_lengths, dropout_p);
   }
-  const variable_list r = FlashAttentionFunction::apply(q, k, v, mask, scale, causal, key_lengths);
-  return {r[0], r[1]};
+  const variable_list r =
+      FlashAttentionFunction::apply(q, k, v, mask, scale, causal, key_lengths, dropout_p);
+  return {r[0], r[1], r[2]};
 }
 
 static void register_host(torch::Library& m) {
@@ -485,4 +572,5 @@ PYFORMER_DEFINE_SLOT(AttentionFwd, attention_fwd, "attention forward");
 PYFORMER_DEFINE_SLOT(AttentionBwd, attention_bwd, "attention backward");
 PYFORMER_DEFINE_SLOT(AttentionFlashFwd, attention_flash_fwd, "flash attention forward");
 PYFORMER_DEFINE_SLOT(AttentionFlashBwd, attention_flash_bwd, "flash attention backward");
+PYFORMER_DEFINE_SLOT(DropoutKeep, dropout_keep, "attention dropout mask");
 }  // namespace pyformer::kernels

@@ -81,8 +81,4 @@ MaskArgs make_mask_args(at::IntArrayRef sizes, at::ScalarType dtype,
   return a;
 }
 
-at::Tensor dropout_keep_mask(at::IntArrayRef sizes, double p, const at::TensorOptions& options) {
-  return at::rand(sizes, options.dtype(at::kFloat)) < (1.0 - p);
-}
-
 }  // namespace pyformer

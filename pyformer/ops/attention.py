@@ -1,8 +1,9 @@
 """attention: fake kernels.  out = dropout(masked_softmax(scale * q @ k^T + M)) @ v.
 
 The op returns (out, probs, keep); probs are returned with need_probs (need_weights) and saved for
-the bmm algorithm's backward, keep is the dropout mask. flash_attention returns (out, lse) and its
-backward recomputes from lse. Autograd: csrc/host/attention.cpp.
+the bmm algorithm's backward, keep is the dropout mask (with need_probs). flash_attention returns
+(out, lse, rng), rng the dropout's Philox key (csrc/philox.h), and its backward recomputes from
+lse and rng. Autograd: csrc/host/attention.cpp.
 """
 
 import torch
@@ -21,7 +22,7 @@ def _attention_fake(q, k, v, mask, scale, causal, key_lengths, dropout_p, need_p
     )
     B, H, Lq, _ = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
-    keep_shape = (B, H, Lq, Lk) if dropout_p > 0 else (0,)
+    keep_shape = (B, H, Lq, Lk) if dropout_p > 0 and need_probs else (0,)
     return (
         q.new_empty((B, H, Lq, Dv)),
         q.new_empty((B, H, Lq, Lk) if need_probs else (0,)),
@@ -52,7 +53,7 @@ def _attention_backward_fake(grad_out, grad_probs, q, k, v, probs, keep, scale, 
 
 
 @torch.library.register_fake("pyformer::flash_attention")
-def _flash_attention_fake(q, k, v, mask, scale, causal, key_lengths):
+def _flash_attention_fake(q, k, v, mask, scale, causal, key_lengths, dropout_p=0.0):
     same_device("flash_attention", "q", q, k=k, v=v, mask=mask, key_lengths=key_lengths)
     torch._check(
         q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
@@ -60,12 +61,26 @@ def _flash_attention_fake(q, k, v, mask, scale, causal, key_lengths):
     )
     B, H, Lq, _ = q.shape
     stat = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty((B, H, Lq, v.shape[3])), q.new_empty((B, H, Lq), dtype=stat)
+    rng = torch.empty((1,) if dropout_p > 0 else (0,), dtype=torch.int64, device="cpu")
+    return q.new_empty((B, H, Lq, v.shape[3])), q.new_empty((B, H, Lq), dtype=stat), rng
 
 
 @torch.library.register_fake("pyformer::flash_attention_backward")
 def _flash_attention_backward_fake(
-    grad_out, q, k, v, out, lse, mask, scale, causal, key_lengths, logits_grad=False, grad_lse=None
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    mask,
+    scale,
+    causal,
+    key_lengths,
+    logits_grad=False,
+    grad_lse=None,
+    dropout_p=0.0,
+    rng=None,
 ):
     same_device(
         "flash_attention_backward",
