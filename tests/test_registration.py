@@ -60,6 +60,9 @@ def _samples(device):
     pad = torch.arange(5, device=device) < kl.view(2, 1, 1, 1)
     q, k, v = t(2, 3, 4, 8), t(2, 3, 5, 8), t(2, 3, 5, 6)
     probs = torch.softmax(t(2, 3, 4, 5), -1)
+    # the flash op, grouped (4 query heads, 2 kv heads), bottom-right causal, with dropout
+    fq, fk, fv = t(2, 4, 4, 8), t(2, 2, 5, 8), t(2, 2, 5, 6)
+    fout, flse, frng = P.flash_attention(fq, fk, fv, None, 0.35, 2, kl, 0.2)
     return [
         (P.scaled_qk, (q, k, 0.3)),
         (P.scaled_qk_backward, (t(2, 3, 4, 5), q, k, 0.3)),
@@ -81,6 +84,28 @@ def _samples(device):
         (P.swiglu_backward, (t(3, 7), t(3, 7), t(3, 7))),
         (P.attention, (q, k, v, pad, 0.35, False, kl, 0.0)),
         (P.attention, (q, k, v, t(2, 1, 4, 5), 0.35, True, None, 0.0)),
+        (P.attention, (q, k, v, pad, 0.35, True, None, 0.3, False)),
+        (P.flash_attention, (fq, fk, fv, None, 0.35, 2, kl, 0.2)),
+        (P.flash_attention, (fq, fk, fv, t(2, 1, 4, 5), None, 0, None, 0.0)),
+        (
+            P.flash_attention_backward,
+            (
+                t(2, 4, 4, 6),
+                fq,
+                fk,
+                fv,
+                fout,
+                flse,
+                None,
+                0.35,
+                2,
+                kl,
+                False,
+                t(2, 4, 4),
+                0.2,
+                frng,
+            ),
+        ),
         (
             P.attention_backward,
             (
@@ -164,6 +189,7 @@ def test_opcheck(device):
         P.apply_rotary,
         P.swiglu,
         P.attention,
+        P.flash_attention,
     )
     for op, args in _samples(device):
         # forward ops with differentiable inputs (their autograd is checked); backward ops plain
