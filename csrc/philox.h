@@ -149,9 +149,13 @@ inline void dropout_factors(uint64_t n, int64_t count, uint64_t seed, uint64_t t
     for (unsigned w = static_cast<unsigned>(idx & 3); w < 4 && e < count; ++w, ++e)
       f[e] = r.x[w] >= threshold ? keep_scale : T(0);
   };
+  if (threshold > 0xFFFFFFFFu) {  // p = 1: nothing is kept
+    for (; e < count; ++e) f[e] = T(0);
+    return;
+  }
   if ((n & 3) != 0) one_counter();  // up to the next counter
   constexpr int64_t kRun = 4 * kPhiloxLanes;
-  if (threshold <= 0xFFFFFFFFu) {  // else (p = 1) nothing is kept: the ragged path writes zeros
+  {
     const uint32_t t = static_cast<uint32_t>(threshold);
     alignas(32) uint32_t words[kRun];
     for (; e + kRun <= count; e += kRun) {

@@ -370,9 +370,10 @@ def attention(
         return_lse: also return the log-sum-exp of each query row's logits
             ``scale * q @ k^T + M`` over its unmasked keys, ``(B, H, Lq)`` in float32 (float64
             for float64 inputs), ``-inf`` for a fully masked row: what merging the attention of
-            key chunks needs. It is differentiable. The flash op computes it (on a device
-            without flash kernels, CUDA today, through the bmm composition), so it does not
-            combine with ``need_weights``, ``algorithm="bmm"``, ``scale=0`` or ``D = 0``.
+            key chunks needs. It is differentiable. The flash op computes it (with
+            ``algorithm="auto"`` on a device without flash kernels, CUDA today, through the bmm
+            composition), so it does not combine with ``need_weights``, ``algorithm="bmm"``,
+            ``scale=0`` or ``D = 0``.
 
     Returns:
         ``(out, weights)``: ``out`` ``(B, H, Lq, Dv)`` and the probabilities
@@ -421,12 +422,21 @@ def _check_algorithm(algorithm) -> None:
         )
 
 
-def _refuse_unless_flash(what: str, q, weights, also: Optional[str] = None, hint: str = "") -> None:
+def _refuse_unless_flash(what: str, weights, also: Optional[str] = None, hint: str = "") -> None:
     """Raise where the flash op cannot run: need_weights, or ``also`` (a reason of the caller's).
     ``what`` begins the message."""
     why = "need_weights=True" if weights else also
     if why is not None:
         raise ValueError(f"pyformer.attention: {what}, so it cannot take {why}{hint}")
+
+
+def _refuse_flash_off_cpu(q) -> None:
+    """algorithm='flash' asks for the fused kernel, which the CPU alone has."""
+    if torch.is_tensor(q) and q.device.type != "cpu":
+        raise NotImplementedError(
+            "pyformer.attention: algorithm='flash' has kernels on the CPU only, not on "
+            f"{q.device.type}; use algorithm='auto' or 'bmm'"
+        )
 
 
 def _attention_with_lse(algorithm, q, k, v, mask, scale, causal, key_lengths, dropout_p, weights):
@@ -439,7 +449,9 @@ def _attention_with_lse(algorithm, q, k, v, mask, scale, causal, key_lengths, dr
         if scale is not None and float(scale) == 0
         else None
     )
-    _refuse_unless_flash("return_lse comes from the flash algorithm", q, weights, also)
+    _refuse_unless_flash("return_lse comes from the flash algorithm", weights, also)
+    if algorithm == "flash":
+        _refuse_flash_off_cpu(q)
     out, lse, _ = _P.flash_attention(
         q, k, v, mask, _scale(scale), _causal(causal), key_lengths, float(dropout_p)
     )
@@ -455,13 +467,8 @@ def _attention_algorithm(algorithm, q, k, v, mask, scale, causal, key_lengths, d
         return out, (probs if weights else None)
     _refuse_unless_flash(
         "algorithm='flash' forms no probabilities",
-        q,
         weights,
         hint="; use algorithm='auto' or 'bmm'",
     )
-    if torch.is_tensor(q) and q.device.type != "cpu":
-        raise NotImplementedError(
-            "pyformer.attention: algorithm='flash' has kernels on the CPU only, not on "
-            f"{q.device.type}; use algorithm='auto' or 'bmm'"
-        )
+    _refuse_flash_off_cpu(q)
     return attention(q, k, v, mask, **kw)

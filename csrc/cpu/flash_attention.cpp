@@ -4,7 +4,8 @@
 //   grouped by kv head (csrc/host/attention.cpp, grouped), so one kv head serves G * Lq rows
 //   -> out (B, H_kv, G * Lq, Dv), and lse (B, H_kv, G * Lq) in the accumulation type (float32;
 //      float64 for float64) when asked for
-//   out = softmax(scale * q @ k^T + M) @ v,  lse = log(sum_j exp(scale * q k_j + M_j)) per row
+//   out = (softmax(scale * q @ k^T + M) * Z) @ v,  lse = log(sum_j exp(scale * q k_j + M_j)) per
+//   row, Z the dropout factors (0 or 1 / (1 - p); 1 without dropout)
 //
 // Algorithm (FlashAttention's, on BLAS GEMMs): the rows of a head are cut into query blocks of
 // kBlockQ, the keys into key blocks of kBlockK. A task (batch, kv head, query block) keeps a

@@ -1,8 +1,9 @@
 // attention: host entry (both devices) and autograd. bmm-based multi-head attention.
 //
 //   q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv)
-//   -> out (B, H, Lq, Dv), probs (B, H, Lq, Lk), keep (B, H, Lq, Lk) bool or (0,) without dropout
-//   probs = masked_softmax(scale * q @ k^T + M)  (docs/ops.md);  out = (probs * keep / (1 - p)) @ v
+//   -> out (B, H, Lq, Dv), probs (B, H, Lq, Lk), keep (B, H, Lq, Lk) bool, or (0,) without dropout
+//   or need_probs probs = masked_softmax(scale * q @ k^T + M)  (docs/ops.md);  out = (probs * keep
+//   / (1 - p)) @ v
 // backward (attention_backward), from the saved probs and keep:
 //   dP = grad_out @ v^T, through dropout, + grad_probs;  dS = probs * (dP - sum(dP * probs, -1))
 //   dq = scale * dS @ k, dk = scale * dS^T @ q, dv = (probs * keep / (1 - p))^T @ grad_out
@@ -341,9 +342,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention(
   const double scale = resolve_scale(q_, scale_);
   const BelowAutograd below_autograd;
   const c10::OptionalDeviceGuard guard(q_.device());
-  const Dropout drop = dropout_p > 0 ? draw_dropout(dropout_p) : Dropout{};
-  const at::Tensor rng = drop.on() ? at::full({1}, static_cast<int64_t>(drop.seed), at::kLong)
-                                   : at::empty({0}, at::kLong);
   const at::Tensor k = k_.contiguous(), v = v_.contiguous();
   const int64_t B = q_.size(0), H = q_.size(1), Lq = q_.size(2), Hkv = k.size(1);
   at::Tensor out = empty_output({B, H, Lq, v.size(3)}, q_.options());
@@ -352,6 +350,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention(
                     "pyformer.flash_attention: the flash algorithm needs head dims D > 0 and Dv "
                     "> 0, got D = ",
                     q_.size(3), ", Dv = ", v.size(3), " (the bmm algorithm takes them)");
+  // drawn once the call is known to run: a refused call leaves the generator as it was
+  const Dropout drop = dropout_p > 0 ? draw_dropout(dropout_p) : Dropout{};
+  const at::Tensor rng = drop.on() ? at::full({1}, static_cast<int64_t>(drop.seed), at::kLong)
+                                   : at::empty({0}, at::kLong);
   if (B * H * Lq == 0) return {out, lse, rng};
   if (k.size(2) == 0) {  // no keys: every row fully masked
     out.zero_(), lse.fill_(-std::numeric_limits<double>::infinity());

@@ -1,5 +1,5 @@
 // The host side of every mask: from the user's mask / causal / key_lengths to the MaskLayout
-// (csrc/mask_layout.h) that the CPU and CUDA masked-softmax kernels read, and the dropout draw.
+// (csrc/mask_layout.h) that the CPU and CUDA masked-softmax kernels read.
 #include "../pyformer.h"
 
 namespace pyformer {
