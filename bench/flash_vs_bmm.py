@@ -27,8 +27,9 @@ SHAPES = [
 ]
 
 
-def _ms(fn) -> float:
-    t = benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.5)
+def _ms(fn, min_run_time: float = 0.5) -> float:
+    """Median milliseconds of ``fn()`` over torch.utils.benchmark's blocked_autorange."""
+    t = benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
     return t.median * 1e3
 
 

@@ -68,22 +68,27 @@ def test_flash_matches_reference(device, dtype, kind, shape):
 @pytest.mark.parametrize("dtype", ALL, ids=str)
 @pytest.mark.parametrize("kind", MASK_KINDS)
 @pytest.mark.parametrize("shape", SHAPES[:3] + SHAPES[4:], ids=lambda s: "x".join(map(str, s)))
-def test_flash_gradients_match_reference(device, dtype, kind, shape):
-    """Training without need_weights (no dropout): the flash node, whose backward recomputes the
-    probabilities from the saved lse; dq, dk (summed over each group of query heads), dv and, for
-    an additive mask (which then requires grad), dmask summed to the mask's own shape, against
-    the reference's."""
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_flash_gradients_match_reference(device, dtype, kind, shape, dropout_p):
+    """Training without need_weights: the flash node, whose backward recomputes the
+    probabilities from the saved lse and, with dropout, regenerates the elements of the Philox
+    key it drew (the reference's dropout_keep of that key); out, dq, dk (summed over each group
+    of query heads), dv and, for an additive mask (which then requires grad), dmask summed to the
+    mask's own shape, against the reference's."""
     B, H, Hkv, Lq, Lk, D, Dv = shape
     q, k, v, g = _inputs(*shape, seed=zlib.crc32(f"grad{kind}{shape}".encode()) % 1000)
     mask, causal, kl = make_mask(kind, B, H, Lq, Lk, generator=g)
-    kw = dict(causal=causal)
+    kw = dict(causal=causal, dropout_p=dropout_p)
+    torch.manual_seed(11)
+    seed = next_dropout_seed()
 
     def impl(q, k, v, mask):
         lens = None if kl is None else kl.to(q.device)
+        torch.manual_seed(11)
         return F.attention(q, k, v, mask, key_lengths=lens, **kw)[0]
 
     def reference(q, k, v, mask):
-        return ref.attention(q, k, v, mask, key_lengths=kl, **kw)[0]
+        return ref.attention(q, k, v, mask, key_lengths=kl, dropout_seed=seed, **kw)[0]
 
     verify(
         impl,
@@ -93,39 +98,7 @@ def test_flash_gradients_match_reference(device, dtype, kind, shape):
         device=device,
         grad=["q", "k", "v"] + (["mask"] if kind.startswith("float") else []),
         generator=g,
-    ).assert_ok(f"{kind} {shape}")
-
-
-@pytest.mark.parametrize("dtype", ALL, ids=str)
-@pytest.mark.parametrize("kind", MASK_KINDS)
-@pytest.mark.parametrize("shape", SHAPES[:3] + SHAPES[4:], ids=lambda s: "x".join(map(str, s)))
-def test_flash_dropout_matches_reference(dtype, kind, shape):
-    """Dropout in training: the flash node drops the elements of the Philox key it draws (the
-    reference's dropout_keep of that key) and its backward regenerates them; out, dq, dk, dv and
-    dmask against the reference with the same mask."""
-    B, H, Hkv, Lq, Lk, D, Dv = shape
-    q, k, v, g = _inputs(*shape, seed=zlib.crc32(f"drop{kind}{shape}".encode()) % 1000)
-    mask, causal, kl = make_mask(kind, B, H, Lq, Lk, generator=g)
-    kw = dict(causal=causal, key_lengths=kl, dropout_p=0.25)
-    torch.manual_seed(11)
-    seed = next_dropout_seed()
-
-    def impl(q, k, v, mask):
-        torch.manual_seed(11)
-        return F.attention(q, k, v, mask, algorithm="flash", **kw)[0]
-
-    def reference(q, k, v, mask):
-        return ref.attention(q, k, v, mask, dropout_seed=seed, **kw)[0]
-
-    verify(
-        impl,
-        reference,
-        dict(q=q, k=k, v=v, mask=mask),
-        dtype=dtype,
-        device="cpu",
-        grad=["q", "k", "v"] + (["mask"] if kind.startswith("float") else []),
-        generator=g,
-    ).assert_ok(f"{kind} {shape}")
+    ).assert_ok(f"{kind} {shape} dropout {dropout_p}")
 
 
 def test_flash_dropout_gradcheck_compile_and_memory():
